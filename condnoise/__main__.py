@@ -1,0 +1,3 @@
+from condnoise.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data sources and condition corruption (paper section 2)."""
