@@ -1,0 +1,165 @@
+"""``condnoise sample`` (guidance sweeps) and ``condnoise walk`` (noise circles, Fig. 5)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++")  # = samplers.SAMPLERS (no torch import for --help)
+CLIP_CHOICES = ("auto", "on", "off")
+
+
+def register(subparsers: Any) -> None:
+    from condnoise.cli import HelpFormatter
+
+    p = subparsers.add_parser(
+        "sample",
+        help="generate samples of a trained run for a sweep of guidance scales",
+        description=(
+            "Generate --num samples per guidance scale into OUT/s{scale}/ (samples.npz, "
+            "meta.json, grid.png). Sample i gets its noise from seed hash(seed, i) and class "
+            "i % K (balanced), so two runs with the same --seed are paired. Resumable shard by "
+            "shard; under torchrun each rank makes every world-th shard, rank 0 merges."
+        ),
+        formatter_class=HelpFormatter,
+    )
+    _add_run_options(p)
+    p.add_argument("--guidance", default="1.5,2,3",
+                   help="comma-separated CFG scales s (1 = conditional only, 0 = unconditional)")
+    p.add_argument("--num", "--num-samples", dest="num", type=int, default=1000,
+                   help="samples per guidance scale (under torchrun spell it --num-samples: "
+                        "torchrun reads --num as its own --numa-binding)")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="dpm++",
+                   help="ddpm (ancestral), ddim (eta=0) or dpm++ (DPM-Solver++ 2M)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="sweep seed (per-sample noise and classes)")
+    p.add_argument("--classes", default="balanced",
+                   help="'balanced' (index i -> class i %% K), 'random' (from the seed), or a "
+                        "comma-separated list of class names / indices used round-robin")
+    p.add_argument("--batch-size", type=int, default=256, help="images per sampler batch")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="images per shard file (the unit of resume and of torchrun work)")
+    p.add_argument("--png", action="store_true", help="also write one PNG per image")
+    p.add_argument("--grid-per-class", type=int, default=8,
+                   help="images per class row in grid.png (0: no grid)")
+    p.add_argument("--keep-shards", action="store_true",
+                   help="keep shards/ after merging into samples.npz")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast precision of the model forward")
+    p.set_defaults(func=run_sample)
+
+    w = subparsers.add_parser(
+        "walk",
+        help="images along a closed circle in the initial-noise space (paper Fig. 5)",
+        description=(
+            "x(theta) = cos(theta) z1 + sin(theta) z2 for theta = 2 pi k / FRAMES: every frame is "
+            "a standard Gaussian and the loop closes. Writes OUT/walk_{class}_s{scale}.png "
+            "(one row per circle), .npz (images, thetas, label) and .json."
+        ),
+        formatter_class=HelpFormatter,
+    )
+    _add_run_options(w)
+    w.add_argument("--class", dest="class_name", required=True,
+                   help="class name (case-insensitive) or index")
+    w.add_argument("--frames", type=int, default=16, help="frames per circle")
+    w.add_argument("--rows", type=int, default=1, help="independent circles (rows of the strip)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the circles' noise (z1, z2)")
+    w.add_argument("--guidance", type=float, default=2.0, help="CFG scale s")
+    w.add_argument("--sampler", choices=("ddim", "dpm++"), default="ddim",
+                   help="deterministic sampler")
+    w.add_argument("--steps", type=int, default=50, help="sampler steps")
+    w.add_argument("--out", type=Path, default=None, help="output folder (None: RUN_DIR/walks)")
+    w.set_defaults(func=run_walk)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="training run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step to load (None: the latest)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema",
+                   help="EMA or raw model weights")
+    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    p.add_argument("--clip-x0", choices=CLIP_CHOICES, default="auto",
+                   help="clip predicted x0 to [-1,1] each step (auto: on in pixel space only)")
+
+
+def _clip(choice: str, autoencoder: Any) -> bool:
+    from condnoise.diffusion.sampling import is_pixel_space
+
+    return {"on": True, "off": False}.get(choice, is_pixel_space(autoencoder))
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from condnoise.diffusion.sampling import SweepConfig, parse_guidance, run_sweep, scale_dirname
+    from condnoise.diffusion.seeding import parse_classes
+    from condnoise.provenance import write_provenance
+    from condnoise.training.checkpoint import load_run
+    from condnoise.training.distributed import barrier, cleanup_distributed, init_distributed
+
+    guidances = parse_guidance(args.guidance)
+    info = init_distributed(args.device)
+    try:
+        run = load_run(args.run_dir, ema=args.weights == "ema", device=info.device, step=args.step)
+        cfg = SweepConfig(
+            guidances=guidances, num=args.num, sampler=args.sampler, steps=args.steps,
+            seed=args.seed, classes=parse_classes(args.classes, run.class_names),
+            batch_size=args.batch_size, shard_size=args.shard_size,
+            clip_x0=_clip(args.clip_x0, run.autoencoder), precision=args.precision,
+            png=args.png, grid_per_class=args.grid_per_class, keep_shards=args.keep_shards,
+        )  # fmt: skip
+        cfg.validate(len(run.schedule.betas))
+        if info.is_main:
+            config = {**vars(cfg), "run_dir": str(args.run_dir), "checkpoint_step": run.step,
+                      "weights": args.weights, "world_size": info.world_size}  # fmt: skip
+            write_provenance(args.out, config, args.seed)
+        folders = run_sweep(
+            run, args.run_dir, args.out, cfg, rank=info.rank, world_size=info.world_size,
+            barrier=(lambda: barrier(info)), ema=args.weights == "ema",
+        )  # fmt: skip
+    finally:
+        cleanup_distributed()
+    if info.is_main:
+        for g, folder in zip(guidances, folders):
+            print(f"s={g:g}: {folder / 'samples.npz'} ({scale_dirname(g)})")
+    return 0
+
+
+def run_walk(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from condnoise.diffusion.grids import safe_name, save_grid
+    from condnoise.diffusion.samplers import check_sampler
+    from condnoise.diffusion.sampling import latent_shape
+    from condnoise.diffusion.seeding import class_index
+    from condnoise.diffusion.walk import noise_walk
+    from condnoise.io import atomic_open, write_json
+    from condnoise.provenance import write_provenance
+    from condnoise.training.checkpoint import load_run
+    from condnoise.training.distributed import pick_device
+
+    run = load_run(
+        args.run_dir, ema=args.weights == "ema", device=pick_device(0, args.device), step=args.step
+    )
+    k = class_index(args.class_name, run.class_names)
+    check_sampler(args.sampler, args.steps, len(run.schedule.betas))
+    images, thetas = noise_walk(
+        run.model, run.schedule, run.autoencoder, k, shape=latent_shape(run), frames=args.frames,
+        rows=args.rows, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
+        steps=args.steps, clip_x0=_clip(args.clip_x0, run.autoencoder),
+    )  # fmt: skip
+    out = args.out if args.out is not None else Path(args.run_dir) / "walks"
+    stem = f"walk_{safe_name(run.class_names[k])}_s{args.guidance:g}"
+    save_grid(images, out / f"{stem}.png", nrow=args.frames)
+    with atomic_open(out / f"{stem}.npz", "wb") as f:
+        np.savez(f, images=images, thetas=thetas, label=np.int64(k))
+    config = {
+        "run_dir": str(args.run_dir), "checkpoint_step": run.step, "weights": args.weights,
+        "class": run.class_names[k], "class_index": k, "frames": args.frames, "rows": args.rows,
+        "seed": args.seed, "guidance": args.guidance, "sampler": args.sampler,
+        "steps": args.steps, "clip_x0": _clip(args.clip_x0, run.autoencoder),
+    }  # fmt: skip
+    write_json(out / f"{stem}.json", {**config, "thetas": thetas.tolist()})
+    write_provenance(out, config, args.seed)
+    print(f"walk: {out / f'{stem}.png'} ({args.rows} x {args.frames} frames)")
+    return 0

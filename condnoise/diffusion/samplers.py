@@ -1,0 +1,197 @@
+"""Reverse-process samplers with classifier-free guidance (paper section 5).
+
+DDPM (ancestral), DDIM (eta = 0) and DPM-Solver++ 2M multistep are diffusers' schedulers,
+configured from our :class:`~condnoise.diffusion.schedule.NoiseSchedule` betas
+(``trained_betas``) so that every timestep the sampler visits is one the model was
+trained on. All use "trailing" timestep spacing: the first step starts at t = T-1 (the
+pure-noise end) and the last one lands on the data (alpha_bar = 1).
+
+Classifier-free guidance (Ho & Salimans 2022), one batched forward on ``[x, x]`` with
+``[labels, null]``::
+
+    eps = eps_u + s * (eps_c - eps_u)
+
+s = 1 is the purely conditional model (the unconditional half is skipped), s = 0 the
+purely unconditional one (the conditional half is skipped). The paper's sweeps use
+s in {1.5, ..., 10} (section 5).
+
+Sampling is deterministic given the initial noise; DDPM's ancestral noise is drawn from
+per-sample generators, so sample i sees the same noise whatever batch it is in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from condnoise.errors import UserError
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+"""Sampler names accepted by :func:`sample` and the CLI."""
+
+DETERMINISTIC_SAMPLERS = ("ddim", "dpm++")
+"""Samplers whose output is a function of the initial noise alone (ODE solvers)."""
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def null_index_of(model: torch.nn.Module) -> int:
+    """The label meaning "no condition" (``num_classes``) of a ConditionalDiffusionModel."""
+    for owner in (model, getattr(model, "encoder", None)):
+        value = getattr(owner, "null_index", None)
+        if value is not None:
+            return int(value)
+    raise UserError(
+        f"{type(model).__name__} has no null class (null_index): it was not trained with "
+        "classifier-free guidance, so it cannot be sampled with guidance"
+    )
+
+
+def check_sampler(sampler: str, steps: int, num_train_steps: int) -> None:
+    """Raise UserError for an unknown sampler or a step count outside [1, T]."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 1 <= int(steps) <= num_train_steps:
+        raise UserError(
+            f"--steps {steps} is outside [1, {num_train_steps}] (the schedule's training steps)"
+        )
+
+
+def make_scheduler(schedule: Any, sampler: str, *, clip_x0: bool = False) -> Any:
+    """A fresh diffusers scheduler for ``sampler`` on ``schedule``'s betas.
+
+    ``clip_x0`` clips the predicted x0 to [-1, 1] at every step (pixel space only; for
+    DPM-Solver++ this is dynamic thresholding with ``sample_max_value=1``, which reduces to
+    clipping).
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    betas = torch.as_tensor(schedule.betas, dtype=torch.float64).cpu().numpy()
+    common = dict(
+        num_train_timesteps=len(betas),
+        trained_betas=betas,
+        prediction_type="epsilon",
+        timestep_spacing="trailing",
+    )
+    if sampler == "ddpm":
+        return DDPMScheduler(
+            **common, variance_type="fixed_small", clip_sample=clip_x0, clip_sample_range=1.0
+        )
+    if sampler == "ddim":
+        return DDIMScheduler(
+            **common, clip_sample=clip_x0, clip_sample_range=1.0, set_alpha_to_one=True
+        )
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler(
+            **common,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            solver_type="midpoint",
+            lower_order_final=True,
+            final_sigmas_type="zero",
+            thresholding=clip_x0,
+            sample_max_value=1.0,
+        )
+    raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def guided_eps(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    guidance: float,
+    null_index: int,
+) -> torch.Tensor:
+    """Classifier-free guided noise prediction, ``eps_u + s (eps_c - eps_u)``.
+
+    One forward on the concatenated batch ``[x, x]`` with ``[labels, null]``; s = 1 runs
+    only the conditional half, s = 0 only the unconditional half. A model with a learned
+    variance (2C output channels, DiT's ``learn_sigma``) contributes its first C channels
+    (eps); the samplers use fixed variances.
+    """
+    channels = x.shape[1]
+    if guidance == 1.0:
+        return model(x, t, labels)[:, :channels]
+    null = torch.full_like(labels, null_index)
+    if guidance == 0.0:
+        return model(x, t, null)[:, :channels]
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))[:, :channels]
+    eps_c, eps_u = out.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def sample(
+    model: torch.nn.Module,
+    schedule: Any,
+    labels: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    guidance: float,
+    sampler: str = "dpm++",
+    steps: int = 50,
+    generator: list[torch.Generator] | None = None,
+    clip_x0: bool = False,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the reverse process from ``noise`` (x_T) to x_0, with classifier-free guidance.
+
+    Args:
+        model: ``forward(x_t, t, labels) -> eps``; put it in eval mode (CEP and other
+            training-time perturbations must be off when sampling, paper section 3).
+        schedule: the training NoiseSchedule (uses ``.betas``).
+        labels: int64 ``[B]`` requested classes (may contain the null index).
+        noise: ``[B,C,H,W]`` initial Gaussian noise, on the model's device.
+        guidance: CFG scale s >= 0 (1 = conditional only).
+        sampler: one of :data:`SAMPLERS`.
+        steps: number of sampler steps (model evaluations, times 2 for CFG).
+        generator: per-sample CPU generators for DDPM's ancestral noise (one per row).
+        clip_x0: clip the predicted x0 to [-1, 1] at each step (pixel-space models).
+        precision: ``fp32`` or autocast ``bf16`` / ``fp16`` for the model forward.
+        progress: show a tqdm bar over steps.
+
+    Returns:
+        x_0 ``[B,C,H,W]`` float32 in the model's space (pixels in [-1, 1], or latents).
+    """
+    num_train = len(schedule.betas)
+    check_sampler(sampler, steps, num_train)
+    if guidance < 0 or guidance != guidance:
+        raise UserError(f"guidance scale must be >= 0, got {guidance}")
+    if labels.shape[0] != noise.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {noise.shape[0]} noise rows")
+    if sampler == "ddpm" and generator is not None and len(generator) != noise.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {noise.shape[0]} noise rows")
+    null_index = null_index_of(model) if guidance != 1.0 else -1
+    device = noise.device
+    scheduler = make_scheduler(schedule, sampler, clip_x0=clip_x0)
+    scheduler.set_timesteps(int(steps), device=device)
+    x = noise.float() * scheduler.init_noise_sigma
+    labels = labels.to(device=device, dtype=torch.long)
+    timesteps = scheduler.timesteps
+    if progress:
+        from tqdm.auto import tqdm
+
+        timesteps = tqdm(timesteps, desc=f"{sampler} s={guidance:g}", leave=False)
+    for t in timesteps:
+        t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+        with _autocast(device, precision):
+            eps = guided_eps(
+                model, x, t_batch, labels, guidance=guidance, null_index=null_index
+            )
+        kwargs = {"generator": generator} if sampler == "ddpm" else {}
+        x = scheduler.step(eps.float(), t, x, **kwargs).prev_sample
+    return x

@@ -1,0 +1,357 @@
+"""Guidance-scale sweeps: sharded, resumable, torchrun-distributed generation (section 5).
+
+Layout written by :func:`run_sweep` for every guidance scale s (directory name
+``s{s:g}``: ``s1.5``, ``s2``, ``s10``)::
+
+    OUT/provenance.json
+    OUT/s{s}/shards/spec.json             settings the shards were made with (resume check)
+    OUT/s{s}/shards/shard_{k:05d}.npz     images/labels/indices of [k*S, (k+1)*S) (removed
+                                          after the merge unless keep_shards)
+    OUT/s{s}/samples.npz                  images uint8 [N,H,W,C], labels int64 [N] (requested)
+    OUT/s{s}/meta.json                    run dir, checkpoint step, sampler, steps, guidance, ...
+    OUT/s{s}/grid.png                     a few samples per class, one row per class
+    OUT/s{s}/png/{class}/{i:06d}.png      optional, one file per image
+
+Shards have a fixed size, are written atomically and skipped when present (resume).
+Under torchrun rank r makes the shards k with k % world == r; rank 0 merges them after a
+barrier. Sample i's noise and class depend only on (seed, i) (see :mod:`.seeding`).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from condnoise.diffusion.grids import safe_name, save_grid, save_png, to_uint8
+from condnoise.diffusion.samplers import check_sampler, sample
+from condnoise.diffusion.seeding import initial_noise, requested_labels, sample_generators
+from condnoise.errors import UserError
+from condnoise.io import atomic_open, write_json
+
+SPEC_FIELDS = (
+    "run_dir", "checkpoint_step", "ema", "sampler", "steps", "guidance", "seed", "classes",
+    "shard_size", "clip_x0", "precision",
+)  # fmt: skip
+"""Settings that change the content of a shard: a resume refuses shards made otherwise."""
+
+
+def scale_dirname(scale: float) -> str:
+    """Directory name of a guidance scale: ``s{scale:g}`` (``s1.5``, ``s2``, ``s10``)."""
+    return f"s{scale:g}"
+
+
+def parse_guidance(text: str) -> list[float]:
+    """``"1.5,2,3"`` -> ``[1.5, 2.0, 3.0]``; UserError on a bad, negative or repeated value."""
+    scales: list[float] = []
+    for part in str(text).split(","):
+        try:
+            value = float(part.strip())
+        except ValueError:
+            raise UserError(
+                f"--guidance {text!r}: {part.strip()!r} is not a number "
+                "(expected comma-separated scales such as 1.5,2,3)"
+            ) from None
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--guidance {text!r}: scale {part.strip()!r} must be finite and >= 0")
+        if scale_dirname(value) in {scale_dirname(s) for s in scales}:
+            raise UserError(f"--guidance {text!r}: scale {value:g} is given twice")
+        scales.append(value)
+    return scales
+
+
+@dataclass
+class SweepConfig:
+    """What to generate: ``num`` samples for each guidance scale (paper section 5)."""
+
+    guidances: list[float]
+    num: int
+    sampler: str = "dpm++"
+    steps: int = 50
+    seed: int = 0
+    classes: str | list[int] = "balanced"
+    batch_size: int = 256
+    shard_size: int = 1000
+    clip_x0: bool = False
+    precision: str = "fp32"
+    png: bool = False
+    grid_per_class: int = 8
+    keep_shards: bool = False
+
+    def validate(self, num_train_steps: int) -> None:
+        check_sampler(self.sampler, self.steps, num_train_steps)
+        for name in ("num", "batch_size", "shard_size"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.guidances:
+            raise UserError("--guidance: give at least one scale")
+
+
+def latent_shape(run: Any) -> tuple[int, ...]:
+    """Shape ``(C,H,W)`` of the space the denoiser of a LoadedRun works in."""
+    shape = getattr(run, "latent_shape", None)
+    if shape is None:
+        shape = run.autoencoder.latent_shape(tuple(run.image_shape))
+    return tuple(int(d) for d in shape)
+
+
+def is_pixel_space(autoencoder: Any) -> bool:
+    """True for the identity autoencoder (samples live in [-1, 1] pixel space)."""
+    return getattr(autoencoder, "kind", None) == "identity"
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    schedule: Any,
+    autoencoder: Any,
+    indices: Sequence[int],
+    labels: np.ndarray,
+    *,
+    shape: Sequence[int],
+    guidance: float,
+    sampler: str,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    clip_x0: bool = False,
+    precision: str = "fp32",
+    progress: Any = None,
+) -> np.ndarray:
+    """Sample the given indices (labels given per index); uint8 ``[N,H,W,C]`` images.
+
+    Sample i starts from the noise of generator ``sample_seed(seed, i)`` (also DDPM's
+    ancestral noise), so the result does not depend on ``batch_size`` or on which other
+    indices are generated together. ``autoencoder.decode`` maps latents to pixels.
+    """
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(indices), batch_size):
+        idx = [int(i) for i in indices[start : start + batch_size]]
+        gens = sample_generators(seed, idx)
+        noise = initial_noise(gens, shape).to(device)
+        y = torch.as_tensor(np.asarray(labels[start : start + batch_size]), dtype=torch.long)
+        x0 = sample(
+            model, schedule, y.to(device), noise, guidance=guidance, sampler=sampler,
+            steps=steps, generator=gens, clip_x0=clip_x0, precision=precision,
+        )  # fmt: skip
+        out.append(to_uint8(autoencoder.decode(x0)))
+        if progress is not None:
+            progress.update(len(idx))
+    return np.concatenate(out) if out else np.zeros((0,), np.uint8)
+
+
+def sample_grid(
+    model: torch.nn.Module,
+    schedule: Any,
+    class_count: int,
+    per_class: int,
+    path: str | Path,
+    *,
+    shape: Sequence[int],
+    guidance: float = 2.0,
+    steps: int = 25,
+    seed: int = 0,
+    sampler: str = "ddim",
+    autoencoder: Any = None,
+    clip_x0: bool = False,
+) -> np.ndarray:
+    """Trainer hook: a PNG grid, one row per class, ``per_class`` samples per row.
+
+    ``shape`` is the denoiser's input shape ``(C,H,W)`` (latent shape for latent models);
+    ``autoencoder`` (optional) decodes latents. The model is switched to eval mode for the
+    call (CEP is training-only) and restored afterwards. Same seed -> same noise per cell, so
+    grids of successive checkpoints are comparable. Returns the uint8 ``[N,H,W,C]`` images.
+    """
+    labels = np.repeat(np.arange(class_count, dtype=np.int64), per_class)
+    was_training = model.training
+    model.eval()
+    try:
+        images = generate(
+            model, schedule, autoencoder if autoencoder is not None else _Identity(),
+            range(len(labels)), labels, shape=shape, guidance=guidance, sampler=sampler,
+            steps=steps, seed=seed, batch_size=len(labels), clip_x0=clip_x0,
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+    save_grid(images, path, nrow=per_class)
+    return images
+
+
+class _Identity:
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def shard_ranges(num: int, shard_size: int) -> list[range]:
+    """Index ranges of the fixed-size shards covering ``[0, num)``."""
+    return [range(k, min(k + shard_size, num)) for k in range(0, num, shard_size)]
+
+
+def shard_path(scale_dir: Path, k: int) -> Path:
+    return scale_dir / "shards" / f"shard_{k:05d}.npz"
+
+
+def _shard_done(path: Path, expected: range) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as data:
+            idx = data["indices"]
+            return (
+                len(idx) == len(expected)
+                and int(idx[0]) == expected.start
+                and int(idx[-1]) == expected[-1]
+                and data["images"].shape[0] == len(expected)
+            )
+    except (OSError, ValueError, KeyError, EOFError):
+        return False
+
+
+def _check_spec(scale_dir: Path, spec: dict[str, Any]) -> None:
+    """Refuse to mix shards made with other settings; record the spec for later resumes."""
+    import json
+
+    path = scale_dir / "shards" / "spec.json"
+    for made in (scale_dir / "meta.json", path):
+        if not made.is_file():
+            continue
+        old = json.loads(made.read_text(encoding="utf-8"))
+        diff = [k for k in SPEC_FIELDS if old.get(k) != spec.get(k)]
+        if diff:
+            k = diff[0]
+            raise UserError(
+                f"{made} was made with {k}={old.get(k)!r}, this call uses {spec.get(k)!r}: "
+                f"use another --out or delete {scale_dir}"
+            )
+    if not path.is_file():
+        write_json(path, spec)
+
+
+def _is_complete(scale_dir: Path, spec: dict[str, Any], num: int) -> bool:
+    import json
+
+    meta_path, samples = scale_dir / "meta.json", scale_dir / "samples.npz"
+    if not (meta_path.is_file() and samples.is_file()):
+        return False
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return meta.get("num") == num and all(meta.get(k) == spec.get(k) for k in SPEC_FIELDS)
+
+
+def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray, indices: range) -> None:
+    with atomic_open(path, "wb") as f:
+        np.savez(f, images=images, labels=labels, indices=np.asarray(indices, dtype=np.int64))
+
+
+def merge_shards(scale_dir: Path, num: int, shard_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the shards of ``scale_dir`` in index order (checking coverage)."""
+    images, labels = [], []
+    for k, expected in enumerate(shard_ranges(num, shard_size)):
+        path = shard_path(scale_dir, k)
+        if not _shard_done(path, expected):
+            raise UserError(f"{path} is missing or incomplete; run the same command again")
+        with np.load(path) as data:
+            images.append(data["images"])
+            labels.append(data["labels"])
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+
+
+def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int) -> None:
+    """One row per class (at most 16 classes), the first ``per_class`` samples of each."""
+    classes = np.unique(labels)[:16]
+    first = [np.flatnonzero(labels == c)[:per_class] for c in classes]
+    n = min(per_class, min(len(f) for f in first))
+    if n == 0:
+        return
+    picked = np.concatenate([f[:n] for f in first])
+    save_grid(images[picked], path, nrow=n)
+
+
+def run_sweep(
+    run: Any,
+    run_dir: str | Path,
+    out_dir: str | Path,
+    cfg: SweepConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Any = None,
+    ema: bool = True,
+) -> list[Path]:
+    """Generate ``cfg.num`` samples per guidance scale of ``cfg`` into ``out_dir``.
+
+    ``run`` is a :class:`~condnoise.training.LoadedRun` (model on its device, eval mode).
+    ``barrier`` (callable) synchronises ranks before rank 0 merges. Returns the scale
+    folders (complete ones on rank 0).
+    """
+    from tqdm.auto import tqdm
+
+    num_classes = len(run.class_names)
+    cfg.validate(len(run.schedule.betas))
+    out_dir = Path(out_dir)
+    shape = latent_shape(run)
+    ranges = shard_ranges(cfg.num, cfg.shard_size)
+    folders = []
+    for scale in cfg.guidances:
+        scale_dir = out_dir / scale_dirname(scale)
+        folders.append(scale_dir)
+        spec = {
+            "run_dir": str(Path(run_dir).resolve()), "checkpoint_step": int(run.step),
+            "ema": ema, "sampler": cfg.sampler, "steps": int(cfg.steps), "guidance": scale,
+            "seed": int(cfg.seed), "classes": cfg.classes, "shard_size": int(cfg.shard_size),
+            "clip_x0": bool(cfg.clip_x0), "precision": cfg.precision,
+        }  # fmt: skip
+        if _is_complete(scale_dir, spec, cfg.num):
+            continue
+        _check_spec(scale_dir, spec)
+        mine = [k for k in range(len(ranges)) if k % world_size == rank]
+        todo = [k for k in mine if not _shard_done(shard_path(scale_dir, k), ranges[k])]
+        bar = tqdm(
+            total=sum(len(ranges[k]) for k in todo), unit="img", disable=rank != 0 or not todo,
+            desc=f"{scale_dirname(scale)} {cfg.sampler} {cfg.steps} steps",
+        )  # fmt: skip
+        for k in todo:
+            labels = requested_labels(cfg.seed, ranges[k], num_classes, cfg.classes)
+            images = generate(
+                run.model, run.schedule, run.autoencoder, ranges[k], labels, shape=shape,
+                guidance=scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed,
+                batch_size=cfg.batch_size, clip_x0=cfg.clip_x0, precision=cfg.precision,
+                progress=bar,
+            )  # fmt: skip
+            _write_shard(shard_path(scale_dir, k), images, labels, ranges[k])
+        bar.close()
+        if barrier is not None:
+            barrier()
+        if rank == 0:
+            _finish_scale(scale_dir, spec, cfg, run)
+    return folders
+
+
+def _finish_scale(scale_dir: Path, spec: dict[str, Any], cfg: SweepConfig, run: Any) -> None:
+    images, labels = merge_shards(scale_dir, cfg.num, cfg.shard_size)
+    with atomic_open(scale_dir / "samples.npz", "wb") as f:
+        np.savez(f, images=images, labels=labels)
+    if cfg.grid_per_class > 0:
+        write_grid(images, labels, scale_dir / "grid.png", cfg.grid_per_class)
+    if cfg.png:
+        names = [safe_name(n) for n in run.class_names]
+        for i, (img, y) in enumerate(zip(images, labels)):
+            save_png(img, scale_dir / "png" / f"{int(y):03d}_{names[int(y)]}" / f"{i:06d}.png")
+    meta = {
+        **spec, "num": int(cfg.num), "class_names": list(run.class_names),
+        "image_shape": list(images.shape[1:]),
+        "files": {"samples": "samples.npz", "grid": "grid.png" if cfg.grid_per_class else None,
+                  "png": "png/" if cfg.png else None},
+    }  # fmt: skip
+    write_json(scale_dir / "meta.json", meta)
+    if not cfg.keep_shards:
+        shutil.rmtree(scale_dir / "shards", ignore_errors=True)
