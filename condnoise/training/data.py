@@ -1,0 +1,187 @@
+"""The trainer's view of the data: a resumable, rank-sliced, deterministic batch order.
+
+Every optimizer step consumes one *global* batch of ``train.batch_size`` dataset indices
+taken from a per-epoch permutation seeded by ``(seed, epoch)``; the global batch is split
+into ``grad_accum`` micro-steps and each micro-step across the ranks. The union over ranks
+is therefore the same batch whatever the number of processes, and the position
+``(epoch, offset)`` is all a checkpoint needs to continue the exact sequence.
+
+In-memory sources (Fashion-MNIST, digits) are indexed directly from ``.tensors()`` (the
+fast path); other map-style sources go through a ``DataLoader`` fed by the same order
+(it replaces ``DistributedSampler`` because it can start mid-epoch). Every sample keeps
+its dataset index (``sample_index``), which the fixed CEP and random-flip perturbations use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from condnoise.errors import UserError
+from condnoise.training.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the next global batch starts: ``offset`` into epoch ``epoch``'s permutation."""
+
+    epoch: int = 0
+    offset: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+class EpochOrder:
+    """Seeded per-epoch permutations of ``range(num_samples)``; a batch may span epochs."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        if num_samples < 1:
+            raise UserError("the training data is empty")
+        self.num_samples = num_samples
+        self.seed = seed
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._cache is None or self._cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+            self._cache = (epoch, rng.permutation(self.num_samples))
+        return self._cache[1]
+
+    def take(self, pos: Position, count: int) -> tuple[np.ndarray, Position]:
+        """The next ``count`` indices from ``pos`` and the position after them."""
+        parts, epoch, offset, need = [], pos.epoch, pos.offset, count
+        while need:
+            perm = self.permutation(epoch)
+            chunk = perm[offset : offset + need]
+            parts.append(chunk)
+            need -= len(chunk)
+            offset += len(chunk)
+            if offset >= self.num_samples:
+                epoch, offset = epoch + 1, 0
+        return np.concatenate(parts), Position(epoch, offset)
+
+
+def rank_slices(indices: np.ndarray, grad_accum: int, world_size: int, rank: int) -> list[np.ndarray]:
+    """This rank's share of a global batch, one index array per micro-step."""
+    micro = len(indices) // (grad_accum * world_size)
+    out = []
+    for m in range(grad_accum):
+        start = (m * world_size + rank) * micro
+        out.append(indices[start : start + micro])
+    return out
+
+
+def global_slice(micro: int, grad_accum_step: int, world_size: int, rank: int) -> slice:
+    """Rows of the global batch that micro-step ``grad_accum_step`` of ``rank`` covers."""
+    start = (grad_accum_step * world_size + rank) * micro
+    return slice(start, start + micro)
+
+
+class _Indexed(Dataset):
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image, cond = self.base[index]
+        return image, int(cond), int(index)
+
+
+class _PlanSampler:
+    """Batch sampler replaying the rank's micro-batches of the order from a position."""
+
+    def __init__(self, order: EpochOrder, start: Position, batch: int, accum: int,
+                 world: int, rank: int) -> None:
+        self.order, self.start, self.batch = order, start, batch
+        self.accum, self.world, self.rank = accum, world, rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pos = self.start
+        while True:
+            idx, pos = self.order.take(pos, self.batch)
+            for part in rank_slices(idx, self.accum, self.world, self.rank):
+                yield part.tolist()
+
+
+class TrainData:
+    """Opened (possibly corrupted) training split with the rank's micro-batch stream."""
+
+    def __init__(self, cfg: DataConfig, seed: int) -> None:
+        from condnoise.data.sources import open_source
+
+        source = open_source(cfg.source, cfg.split, data_dir=cfg.data_dir,
+                             image_size=cfg.image_size)
+        if cfg.corruption:
+            source = apply_corruption(source, cfg.corruption)
+        if isinstance(source, IterableDataset):
+            raise UserError(
+                f"data.source {cfg.source!r} is a streaming source; the trainer needs an "
+                "indexable one (imagefolder:, fashion-mnist, digits) for resumable, "
+                "rank-sliced batches"
+            )
+        self.dataset = source
+        self.meta = source.meta
+        if self.meta.condition_kind != "class":
+            raise UserError(
+                f"data.source {cfg.source!r} has {self.meta.condition_kind} conditions; the "
+                "trainer trains class-conditional models (use a class-labelled source)"
+            )
+        n = len(source)  # type: ignore[arg-type]
+        if cfg.max_samples is not None:
+            if cfg.max_samples < 1:
+                raise UserError(f"data.max_samples must be >= 1, got {cfg.max_samples}")
+            n = min(n, cfg.max_samples)
+        self.num_samples = n
+        self.order = EpochOrder(n, seed)
+        self._tensors = _fast_tensors(source)
+
+    @property
+    def in_memory(self) -> bool:
+        return self._tensors is not None
+
+    def micro_batches(self, start: Position, batch: int, accum: int, world: int, rank: int,
+                      num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Endless ``(images, labels, sample_index)`` micro-batches for this rank."""
+        if self._tensors is not None:
+            images, labels = self._tensors
+            for part in _PlanSampler(self.order, start, batch, accum, world, rank):
+                idx = torch.as_tensor(part, dtype=torch.long)
+                yield images[idx], labels[idx], idx
+            return
+        loader = DataLoader(
+            _Indexed(self.dataset),
+            batch_sampler=_PlanSampler(self.order, start, batch, accum, world, rank),  # type: ignore[arg-type]
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for images, labels, idx in loader:
+            yield images, labels.long(), idx.long()
+
+
+def _fast_tensors(source: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``source.tensors()`` for in-memory sources (and views over them), else ``None``."""
+    base = getattr(source, "source", source)  # a CorruptedView / RandomFlipView wraps one
+    if hasattr(source, "tensors") and hasattr(base, "tensors"):
+        return source.tensors()
+    return None
+
+
+def apply_corruption(source: Any, manifest_dir: str) -> Any:
+    """Wrap ``source`` in the ``CorruptedView`` of a ``condnoise corrupt`` manifest folder."""
+    from condnoise.data.corruption import CorruptedView, Manifest
+
+    folder = Path(manifest_dir)
+    if not folder.is_dir():
+        raise UserError(f"data.corruption: manifest folder not found: {manifest_dir}")
+    manifest = Manifest.load(folder)
+    return CorruptedView(source, manifest)

@@ -1,0 +1,408 @@
+"""The training loop shared by DiT and U-Net models (paper sections 3-4).
+
+Per optimizer step: one global batch (``train.batch_size`` samples over all ranks and
+``grad_accum`` micro-steps), loss ``E||eps - eps_theta(x_t, t, c + delta)||^2`` (the
+perturbation delta and CFG dropout happen inside the model in training mode), AdamW
+with linear warm-up, global-norm gradient clipping, then an EMA update.
+
+Determinism: the timesteps and noise of a step are drawn for the whole global batch from
+a generator seeded by ``(seed, step)`` and sliced per rank, so the union over ranks does
+not depend on the number of processes; the model's own draws (CFG dropout, CEP noise) use
+each rank's global RNG, whose state every checkpoint saves. Resuming from a checkpoint
+therefore reproduces the uninterrupted run's losses bitwise on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from condnoise.errors import UserError
+from condnoise.training import checkpoint as ckpt
+from condnoise.training.builders import build_autoencoder, build_model, build_schedule
+from condnoise.training.config import Config
+from condnoise.training.data import Position, TrainData, global_slice
+from condnoise.training.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+)
+from condnoise.training.ema import EMA
+from condnoise.training.rundir import (
+    MetricsLog,
+    check_fresh,
+    check_resumable,
+    default_run_dir,
+    is_started,
+    truncate_metrics,
+    write_run_files,
+)
+
+SampleHook = Callable[["Trainer", int], Path | None]
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns (on every rank; ``losses`` are the global-batch means)."""
+
+    run_dir: Path
+    step: int
+    start_step: int
+    losses: list[float] = field(default_factory=list)
+    img_per_s: float = 0.0
+    seconds: float = 0.0
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: ``auto`` is bf16 on GPU and fp32 (no autocast) on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
+    """LR multiplier after ``s`` scheduler steps: linear warm-up, then constant or cosine."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if schedule == "cosine":
+            progress = min(1.0, (s - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of step ``step``'s timesteps and noise (same on every rank)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 0x9E3779B1 + step * 0x85EBCA77 + 0x165667B1) % (2**63))
+    return g
+
+
+class Trainer:
+    """Builds data, model, EMA and optimizer for a config and runs the loop.
+
+    ``sample_hook(trainer, step)`` writes a sample grid (default: :func:`write_sample_grid`
+    with the EMA model); pass ``None`` to disable grids. ``data`` replaces the
+    ``TrainData`` built from ``cfg.data`` (benchmarks feed synthetic latents this way).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        device: str | None = None,
+        dist: DistInfo | None = None,
+        sample_hook: SampleHook | None = None,
+        data: TrainData | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.dist = dist or init_distributed(device)
+        self.device = self.dist.device
+        self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
+        self.resume = resume
+        self.sample_hook = sample_hook
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        denom = t.grad_accum * self.dist.world_size
+        if t.batch_size % denom:
+            raise UserError(
+                f"train.batch_size={t.batch_size} must be divisible by grad_accum x world size "
+                f"= {t.grad_accum} x {self.dist.world_size}"
+            )
+        self.micro = t.batch_size // denom
+        self.autocast_dtype = resolve_precision(t.precision, self.device)
+
+        # the run directory is checked before any heavy work
+        resume_from = self._check_run_dir()
+        ckpt.seed_everything(t.seed, self.dist.rank)
+
+        self.data = data if data is not None else TrainData(cfg.data, t.seed)
+        meta = self.data.meta
+        self.num_classes = meta.num_classes
+        labels = np.asarray(self.data.dataset.conditions())
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise UserError(
+                f"data.source {cfg.data.source!r}: labels must lie in [0, {self.num_classes}) "
+                f"(class {self.num_classes} is the CFG null class)"
+            )
+        self.autoencoder = build_autoencoder(cfg, self.device)
+        from condnoise.training.builders import latent_shape
+
+        self.image_shape = tuple(meta.image_shape)
+        self.latent_shape = latent_shape(cfg, self.image_shape)  # type: ignore[arg-type]
+        self.schedule = build_schedule(cfg)
+
+        self.model = build_model(cfg, self.latent_shape, self.num_classes).to(self.device)
+        self.model.train()
+        self.ema = EMA(self.model, t.ema_decay, warmup=t.ema_warmup)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=t.lr, betas=tuple(t.betas),  # type: ignore[arg-type]
+            weight_decay=t.weight_decay, fused=fused,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t.warmup, t.steps, t.lr_schedule)
+        )
+        self.step = 0
+        self.position = Position()
+        if resume_from is not None:
+            self._load(resume_from)
+        if self.dist.is_main:
+            self._write_run_files()
+        barrier(self.dist)
+        if t.compile:
+            getattr(self.model, "denoiser", self.model).compile()
+        self.forward_model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+
+    # ------------------------------------------------------------------ run directory
+
+    def _check_run_dir(self) -> int | None:
+        """Validate fresh/resume against the run directory; the step to resume from."""
+        if not self.resume:
+            check_fresh(self.run_dir)
+            return None
+        if not self.run_dir.is_dir() or not is_started(self.run_dir):
+            raise UserError(
+                f"--resume: run directory {self.run_dir} does not exist or holds no run; "
+                "drop --resume to start a new run"
+            )
+        check_resumable(self.run_dir, self.cfg)
+        steps = ckpt.list_checkpoints(self.run_dir)
+        if not steps:  # killed before its first checkpoint: start over in place
+            if self.dist.is_main:
+                truncate_metrics(self.run_dir, 0)
+            return None
+        return steps[-1]
+
+    def _write_run_files(self) -> None:
+        meta = self.data.meta
+        info = {
+            "class_names": list(meta.class_names),
+            "image_shape": list(self.image_shape),
+            "latent_shape": list(self.latent_shape),
+            "num_samples": self.data.num_samples,
+            "dataset": meta.to_dict(),
+            "world_size": self.dist.world_size,
+            "model_config": getattr(self.model, "config", None),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+        write_run_files(self.run_dir, self.cfg, info)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _load(self, step: int) -> None:
+        folder = ckpt.step_dir(self.run_dir, step)
+        state = ckpt.load_state(folder / "state.pt")
+        ckpt.load_weights(self.model, folder / "model.safetensors")
+        ckpt.load_weights(self.ema.module, folder / "ema.safetensors")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.position = Position(**state["position"])
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            ckpt.restore_rng(rngs[self.dist.rank])
+        else:  # a different world size cannot replay per-rank streams: reseed per step
+            ckpt.seed_everything(self.cfg.train.seed + self.step, self.dist.rank)
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir, self.step)
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (collective: every rank contributes its RNG state)."""
+        rngs = all_gather_object(self.dist, ckpt.capture_rng())
+        path = None
+        if self.dist.is_main:
+            state = {
+                "step": self.step,
+                "position": self.position.to_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rngs,
+                "world_size": self.dist.world_size,
+            }
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.step, self.model, self.ema.module, state,
+                self.cfg.train.keep_last,
+            )
+        barrier(self.dist)
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, micro_batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the next global batch; returns (local loss, grad norm)."""
+        from condnoise.diffusion.loss import diffusion_loss
+
+        t_cfg = self.cfg.train
+        step = self.step + 1
+        gen = step_generator(t_cfg.seed, step, self.device)
+        b = t_cfg.batch_size
+        t_all = self.schedule.sample_timesteps(b, self.device, gen)
+        noise_all = torch.randn((b, *self.latent_shape), device=self.device, generator=gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for m in range(t_cfg.grad_accum):
+            images, labels, index = next(micro_batches)
+            rows = global_slice(self.micro, m, self.dist.world_size, self.dist.rank)
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            index = index.to(self.device, non_blocking=True)
+            with torch.no_grad():
+                x0 = self.autoencoder.encode(images)
+            sync = m == t_cfg.grad_accum - 1 or not self.dist.enabled
+            ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()  # type: ignore[operator]
+            with ctx:
+                with self._autocast():
+                    out = diffusion_loss(
+                        self.forward_model, self.schedule, x0, labels,
+                        t=t_all[rows], noise=noise_all[rows].to(x0.dtype),
+                        ip_xi=self.model.input_perturbation,  # type: ignore[arg-type]
+                        sample_index=index, step=step,
+                    )
+                (out.loss / t_cfg.grad_accum).backward()
+            total += out.loss.detach()
+        clip = t_cfg.grad_clip if t_cfg.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.step)
+        self.step = step
+        return total / t_cfg.grad_accum, grad_norm
+
+    def run(self) -> TrainResult:
+        """Train to ``train.steps``, checkpointing, logging and sampling on the way."""
+        t_cfg = self.cfg.train
+        result = TrainResult(self.run_dir, self.step, self.step)
+        if self.step >= t_cfg.steps:
+            return result
+        stream = self.data.micro_batches(
+            self.position, t_cfg.batch_size, t_cfg.grad_accum, self.dist.world_size,
+            self.dist.rank, t_cfg.num_workers,
+        )
+        log = MetricsLog(self.run_dir, tensorboard=self.cfg.run.tensorboard) if self.dist.is_main else None
+        bar = None
+        if self.dist.is_main and self.cfg.run.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t_cfg.steps, initial=self.step, desc="train", unit="step",
+                       dynamic_ncols=True)
+        t0 = time.perf_counter()
+        t_last, step_last = t0, self.step
+        try:
+            while self.step < t_cfg.steps:
+                loss, grad_norm = self.train_step(stream)
+                self.position = self.data.order.take(self.position, t_cfg.batch_size)[1]
+                step = self.step
+                if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+                    now = time.perf_counter()
+                    ips = t_cfg.batch_size * (step - step_last) / max(now - t_last, 1e-9)
+                    t_last, step_last = now, step
+                    loss_value = float(all_reduce_mean(self.dist, loss))
+                    if not math.isfinite(loss_value):
+                        raise UserError(
+                            f"loss is {loss_value} at step {step}; lower train.lr or enable "
+                            "train.grad_clip"
+                        )
+                    result.losses.append(loss_value)
+                    if log is not None:
+                        record = {
+                            "step": step, "loss": loss_value,
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "grad_norm": float(grad_norm), "img_per_s": round(ips, 2),
+                            "epoch": self.position.epoch,
+                            "ema_decay": self.ema.decay_at(step - 1),
+                        }  # fmt: skip
+                        stats = getattr(self.model.perturbation, "stats", None)
+                        if stats is not None:
+                            record.update(stats())
+                        log.log(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.0f}", refresh=False)
+                if bar is not None:
+                    bar.update(step - bar.n)
+                if step % t_cfg.ckpt_every == 0 or step == t_cfg.steps:
+                    self.save()
+                if self.sample_hook is not None and self.dist.is_main and t_cfg.sample_every and (
+                    step % t_cfg.sample_every == 0 or step == t_cfg.steps
+                ):
+                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                        self.sample_hook(self, step)
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+        result.step = self.step
+        result.seconds = time.perf_counter() - t0
+        done = self.step - result.start_step
+        result.img_per_s = done * t_cfg.batch_size / max(result.seconds, 1e-9)
+        return result
+
+
+def write_sample_grid(trainer: Trainer, step: int) -> Path:
+    """``samples/step_{step}.png``: ``sample_per_class`` EMA samples per class (rows), with
+    classifier-free guidance ``train.sample_guidance`` (up to 10 classes, evenly spaced)."""
+    from condnoise.diffusion.grids import save_grid
+    from condnoise.diffusion.samplers import sample
+
+    t = trainer.cfg.train
+    k = trainer.num_classes
+    classes = torch.linspace(0, k - 1, steps=min(k, 10)).round().long().unique()
+    labels = classes.repeat_interleave(t.sample_per_class).to(trainer.device)
+    gen = torch.Generator(device="cpu").manual_seed(t.seed)
+    noise = torch.randn((len(labels), *trainer.latent_shape), generator=gen).to(trainer.device)
+    model = trainer.ema.module
+    pixel = trainer.latent_shape == trainer.image_shape
+    precision = "bf16" if trainer.autocast_dtype == torch.bfloat16 else "fp32"
+    z = sample(model, trainer.schedule, labels, noise, guidance=t.sample_guidance,
+               sampler=t.sample_sampler, steps=min(t.sample_steps, trainer.schedule.num_steps),
+               clip_x0=pixel, precision=precision)
+    with torch.no_grad():
+        images = trainer.autoencoder.decode(z).float().clamp(-1, 1)
+    path = trainer.run_dir / "samples" / f"step_{step:08d}.png"
+    save_grid(images.cpu(), path, nrow=t.sample_per_class)
+    return path
+
+
+def train(
+    cfg: Config,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    sample_hook: SampleHook | None = write_sample_grid,
+) -> TrainResult:
+    """Validate ``cfg`` and train (joins a torchrun process group when one is set up)."""
+    cfg.validate(f"config of run {cfg.run.name or '(unnamed)'}")
+    trainer = Trainer(cfg, run_dir=run_dir, resume=resume, device=device, sample_hook=sample_hook)
+    return trainer.run()
