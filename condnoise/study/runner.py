@@ -1,0 +1,222 @@
+"""Run a study: execute its cells in order, skipping finished ones, then write the report.
+
+Single process: cells run one at a time in dependency order. Several processes (for
+example ``torchrun --nproc_per_node=8 -m condnoise study fmnist-full``, or several
+``condnoise study`` commands on machines sharing the study folder): each process acts as
+a worker that claims ready cells with a lock file and runs them on its own GPU; the
+rank-0 process writes the report once every cell is done.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from condnoise.errors import UserError
+from condnoise.io import write_text
+from condnoise.provenance import write_provenance
+from condnoise.study.cache import CellLog, claim, is_done, mark_done, reset_cell
+from condnoise.study.grid import Cell, build_cells, plan_table, select
+from condnoise.study.spec import StudySpec
+
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
+POLL_SECONDS = 5.0
+RESUMABLE = ("train", "sample")  # stages that continue from their own checkpoints / shards
+
+
+@dataclass
+class Worker:
+    """This process's place among the study's workers and the device it runs cells on."""
+
+    rank: int = 0
+    world: int = 1
+    device: str | None = None  # None: the stages pick (cuda if present, else cpu)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def worker_from_env(device: str | None = None) -> Worker:
+    """Read torchrun's environment, then hide it from the stages.
+
+    Under torchrun every rank is an independent cell worker, so the trainer must not try
+    to join a process group with the other ranks: the distributed variables are removed.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1:
+        for k in DIST_ENV:
+            os.environ.pop(k, None)
+        if device is None:
+            device = f"cuda:{local}"
+    return Worker(rank=rank, world=world, device=device)
+
+
+@dataclass
+class StudyRun:
+    """What ``run_study`` did."""
+
+    study_dir: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    report: Path | None = None
+
+
+StageFn = Callable[[Cell, Path, dict[str, Path], "RunContext"], dict[str, Any] | None]
+
+
+@dataclass
+class RunContext:
+    spec: StudySpec
+    study_dir: Path
+    device: str | None
+    progress: bool = True
+    cells: dict[str, Cell] = field(default_factory=dict)
+
+
+def default_study_dir(spec: StudySpec) -> Path:
+    return Path(spec.out_dir or Path("runs") / "study" / spec.name)
+
+
+def plan(spec: StudySpec, study_dir: Path, *, stages=None, only=None) -> str:
+    """The ``--dry-run`` text for the selected cells."""
+    cells = select(build_cells(spec), stages=stages, only=only)
+    log = CellLog(study_dir / "cells.jsonl")
+    done = {c.key for c in cells if is_done(c.dir(study_dir))}
+    header = (
+        f"study {spec.name} ({spec.source}) -> {study_dir}\n"
+        f"{len(spec.variants)} variants x {len(spec.architectures)} architecture(s) x "
+        f"{len(spec.seeds)} seed(s); guidance {spec.sample['guidance']}; "
+        f"{spec.sample['num_samples']} samples per scale, {spec.sample['sampler']} "
+        f"{spec.sample['steps']} steps\n"
+    )
+    text = header + plan_table(cells, study_dir, log.durations(), done)
+    if "fmnist-classifier" in spec.evaluate["extractors"] and not _classifier_cached():
+        text += ("\nplus ~1-2 min once: the fmnist-classifier is not cached yet and is trained "
+                 "on first use ($CONDNOISE_CACHE or ~/.cache/condnoise)")  # fmt: skip
+    return text
+
+
+def _classifier_cached() -> bool:
+    from condnoise.evaluation.classifier import WEIGHTS_NAME, cache_dir
+
+    return (cache_dir() / WEIGHTS_NAME).is_file()
+
+
+def write_study_files(spec: StudySpec, study_dir: Path) -> None:
+    study_dir.mkdir(parents=True, exist_ok=True)
+    resolved = spec.resolved()
+    write_text(study_dir / "study.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    write_provenance(study_dir, resolved, spec.seeds[0])
+
+
+def run_study(
+    spec: StudySpec,
+    study_dir: Path | None = None,
+    *,
+    stages: list[str] | None = None,
+    only: list[str] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    stage_fns: dict[str, StageFn] | None = None,
+    log_fn: Callable[[str], None] = print,
+) -> StudyRun:
+    """Run every selected cell that is not finished yet, then (re)write the report.
+
+    A cell whose dependency is neither done nor selected raises a UserError naming the
+    stage to run first. ``stages`` may include ``report``; with no selection every stage
+    runs and the report is written.
+    """
+    from condnoise.study import stages as stage_module
+
+    study_dir = Path(study_dir or default_study_dir(spec))
+    worker = worker_from_env(device)
+    fns = stage_fns or stage_module.STAGE_FUNCTIONS
+    all_cells = build_cells(spec)
+    by_id = {c.id: c for c in all_cells}
+    chosen = select(all_cells, stages=stages, only=only)
+    if worker.is_main:
+        write_study_files(spec, study_dir)
+    log = CellLog(study_dir / "cells.jsonl")
+    ctx = RunContext(spec, study_dir, worker.device, progress, by_id)
+    result = StudyRun(study_dir)
+    pending = [c for c in chosen if c.stage != "report"]
+    for c in pending:
+        for d in c.deps:
+            dep = by_id[d]
+            if dep not in chosen and not is_done(dep.dir(study_dir)):
+                raise UserError(
+                    f"cell {c.id} needs {dep.id}, which is not done; run "
+                    f"`condnoise study {spec.source} --stage {dep.stage}` first"
+                )
+    total = sum(not is_done(c.dir(study_dir)) for c in pending)
+    while pending:
+        ready = [c for c in pending if all(is_done(by_id[d].dir(study_dir)) for d in c.deps)]
+        progressed = False
+        for cell in ready:
+            cell_dir = cell.dir(study_dir)
+            if is_done(cell_dir):
+                log.append("skip", cell.id, cell.key, rank=worker.rank)
+                result.skipped.append(cell.id)
+                pending.remove(cell)
+                progressed = True
+                continue
+            with claim(cell_dir) as mine:
+                if not mine or is_done(cell_dir):
+                    continue
+                log_fn(f"[{len(result.ran) + 1}/{total}] {cell.id}")
+                _run_cell(cell, cell_dir, ctx, fns, log, worker)
+            result.ran.append(cell.id)
+            pending.remove(cell)
+            progressed = True
+            break  # re-scan: earlier cells may have become ready or been claimed
+        if pending and not progressed:
+            if worker.world == 1 and not ready:
+                raise UserError(f"study {spec.name}: no runnable cell left (a dependency failed?)")
+            time.sleep(POLL_SECONDS)  # other workers hold the ready cells
+    if worker.is_main and (not stages or "report" in stages):
+        if worker.world > 1:
+            _wait_all([c for c in chosen if c.stage != "report"], study_dir)
+        from condnoise.study.report import write_report
+
+        result.report = write_report(spec, study_dir, log_fn=log_fn)
+    return result
+
+
+def _run_cell(
+    cell: Cell, cell_dir: Path, ctx: RunContext, fns: dict[str, StageFn], log: CellLog,
+    worker: Worker,
+) -> None:
+    if cell.stage not in RESUMABLE:
+        reset_cell(cell_dir)  # remove leftovers of an interrupted attempt
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    dep_dirs = {ctx.cells[d].stage: ctx.cells[d].dir(ctx.study_dir) for d in cell.deps}
+    write_provenance(cell_dir, {"cell": cell.id, **cell.config}, cell.meta.get("seed"))
+    log.append("start", cell.id, cell.key, rank=worker.rank)
+    t0 = time.perf_counter()
+    try:
+        info = fns[cell.stage](cell, cell_dir, dep_dirs, ctx) or {}
+    except BaseException as e:
+        log.append("fail", cell.id, cell.key, rank=worker.rank, error=f"{type(e).__name__}: {e}",
+                   seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
+        if not isinstance(e, UserError | KeyboardInterrupt):
+            (cell_dir / "error.txt").write_text(traceback.format_exc())
+        raise
+    seconds = time.perf_counter() - t0
+    mark_done(cell_dir, {"cell": cell.id, "seconds": seconds, "meta": cell.meta, **info})
+    log.append("end", cell.id, cell.key, rank=worker.rank, seconds=round(seconds, 3))
+
+
+def _wait_all(cells: list[Cell], study_dir: Path) -> None:
+    while not all(is_done(c.dir(study_dir)) for c in cells):
+        time.sleep(POLL_SECONDS)

@@ -1,0 +1,343 @@
+"""Study specification: load a preset or YAML file, validate it, expand the variants.
+
+A study trains one model per (variant, architecture, seed), where a variant is a data
+corruption (paper section 2) and / or a training-side perturbation (section 3), samples
+each model over a guidance sweep and evaluates every sample set (section 5). Presets live
+in ``condnoise/study/presets/*.yaml``; ``docs/readme/study.md`` documents every field.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from condnoise.errors import UserError
+
+CORRUPTION_KINDS = ("symmetric", "asymmetric")
+PERTURBATIONS = (
+    "none", "cep-u", "cep-g", "cep-fixed", "dropout", "label-smoothing", "random-flip", "ip",
+)  # fmt: skip
+TOP_LEVEL = {
+    "name", "description", "data", "seeds", "architectures", "variants", "corruption_grid",
+    "ablation", "train", "sample", "evaluate", "report", "cost", "out_dir",
+}  # fmt: skip
+SAMPLE_KEYS = {"sampler", "steps", "num_samples", "guidance", "batch_size"}
+EVALUATE_KEYS = {
+    "extractors", "metrics", "reference_split", "reference_samples", "train_samples", "shrinkage",
+}  # fmt: skip
+REPORT_KEYS = {"walks", "theory", "grid_per_class", "walk_frames"}
+DATA_KEYS = {"source", "image_size", "data_dir", "max_samples"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training recipe: optional fixed data corruption + perturbation + overrides."""
+
+    name: str
+    corruption: dict[str, Any] | None = None  # {"kind": "symmetric", "eta": 0.05, ...}
+    perturbation: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    train: dict[str, Any] = field(default_factory=dict)  # trainer config sections to merge
+    architectures: tuple[str, ...] | None = None  # None: every architecture of the study
+
+    @property
+    def eta(self) -> float:
+        return float(self.corruption["eta"]) if self.corruption else 0.0
+
+    @property
+    def kind(self) -> str:
+        """``clean``, a corruption kind, or the perturbation name (IP is ``ip``)."""
+        if self.corruption:
+            return str(self.corruption["kind"])
+        return str(self.perturbation["name"]) if self.perturbation["name"] != "none" else "clean"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "corruption": self.corruption,
+            "perturbation": self.perturbation,
+            "train": self.train,
+        }
+
+
+@dataclass
+class StudySpec:
+    name: str
+    description: str
+    data: dict[str, Any]
+    seeds: list[int]
+    architectures: dict[str, dict[str, Any]]
+    variants: list[Variant]
+    train: dict[str, Any]
+    sample: dict[str, Any]
+    evaluate: dict[str, Any]
+    report: dict[str, Any]
+    cost: dict[str, float]
+    source: str  # the preset name or file it came from
+    out_dir: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> dict[str, Any]:
+        """The fully expanded study, as written to ``STUDY_DIR/study.yaml``."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "data": self.data,
+            "seeds": self.seeds,
+            "architectures": self.architectures,
+            "variants": [
+                {**v.as_dict(), "architectures": list(v.architectures or self.architectures)}
+                for v in self.variants
+            ],
+            "train": self.train,
+            "sample": self.sample,
+            "evaluate": self.evaluate,
+            "report": self.report,
+            "cost": self.cost,
+        }
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("condnoise.study") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        obj = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: a study file must be a YAML mapping at the top level")
+    return obj
+
+
+def load_study(preset_or_path: str, overrides: dict[str, Any] | None = None) -> StudySpec:
+    """Load a preset by name (``fmnist-quick``) or a YAML file path, then validate it."""
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"study file {path} does not exist")
+        raw, where = _read_yaml(path.read_text(), str(path)), str(path)
+    else:
+        names = preset_names()
+        if preset_or_path not in names:
+            raise UserError(
+                f"unknown study preset {preset_or_path!r}; choose one of {', '.join(names)} "
+                "or give a path to a .yaml file"
+            )
+        res = resources.files("condnoise.study") / "presets" / f"{preset_or_path}.yaml"
+        raw, where = _read_yaml(res.read_text(), f"preset {preset_or_path}"), preset_or_path
+    for k, v in (overrides or {}).items():
+        _set_dotted(raw, k, v)
+    return validate(raw, where)
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise UserError(f"--set {dotted}: {p} is not a mapping in the study")
+    d[parts[-1]] = value
+
+
+def _need(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise UserError(f"{where}: {msg}")
+
+
+def _mapping(raw: dict[str, Any], key: str, where: str, allowed: set[str] | None) -> dict:
+    val = raw.get(key) or {}
+    _need(isinstance(val, dict), where, f"field '{key}' must be a mapping")
+    if allowed is not None:
+        unknown = sorted(set(val) - allowed)
+        _need(not unknown, where, f"unknown field(s) {unknown} in '{key}'; allowed: {sorted(allowed)}")
+    return copy.deepcopy(val)
+
+
+def _check_corruption(c: Any, where: str) -> dict[str, Any]:
+    _need(isinstance(c, dict), where, f"corruption must be a mapping, got {c!r}")
+    _need(c.get("kind") in CORRUPTION_KINDS, where,
+          f"corruption.kind {c.get('kind')!r} must be one of {CORRUPTION_KINDS}")  # fmt: skip
+    eta = c.get("eta")
+    _need(isinstance(eta, int | float) and 0 <= eta < 1, where,
+          f"corruption.eta {eta!r} must be a fraction in [0, 1) (5% is 0.05)")  # fmt: skip
+    return dict(c)
+
+
+def _check_perturbation(p: Any, where: str) -> dict[str, Any]:
+    if p is None:
+        return {"name": "none"}
+    if isinstance(p, str):
+        p = {"name": p}
+    _need(isinstance(p, dict) and p.get("name") in PERTURBATIONS, where,
+          f"perturbation {p!r} must name one of {PERTURBATIONS}")  # fmt: skip
+    try:
+        from condnoise.conditioning.perturb import build_perturbation
+    except ImportError:  # conditioning stage absent: the trainer validates it later
+        return dict(p)
+    try:
+        build_perturbation(**p)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return dict(p)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (``over`` wins); inputs are not modified."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _fmt_pct(eta: float) -> str:
+    return f"{eta * 100:g}%"
+
+
+def _expand_variants(raw: dict[str, Any], where: str) -> list[Variant]:
+    out: list[Variant] = []
+    for i, v in enumerate(raw.get("variants") or []):
+        w = f"{where}: variants[{i}]"
+        if isinstance(v, str):
+            v = {"name": v}
+        _need(isinstance(v, dict) and isinstance(v.get("name"), str), w, "needs a 'name'")
+        unknown = sorted(set(v) - {"name", "corruption", "perturbation", "train", "architectures"})
+        _need(not unknown, w, f"unknown field(s) {unknown}")
+        corr = _check_corruption(v["corruption"], w) if v.get("corruption") else None
+        if corr and corr["eta"] == 0:
+            corr = None
+        archs = v.get("architectures")
+        tr = v.get("train") or {}
+        _need(isinstance(tr, dict) and set(tr) <= {"diffusion", "train"}, w,
+              f"'train' {tr!r} may only hold the trainer sections 'diffusion' and 'train'")  # fmt: skip
+        out.append(
+            Variant(
+                name=v["name"],
+                corruption=corr,
+                perturbation=_check_perturbation(v.get("perturbation"), w),
+                train=dict(v.get("train") or {}),
+                architectures=tuple(archs) if archs else None,
+            )
+        )
+    grid = raw.get("corruption_grid")
+    if grid:
+        w = f"{where}: corruption_grid"
+        _need(isinstance(grid, dict) and {"kinds", "etas"} <= set(grid), w,
+              "needs 'kinds' and 'etas' lists")  # fmt: skip
+        extra = {k: v for k, v in grid.items() if k not in ("kinds", "etas")}
+        for kind in grid["kinds"]:
+            for eta in grid["etas"]:
+                c = _check_corruption({"kind": kind, "eta": eta, **extra}, w)
+                if eta == 0:
+                    continue  # the clean model is its own variant
+                out.append(Variant(name=f"{kind[:4]}-{_fmt_pct(eta)}", corruption=c))
+    abl = raw.get("ablation")
+    if abl:
+        w = f"{where}: ablation"
+        _need(isinstance(abl, dict) and {"perturbations", "gammas"} <= set(abl), w,
+              "needs 'perturbations' and 'gammas' lists")  # fmt: skip
+        for pname in abl["perturbations"]:
+            for g in abl["gammas"]:
+                p = _check_perturbation({"name": pname, "gamma": g}, w)
+                out.append(Variant(name=f"{pname}-g{g:g}", perturbation=p))
+    # Identical recipes listed twice (e.g. gamma=1 in the ablation and in the headline
+    # variants) are trained once, under the first name; one name for two recipes is an error.
+    seen: dict[str, Variant] = {}
+    recipes: set[str] = set()
+    for v in out:
+        if v.name in seen and seen[v.name].as_dict() != v.as_dict():
+            raise UserError(f"{where}: variant name {v.name!r} is used for two different recipes")
+        recipe = repr({k: x for k, x in v.as_dict().items() if k != "name"})
+        if recipe in recipes:
+            continue
+        recipes.add(recipe)
+        seen.setdefault(v.name, v)
+    _need(bool(seen), where, "no variants: give 'variants', 'corruption_grid' or 'ablation'")
+    return list(seen.values())
+
+
+def _check_model(cfg: dict[str, Any], where: str) -> None:
+    """Validate a model config with the models stage's own resolver (when present)."""
+    try:
+        from condnoise.models.conditional import resolve_model_config
+    except ImportError:
+        return
+    try:
+        resolve_model_config({k: v for k, v in cfg.items() if k not in ("autoencoder", "latent_shape")})
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def validate(raw: dict[str, Any], where: str) -> StudySpec:
+    """Check every field of a raw study mapping; raise UserError naming the bad one."""
+    unknown = sorted(set(raw) - TOP_LEVEL)
+    _need(not unknown, where, f"unknown top-level field(s) {unknown}; allowed: {sorted(TOP_LEVEL)}")
+    name = raw.get("name")
+    _need(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), where,
+          f"'name' {name!r} must be a short identifier (letters, digits, - and _)")  # fmt: skip
+    seeds = raw.get("seeds", [0])
+    _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds), where,
+          f"'seeds' {seeds!r} must be a non-empty list of integers")  # fmt: skip
+    _need(len(set(seeds)) == len(seeds), where, f"'seeds' {seeds!r} has duplicates")
+    data = _mapping(raw, "data", where, DATA_KEYS)
+    data.setdefault("source", "fashion-mnist")
+    archs = _mapping(raw, "architectures", where, None)
+    _need(bool(archs), where, "'architectures' must map a name to a model config (e.g. dit: {...})")
+    for a, cfg in archs.items():
+        _need(isinstance(cfg, dict) and cfg.get("family") in ("dit", "unet"), where,
+              f"architectures.{a} must be a model config mapping with family: dit or unet")  # fmt: skip
+        _need("perturbation" not in cfg, where,
+              f"architectures.{a}: set perturbations in 'variants', not in the model config")
+        _check_model(cfg, f"{where}: architectures.{a}")
+    variants = _expand_variants(raw, where)
+    for v in variants:
+        for a in v.architectures or ():
+            _need(a in archs, where, f"variant {v.name!r} names unknown architecture {a!r}")
+    sample = _mapping(raw, "sample", where, SAMPLE_KEYS)
+    guidance = sample.get("guidance")
+    _need(isinstance(guidance, list) and guidance
+          and all(isinstance(s, int | float) and s >= 0 for s in guidance), where,
+          f"sample.guidance {guidance!r} must be a non-empty list of scales >= 0")  # fmt: skip
+    sample["guidance"] = [float(s) for s in guidance]
+    n = sample.get("num_samples")
+    _need(isinstance(n, int) and n > 0, where, f"sample.num_samples {n!r} must be a positive int")
+    steps = sample.get("steps")
+    _need(isinstance(steps, int) and steps > 0, where, f"sample.steps {steps!r} must be > 0")
+    evaluate = _mapping(raw, "evaluate", where, EVALUATE_KEYS)
+    ex = evaluate.setdefault("extractors", ["fmnist-classifier"])
+    _need(isinstance(ex, list) and ex and all(isinstance(e, str) for e in ex), where,
+          f"evaluate.extractors {ex!r} must be a non-empty list of names")  # fmt: skip
+    report = _mapping(raw, "report", where, REPORT_KEYS)
+    report.setdefault("walks", True)
+    report.setdefault("theory", True)
+    report.setdefault("grid_per_class", 8)
+    report.setdefault("walk_frames", 16)
+    cost = _mapping(raw, "cost", where, {"train_img_per_s", "forward_img_per_s", "eval_img_per_s"})
+    for k, val in cost.items():
+        _need(isinstance(val, int | float) and val > 0, where, f"cost.{k} {val!r} must be > 0")
+    train = _mapping(raw, "train", where, {"diffusion", "train"})
+    return StudySpec(
+        name=name,
+        description=str(raw.get("description", "")).strip(),
+        data=data,
+        seeds=list(seeds),
+        architectures=archs,
+        variants=variants,
+        train=train,
+        sample=sample,
+        evaluate=evaluate,
+        report=report,
+        cost={k: float(v) for k, v in cost.items()},
+        source=where,
+        out_dir=raw.get("out_dir"),
+        raw=copy.deepcopy(raw),
+    )

@@ -1,0 +1,284 @@
+"""What each cell does, through the other stages' Python APIs (no subprocesses).
+
+Each function takes ``(cell, cell_dir, dep_dirs, ctx)``, writes its outputs under
+``cell_dir`` and returns a small dict stored in the cell's ``done.json``. Folder layout::
+
+    cells/corrupt/KEY/manifest/          condnoise.data Manifest (paper section 2)
+    cells/train/KEY/run/                 a training run directory (config.yaml, checkpoints/)
+    cells/train/KEY/shift.json           mean L2 embedding shift (paper Fig. 8a x-axis)
+    cells/sample/KEY/s{scale}/samples.npz  images uint8 [N,H,W,C], labels int64 [N]
+    cells/evaluate/KEY/metrics.json      the evaluation stage's metrics for that sample set
+    cells/walk/KEY/grid.png, walk.png    per-class sample grid and circular walk
+    cells/theory/KEY/*.png               the theory lab's figures
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from condnoise.errors import UserError
+from condnoise.study.spec import deep_merge
+
+if TYPE_CHECKING:
+    from condnoise.study.grid import Cell
+    from condnoise.study.runner import RunContext
+
+
+def _device(ctx: RunContext) -> str:
+    if ctx.device:
+        return ctx.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _threads() -> None:
+    """Use every core the process may use (torch's default can be lower under cgroups)."""
+    import os
+
+    import torch
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", n or 1))))
+
+
+# --------------------------------------------------------------------------- corrupt
+
+
+def run_corrupt(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
+    """Fixed condition corruption of the training split (section 2), saved as a manifest."""
+    from condnoise.data import corrupt, open_source
+
+    data, corr = cell.config["data"], dict(cell.config["corruption"])
+    source = open_source(
+        data["source"], "train", data_dir=data.get("data_dir"), image_size=data.get("image_size")
+    )
+    kind, eta = corr.pop("kind"), float(corr.pop("eta"))
+    manifest = corrupt(source, kind, eta, int(cell.config["seed"]), **corr)
+    summary = manifest.save(cell_dir / "manifest", source.conditions(), force=True,
+                            config=cell.config)  # fmt: skip
+    return {"kind": kind, "eta": eta, "n_corrupted": summary.get("n_corrupted")}
+
+
+# --------------------------------------------------------------------------- train
+
+
+def trainer_config(cell: Cell, cell_dir: Path, deps: dict[str, Path]) -> dict[str, Any]:
+    """The trainer's config mapping (``condnoise.training.config.Config``) for a train cell."""
+    c = cell.config
+    data = {k: v for k, v in c["data"].items() if k in ("source", "image_size", "data_dir",
+                                                          "max_samples")}  # fmt: skip
+    if c.get("corrupt_key"):
+        data["corruption"] = str(deps["corrupt"] / "manifest")
+    model = dict(c["model"])
+    model["perturbation"] = dict(c["perturbation"])
+    base = {
+        "data": data,
+        "model": model,
+        "train": {"seed": int(c["seed"]), "sample_every": 0},
+        "run": {
+            "name": cell.id.replace("/", "-"),
+            "dir": str(cell_dir / "run"),
+            "tensorboard": False,
+        },
+    }
+    return deep_merge(base, c["train"]) | {"run": base["run"]}
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    from condnoise.training.checkpoint import list_checkpoints
+
+    return (run_dir / "config.yaml").is_file() and bool(list_checkpoints(run_dir))
+
+
+def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
+    """Train one model (section 4 recipe at the study's scale), then measure its shift."""
+    from condnoise.training import train
+    from condnoise.training.config import Config
+
+    raw = trainer_config(cell, cell_dir, deps)
+    raw["train"] = {**raw.get("train", {}), "seed": int(cell.config["seed"])}
+    cfg = Config.from_dict(raw, origin=f"study cell {cell.id}")
+    cfg.run.progress = ctx.progress
+    _threads()
+    run_dir = cell_dir / "run"
+    resume = _has_checkpoint(run_dir)
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)  # started but no checkpoint yet: start over
+    train(cfg, run_dir=run_dir, resume=resume, device=_device(ctx))
+    from condnoise.study.shift import embedding_shift
+
+    shift = embedding_shift(cell_dir / "run", manifest_dir=deps.get("corrupt"),
+                            seed=int(cell.config["seed"]))
+    from condnoise.io import write_json
+
+    write_json(cell_dir / "shift.json", shift)
+    return {"mean_l2_shift": shift["mean_l2_shift"]}
+
+
+# --------------------------------------------------------------------------- sample
+
+
+def run_sample(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
+    """One guidance scale of the sweep (section 5): ``s{scale}/samples.npz``."""
+    from condnoise.diffusion.sampling import SweepConfig, run_sweep
+    from condnoise.training.checkpoint import load_run
+
+    _threads()
+    s = cell.config["sample"]
+    run_dir = deps["train"] / "run"
+    run = load_run(run_dir, device=_device(ctx))
+    cfg = SweepConfig(
+        guidances=[float(cell.config["scale"])],
+        num=int(s["num_samples"]),
+        sampler=str(s.get("sampler", "dpm++")),
+        steps=int(s["steps"]),
+        seed=int(cell.config["seed"]),
+        batch_size=int(s.get("batch_size", 256)),
+        shard_size=max(int(s.get("batch_size", 256)), 1000),
+        grid_per_class=8,
+    )
+    (folder,) = run_sweep(run, run_dir, cell_dir, cfg)
+    return {"samples": str(folder.relative_to(cell_dir) / "samples.npz")}
+
+
+def samples_path(sample_cell_dir: Path, scale: float) -> Path:
+    return sample_cell_dir / f"s{scale:g}" / "samples.npz"
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+STUDY_METRICS = ("fid", "pr", "dc", "is", "condition-accuracy", "rmd", "knn-l2", "memorization")
+
+
+def run_evaluate(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
+    """Every metric that applies to the sample set (section 5) into ``metrics.json``, plus
+    the per-sample RMD scores of the first extractor (``rmd_scores.npy``, Fig. 5)."""
+    from condnoise.evaluation import metrics as M
+    from condnoise.evaluation.evaluate import (
+        EvalConfig,
+        evaluate_samples,
+        get_extractor_cached,
+        load_samples,
+        reference_features,
+    )  # fmt: skip
+    from condnoise.io import atomic_open, write_json
+
+    e, data = cell.config["evaluate"], cell.config["data"]
+    scale = float(ctx.cells[cell.deps[0]].config["scale"])
+    folder = samples_path(deps["sample"], scale).parent
+    _threads()
+    ref = f"{data['source']}:{e.get('reference_split', 'test')}"
+    cfg = EvalConfig(
+        ref=ref,
+        train_ref=f"{data['source']}:train",
+        extractors=tuple(e["extractors"]),
+        metrics=tuple(e.get("metrics") or STUDY_METRICS),
+        max_ref=e.get("reference_samples"),
+        max_train=e.get("train_samples"),
+        shrinkage=float(e.get("shrinkage", 0.0)),
+    )
+    samples = load_samples(folder)
+    metrics = evaluate_samples(samples, cfg)
+    write_json(cell_dir / "metrics.json", metrics)
+    first = cfg.extractors[0]
+    if "rmd" in cfg.metrics and first not in SLOW_EXTRACTORS:
+        ex = get_extractor_cached(first)
+        real = reference_features(ex, cfg.ref, cfg.max_ref)
+        from condnoise.evaluation.features import fit_resolution
+
+        images = fit_resolution(samples.images, real_size(cfg.ref))
+        scores = M.RMDModel(real["features"], real["labels"]).scores(ex.extract(images),
+                                                                     samples.labels)  # fmt: skip
+        with atomic_open(cell_dir / "rmd_scores.npy", "wb") as f:
+            np.save(f, scores.astype(np.float32))
+    return {}
+
+
+SLOW_EXTRACTORS = ("inception",)  # per-sample RMD would extract the samples a second time
+
+
+def real_size(ref: str) -> int:
+    from condnoise.evaluation.evaluate import reference_size
+
+    return reference_size(ref)
+
+
+# --------------------------------------------------------------------------- walk / grids
+
+
+WALK_CLASSES = 3  # one circular walk (row) for each of the first classes
+
+
+def run_walk(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
+    """A per-class sample grid and a circular walk in noise space for one model."""
+    from condnoise.diffusion.sampling import sample_grid
+    from condnoise.training.checkpoint import load_run
+
+    _threads()
+    c = cell.config
+    run = load_run(deps["train"] / "run", device=_device(ctx))
+    steps = int(c["sample"]["steps"])
+    sampler = str(c["sample"].get("sampler", "dpm++"))
+    sample_grid(
+        run.model, run.schedule, run.num_classes, int(c["grid_per_class"]),
+        cell_dir / "grid.png", shape=run.latent_shape, guidance=float(c["scale"]),
+        steps=steps, seed=int(c["seed"]), sampler=sampler, autoencoder=run.autoencoder,
+    )  # fmt: skip
+    from condnoise.diffusion.grids import save_grid
+    from condnoise.diffusion.walk import noise_walk
+
+    frames = int(c["frames"])
+    rows = []
+    for k in range(min(WALK_CLASSES, run.num_classes)):
+        images, _ = noise_walk(
+            run.model, run.schedule, run.autoencoder, k, shape=run.latent_shape, frames=frames,
+            seed=int(c["seed"]), guidance=float(c["scale"]), sampler=sampler, steps=steps,
+        )  # fmt: skip
+        rows.append(images)
+    save_grid(np.concatenate(rows), cell_dir / "walk.png", nrow=frames)
+    return {}
+
+
+# --------------------------------------------------------------------------- theory
+
+
+def run_theory(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
+    """The Gaussian-mixture theory lab (section 7): closed forms vs simulation, figures."""
+    from condnoise.theory import GMMLabConfig, run_gmm_lab
+
+    fields = dict(cell.config.get("lab") or {})
+    fields.setdefault("seed", int(cell.config["seed"]))
+    try:
+        lab_cfg = GMMLabConfig(**fields)
+    except TypeError as e:
+        raise UserError(f"study report.theory: bad theory-lab field ({e})") from None
+    result = run_gmm_lab(lab_cfg, cell_dir / "lab", progress=ctx.progress)
+    return {
+        "figures": [str(Path(p).relative_to(cell_dir)) for p in result.figures],
+        "all_within_tolerance": bool(result.all_within_tolerance),
+    }
+
+
+def read_metrics(eval_dir: Path) -> dict[str, Any]:
+    path = eval_dir / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+STAGE_FUNCTIONS = {
+    "corrupt": run_corrupt,
+    "train": run_train,
+    "sample": run_sample,
+    "evaluate": run_evaluate,
+    "walk": run_walk,
+    "theory": run_theory,
+}
