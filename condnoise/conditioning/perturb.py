@@ -1,0 +1,368 @@
+"""Condition-embedding perturbations: CEP (paper Sec. 3) and the baselines it is compared to.
+
+Every perturbation maps the clean embedding ``c = c_theta(y)`` ``[B, d]`` to ``c + delta`` in
+training mode only (eval mode returns ``c`` unchanged, so sampling is never perturbed).
+Rows whose label is the null class (classifier-free-guidance dropout) are never perturbed:
+the null embedding is the unconditional anchor of CFG, not a condition, and CEP targets the
+conditions (paper Sec. 3 leaves this open; this is our choice).
+
+Randomness: fresh noise comes from ``self.generator`` when set, else from the global torch
+RNG of the embedding's device, so a trainer that checkpoints the RNG states resumes bitwise.
+``cep-fixed`` draws nothing: its membership and noise are a pure counter-based hash of
+``(seed, sample_index)``, identical across steps, resumes, workers and ranks; ``random-flip``
+hashes ``(seed, step, sample_index)`` (the data stage's ``RandomRelabeler``).
+
+Any perturbation also accepts ``ip`` (xi of input perturbation, Ning et al. 2023): stored as
+``input_perturbation`` and applied to ``x_t`` by :func:`condnoise.diffusion.loss.diffusion_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from condnoise.data.random_flip import splitmix64
+from condnoise.errors import UserError
+
+# ----------------------------------------------------------------------------- hashing
+# SplitMix64 (the data stage's counter-based hash) keys the fixed-CEP draws.
+_STRIDE = 0x3C6EF372FE94F82B  # odd int64 constant separating the columns of one key
+_MEMBER = 0x2545F4914F6CDD1D  # stream constant of the membership draw
+
+
+def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` uniforms in (0, 1) per int64 key ``[B]`` -> float32 ``[B, n]``, a pure function."""
+    cols = torch.arange(n, device=key.device, dtype=torch.int64)
+    h = splitmix64(key[:, None] + cols * _STRIDE)
+    return (((h >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)
+
+
+# ----------------------------------------------------------------------------- base class
+class Perturbation(nn.Module):
+    """Base class: subclasses implement :meth:`perturb`; the base handles eval mode, the
+    null-row mask and the ``mean_l2_shift`` statistic (paper Fig. 8a x-axis)."""
+
+    name = "none"
+
+    def __init__(self, *, ip: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= float(ip) < 10.0:
+            raise UserError(f"perturbation field 'ip' (input perturbation xi) must be in [0, 10), got {ip}")
+        self.input_perturbation = float(ip)
+        self.generator: torch.Generator | None = None
+        self.register_buffer("_l2_sum", torch.zeros(()), persistent=False)
+        self.register_buffer("_changed", torch.zeros(()), persistent=False)
+        self.register_buffer("_rows", torch.zeros(()), persistent=False)
+
+    def params(self) -> dict[str, Any]:
+        """The parameters this perturbation was built with (for configs and logs)."""
+        return {"ip": self.input_perturbation}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.params().items())
+
+    def perturb(
+        self,
+        c: torch.Tensor,
+        labels: torch.Tensor,
+        encoder: nn.Module,
+        sample_index: torch.Tensor | None,
+        step: int | None = None,
+    ) -> torch.Tensor:
+        return c
+
+    def forward(
+        self,
+        c: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        encoder: nn.Module,
+        sample_index: torch.Tensor | None = None,
+        step: int | None = None,
+    ) -> torch.Tensor:
+        """Return the (training-mode) perturbed embedding; null-class rows stay untouched.
+
+        ``step`` (the optimiser step) keys the counter-based draws of ``random-flip``.
+        """
+        if not self.training or type(self).perturb is Perturbation.perturb:
+            return c
+        out = self.perturb(c, labels, encoder, sample_index, step)
+        keep = (labels != encoder.null_index)[:, None]
+        out = torch.where(keep, out, c)
+        with torch.no_grad():
+            shift = (out.float() - c.float()).norm(dim=1)
+            self._l2_sum += shift.sum()
+            self._changed += (shift > 0).sum()
+            self._rows += keep.sum()
+        return out
+
+    def stats(self, reset: bool = True) -> dict[str, float]:
+        """``mean_l2_shift`` = mean ||c' - c|| over perturbable (non-null) training rows since
+        the last reset, ``perturbed_fraction`` = share of those rows that changed."""
+        rows = float(self._rows)
+        out = {
+            "mean_l2_shift": float(self._l2_sum) / rows if rows else 0.0,
+            "perturbed_fraction": float(self._changed) / rows if rows else 0.0,
+        }
+        if reset:
+            for b in (self._l2_sum, self._changed, self._rows):
+                b.zero_()
+        return out
+
+    def _rand(self, c: torch.Tensor) -> torch.Tensor:
+        return torch.rand(c.shape, device=c.device, dtype=c.dtype, generator=self.generator)
+
+    def _randn(self, c: torch.Tensor) -> torch.Tensor:
+        return torch.randn(c.shape, device=c.device, dtype=c.dtype, generator=self.generator)
+
+
+class NoPerturbation(Perturbation):
+    name = "none"
+
+
+def _check_gamma(gamma: float) -> float:
+    if not 0.0 <= float(gamma) <= 1e4:
+        raise UserError(f"perturbation field 'gamma' must be in [0, 1e4], got {gamma}")
+    return float(gamma)
+
+
+class UniformCEP(Perturbation):
+    """CEP-U: ``delta ~ U(-gamma/sqrt(d), gamma/sqrt(d))^d``, fresh every step (Sec. 3).
+    ``E||delta||^2 = gamma^2 / 3``."""
+
+    name = "cep-u"
+
+    def __init__(self, gamma: float = 1.0, *, ip: float = 0.0) -> None:
+        super().__init__(ip=ip)
+        self.gamma = _check_gamma(gamma)
+
+    def params(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, **super().params()}
+
+    def perturb(self, c, labels, encoder, sample_index, step=None):
+        bound = self.gamma / math.sqrt(c.shape[-1])
+        return c + (2 * self._rand(c) - 1) * bound
+
+
+class GaussianCEP(Perturbation):
+    """CEP-G: ``delta ~ N(0, sigma^2 I)``, fresh every step (Sec. 3).
+
+    ``scale="std"`` (default): sigma = gamma/sqrt(d), so ``E||delta||^2 = gamma^2``.
+    ``scale="variance"``: the paper's literal ``N(0, gamma/sqrt(d) I)``, sigma^2 = gamma/sqrt(d).
+    """
+
+    name = "cep-g"
+
+    def __init__(self, gamma: float = 1.0, scale: str = "std", *, ip: float = 0.0) -> None:
+        super().__init__(ip=ip)
+        if scale not in ("std", "variance"):
+            raise UserError(f"cep-g field 'scale' must be 'std' or 'variance', got {scale!r}")
+        self.gamma = _check_gamma(gamma)
+        self.scale = scale
+
+    def params(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "scale": self.scale, **super().params()}
+
+    def sigma(self, d: int) -> float:
+        s = self.gamma / math.sqrt(d)
+        return s if self.scale == "std" else math.sqrt(s)
+
+    def perturb(self, c, labels, encoder, sample_index, step=None):
+        return c + self._randn(c) * self.sigma(c.shape[-1])
+
+
+class FixedCEP(Perturbation):
+    """Fixed CEP (paper appendix E.4): the perturbed samples and their noise are chosen once.
+
+    Sample ``i`` is perturbed iff ``u(seed, i) < fraction`` and then always gets the same
+    delta (uniform or gaussian, CEP-U / CEP-G scale), a pure hash of ``(seed, i)``.
+    ``fraction`` defaults to 1.0: every sample keeps one fixed delta, the fixed counterpart
+    of fresh CEP at the same gamma (set it to e.g. 0.05 to mirror a corruption ratio).
+    Needs ``sample_index`` (the dataset index of each row).
+    """
+
+    name = "cep-fixed"
+
+    def __init__(
+        self,
+        gamma: float = 1.0,
+        noise: str = "uniform",
+        fraction: float = 1.0,
+        seed: int = 0,
+        *,
+        ip: float = 0.0,
+    ) -> None:
+        super().__init__(ip=ip)
+        if noise not in ("uniform", "gaussian"):
+            raise UserError(f"cep-fixed field 'noise' must be 'uniform' or 'gaussian', got {noise!r}")
+        if not 0.0 <= float(fraction) <= 1.0:
+            raise UserError(f"cep-fixed field 'fraction' must be in [0, 1], got {fraction}")
+        self.gamma, self.noise, self.fraction, self.seed = _check_gamma(gamma), noise, float(fraction), int(seed)
+
+    def params(self) -> dict[str, Any]:
+        p = {"gamma": self.gamma, "noise": self.noise, "fraction": self.fraction, "seed": self.seed}
+        return {**p, **super().params()}
+
+    def fixed_delta(self, sample_index: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(member bool [B], delta float32 [B, d])`` for dataset indices int64 [B]."""
+        idx = sample_index.long()
+        key = splitmix64(idx ^ splitmix64(torch.full_like(idx, self.seed)))
+        member = hash_uniform(splitmix64(key ^ _MEMBER), 1)[:, 0] < self.fraction
+        if self.noise == "uniform":
+            delta = (2 * hash_uniform(key, d) - 1) * (self.gamma / math.sqrt(d))
+        else:  # Box-Muller
+            u = hash_uniform(key, 2 * d)
+            z = torch.sqrt(-2 * torch.log(u[:, :d])) * torch.cos(2 * math.pi * u[:, d:])
+            delta = z * (self.gamma / math.sqrt(d))
+        return member, delta
+
+    def perturb(self, c, labels, encoder, sample_index, step=None):
+        if sample_index is None:
+            raise UserError("perturbation cep-fixed needs the dataset sample_index of every row")
+        if sample_index.shape != labels.shape:
+            raise UserError(f"sample_index shape {tuple(sample_index.shape)} != labels {tuple(labels.shape)}")
+        member, delta = self.fixed_delta(sample_index.to(c.device), c.shape[-1])
+        return c + delta.to(c.dtype) * member[:, None].to(c.dtype)
+
+
+class EmbeddingDropout(Perturbation):
+    """Dropout with probability ``p`` on the condition embedding (baseline, Sec. 3; p = 0.1)."""
+
+    name = "dropout"
+
+    def __init__(self, p: float = 0.1, *, ip: float = 0.0) -> None:
+        super().__init__(ip=ip)
+        if not 0.0 <= float(p) < 1.0:
+            raise UserError(f"dropout field 'p' must be in [0, 1), got {p}")
+        self.p = float(p)
+
+    def params(self) -> dict[str, Any]:
+        return {"p": self.p, **super().params()}
+
+    def perturb(self, c, labels, encoder, sample_index, step=None):
+        keep = self._rand(c) >= self.p
+        return c * keep / (1 - self.p)
+
+
+def _class_table(encoder: nn.Module, name: str) -> torch.Tensor:
+    if not hasattr(encoder, "class_table"):
+        raise UserError(f"perturbation {name} needs a class-label encoder (model conditions on classes)")
+    return encoder.class_table()
+
+
+class LabelSmoothing(Perturbation):
+    """Label smoothing in embedding space (baseline, Sec. 3; eps = 0.1):
+    ``c' = (1 - eps) E[y] + eps * mean_{k != y} E[k]``."""
+
+    name = "label-smoothing"
+
+    def __init__(self, eps: float = 0.1, *, ip: float = 0.0) -> None:
+        super().__init__(ip=ip)
+        if not 0.0 <= float(eps) <= 1.0:
+            raise UserError(f"label-smoothing field 'eps' must be in [0, 1], got {eps}")
+        self.eps = float(eps)
+
+    def params(self) -> dict[str, Any]:
+        return {"eps": self.eps, **super().params()}
+
+    def perturb(self, c, labels, encoder, sample_index, step=None):
+        table = _class_table(encoder, self.name)
+        k = table.shape[0]
+        if k < 2:
+            raise UserError("label-smoothing needs at least 2 classes")
+        others = (table.sum(0, keepdim=True) - c) / (k - 1)
+        return (1 - self.eps) * c + self.eps * others.to(c.dtype)
+
+
+class RandomFlip(Perturbation):
+    """Random data corruption (paper Sec. 2 and appendix E.4): at every step each label is
+    re-drawn with probability ``eta`` to a *different* class (from ``prior``, uniform when
+    None) and the new label's embedding replaces the clean one.
+
+    The draws are the data stage's counter-based ``RandomRelabeler``: a pure function of
+    ``(seed, step, sample_index)``, so they need both ``sample_index`` and ``step``.
+    """
+
+    name = "random-flip"
+
+    def __init__(
+        self, eta: float = 0.05, prior: list[float] | None = None, seed: int = 0, *, ip: float = 0.0
+    ) -> None:
+        super().__init__(ip=ip)
+        if not 0.0 <= float(eta) <= 1.0:
+            raise UserError(f"random-flip field 'eta' must be in [0, 1], got {eta}")
+        if prior is not None:
+            pr = torch.as_tensor(prior, dtype=torch.float64)
+            if pr.dim() != 1 or pr.numel() < 2 or (pr < 0).any() or int((pr > 0).sum()) < 2:
+                raise UserError("random-flip field 'prior' must list >= 2 non-negative class weights")
+            prior = [float(x) for x in pr / pr.sum()]
+        self.eta, self.prior, self.seed = float(eta), prior, int(seed)
+        self._relabelers: dict[int, Any] = {}
+
+    def params(self) -> dict[str, Any]:
+        return {"eta": self.eta, "prior": self.prior, "seed": self.seed, **super().params()}
+
+    def relabeler(self, num_classes: int):
+        """The data stage's ``RandomRelabeler`` for ``num_classes`` classes."""
+        from condnoise.data.random_flip import RandomRelabeler
+
+        if num_classes not in self._relabelers:
+            if self.prior is not None and len(self.prior) != num_classes:
+                raise UserError(
+                    f"random-flip prior has {len(self.prior)} entries but the model has {num_classes} classes"
+                )
+            prior = self.prior or [1.0 / num_classes] * num_classes
+            self._relabelers[num_classes] = RandomRelabeler(prior, self.eta, self.seed)
+        return self._relabelers[num_classes]
+
+    def perturb(self, c, labels, encoder, sample_index, step=None):
+        if sample_index is None or step is None:
+            raise UserError("perturbation random-flip needs the sample_index and step of every batch")
+        k = encoder.num_classes
+        real = labels.clamp(max=k - 1)  # null rows are restored by the caller
+        new = self.relabeler(k)(real, sample_index.to(labels.device), step)
+        return encoder.encode(new).to(c.dtype)
+
+
+# ----------------------------------------------------------------------------- registry
+PERTURBATIONS: dict[str, type[Perturbation]] = {
+    cls.name: cls
+    for cls in (NoPerturbation, UniformCEP, GaussianCEP, FixedCEP, EmbeddingDropout, LabelSmoothing, RandomFlip)
+}
+#: ``ip``: no embedding perturbation, input perturbation xi = 0.1 (Ning et al. 2023).
+IP_DEFAULT_XI = 0.1
+
+
+def perturbation_choices() -> dict[str, dict[str, Any]]:
+    """Every valid perturbation name -> its parameters and their defaults."""
+    import inspect
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, cls in PERTURBATIONS.items():
+        sig = inspect.signature(cls.__init__)
+        out[name] = {k: p.default for k, p in sig.parameters.items() if k != "self"}
+    out["ip"] = {"ip": IP_DEFAULT_XI}
+    return out
+
+
+def build_perturbation(name: str = "none", **params: Any) -> Perturbation:
+    """Build a perturbation by name (``none, cep-u, cep-g, cep-fixed, dropout,
+    label-smoothing, random-flip, ip``); unknown names / fields raise a UserError."""
+    choices = perturbation_choices()
+    if name not in choices:
+        raise UserError(f"unknown perturbation {name!r}; choose one of {', '.join(choices)}")
+    unknown = sorted(set(params) - set(choices[name]))
+    if unknown:
+        raise UserError(
+            f"perturbation {name}: unknown field(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(choices[name]) or '(none)'}"
+        )
+    if name == "ip":
+        return NoPerturbation(ip=params.get("ip", IP_DEFAULT_XI))
+    try:
+        return PERTURBATIONS[name](**params)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"perturbation {name}: bad parameter value ({e})") from None

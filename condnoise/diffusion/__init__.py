@@ -1,0 +1,1 @@
+"""Diffusion processes: noise schedules, the training loss and samplers."""

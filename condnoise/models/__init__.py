@@ -1,0 +1,27 @@
+"""Denoisers (own DiT, diffusers U-Net), autoencoders and the conditional model (paper Sec. 4)."""
+
+from condnoise.models.autoencoder import (
+    DiffusersAutoencoder,
+    IdentityAutoencoder,
+    build_autoencoder,
+)
+from condnoise.models.conditional import (
+    ConditionalDiffusionModel,
+    build_model,
+    model_choices,
+    resolve_model_config,
+)
+from condnoise.models.dit import DiT
+from condnoise.models.unet import UNet
+
+__all__ = [
+    "ConditionalDiffusionModel",
+    "DiT",
+    "DiffusersAutoencoder",
+    "IdentityAutoencoder",
+    "UNet",
+    "build_autoencoder",
+    "build_model",
+    "model_choices",
+    "resolve_model_config",
+]

@@ -1,0 +1,103 @@
+"""Autoencoder interface: the denoiser works on ``z = encode(x)``; samples are ``decode(z)``.
+
+Pixel space (the embedded default) uses :class:`IdentityAutoencoder`. Latent models plug
+in through :class:`DiffusersAutoencoder` (a local diffusers ``AutoencoderKL`` / ``VQModel``
+folder, e.g. the SD VAE of DiT or the VQ-f4 of LDM-4, paper Sec. 4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from condnoise.errors import UserError
+
+
+class IdentityAutoencoder(nn.Module):
+    """Pixel space: ``encode`` and ``decode`` are the identity; ``scale = 1``."""
+
+    kind = "identity"
+    downsample = 1
+
+    def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        return tuple(image_shape)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+class DiffusersAutoencoder(nn.Module):
+    """Frozen diffusers autoencoder; latents are scaled by ``scaling_factor`` (SD VAE: 0.18215).
+
+    ``kind``: ``kl`` (``AutoencoderKL``, encode takes the posterior mean) or ``vq`` (``VQModel``).
+    ``model`` may be given directly (tests, already loaded weights) instead of ``path``.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        kind: str = "kl",
+        scaling_factor: float | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL, VQModel
+
+        classes = {"kl": AutoencoderKL, "vq": VQModel}
+        if kind not in classes:
+            raise UserError(f"autoencoder kind {kind!r} unknown; choose one of {sorted(classes)}")
+        if model is None:
+            if path is None or not Path(path).is_dir():
+                raise UserError(f"autoencoder folder {path!r} not found (a local diffusers model folder)")
+            try:
+                model = classes[kind].from_pretrained(path)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot load {kind} autoencoder from {path}: {e}") from None
+        self.kind, self.path, self.model = kind, path, model.eval().requires_grad_(False)
+        cfg = model.config
+        self.scale = float(scaling_factor if scaling_factor is not None else getattr(cfg, "scaling_factor", 1.0))
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.latent_channels = int(cfg.latent_channels)
+
+    def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        _, h, w = image_shape
+        return (self.latent_channels, h // self.downsample, w // self.downsample)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "kl":
+            z = self.model.encode(x).latent_dist.mean
+        else:
+            z = self.model.encode(x).latents
+        return z * self.scale
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z / self.scale).sample
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path, "scaling_factor": self.scale}
+
+
+def build_autoencoder(cfg: dict | None = None) -> nn.Module:
+    """``None`` / ``{"kind": "identity"}`` -> pixels; ``{"kind": "kl"|"vq", "path": ..., "scaling_factor": ...}``."""
+    cfg = dict(cfg or {"kind": "identity"})
+    kind = cfg.pop("kind", "identity")
+    if kind == "identity":
+        if cfg:
+            raise UserError(f"autoencoder identity takes no fields, got {sorted(cfg)}")
+        return IdentityAutoencoder()
+    unknown = set(cfg) - {"path", "scaling_factor"}
+    if unknown:
+        raise UserError(f"autoencoder: unknown field(s) {sorted(unknown)}; valid: path, scaling_factor")
+    return DiffusersAutoencoder(cfg.get("path"), kind, cfg.get("scaling_factor"))

@@ -1,0 +1,99 @@
+"""LDM-style U-Net (diffusers ``UNet2DConditionModel``) conditioned by cross-attention on the
+condition embedding used as a one-token context (paper Sec. 4: LDM-4, channels 192,
+multipliers 1,2,3,5, one attention head, cross-attention conditioning)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from condnoise.errors import UserError
+
+#: preset -> U-Net settings. ``attention``: per resolution level, whether it has
+#: (cross-)attention; ``cond_dim``: default condition-embedding size (the context size).
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # LDM-4 cin256 config: model_channels 192, mult 1,2,3,5, attention at 32/16/8 of a 64
+    # latent, 2 res blocks, 1 head, transformer depth 1, ClassEmbedder dim 512.
+    "ldm": {
+        "channels": [192, 384, 576, 960],
+        "attention": [False, True, True, True],
+        "layers_per_block": 2,
+        "heads": 1,
+        "norm_groups": 32,
+        "cond_dim": 512,
+    },
+    # Fashion-MNIST (32x32x1): attention at 16x16 and 8x8.
+    "fmnist": {
+        "channels": [64, 128, 128],
+        "attention": [False, True, True],
+        "layers_per_block": 1,
+        "heads": 4,
+        "norm_groups": 32,
+        "cond_dim": 128,
+    },
+    # tiny CPU model for tests and smoke runs
+    "tiny": {
+        "channels": [32, 64],
+        "attention": [False, True],
+        "layers_per_block": 1,
+        "heads": 2,
+        "norm_groups": 8,
+        "cond_dim": 64,
+    },
+}
+
+
+class UNet(nn.Module):
+    """``forward(x [B,C,H,W], t [B], c [B,cond_dim]) -> eps``; ``c`` becomes the context
+    ``[B, 1, cond_dim]`` of every cross-attention layer."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        image_size: int,
+        cond_dim: int,
+        channels: list[int],
+        attention: list[bool],
+        layers_per_block: int = 2,
+        heads: int = 1,
+        norm_groups: int = 32,
+        learn_sigma: bool = False,
+        checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        if len(channels) != len(attention):
+            raise UserError(
+                f"U-Net: 'channels' ({len(channels)} levels) and 'attention' ({len(attention)}) differ in length"
+            )
+        if any(ch % norm_groups for ch in channels):
+            raise UserError(f"U-Net: every channel count {channels} must be divisible by norm_groups {norm_groups}")
+        if image_size % 2 ** (len(channels) - 1):
+            raise UserError(
+                f"U-Net: image size {image_size} not divisible by 2^{len(channels) - 1} (number of downsamplings)"
+            )
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
+        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+        self.net = UNet2DConditionModel(
+            sample_size=image_size,
+            in_channels=in_channels,
+            out_channels=self.out_channels,
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+            mid_block_type="UNetMidBlock2DCrossAttn",
+            block_out_channels=tuple(channels),
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_groups,
+            cross_attention_dim=cond_dim,
+            attention_head_dim=heads,  # diffusers' historical name: the number of heads
+        )
+        if checkpointing:
+            self.net.enable_gradient_checkpointing()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, encoder_hidden_states=c[:, None, :].to(x.dtype), return_dict=False)[0]
