@@ -1,0 +1,1 @@
+"""Evaluation: feature extractors and metrics (paper section 5)."""

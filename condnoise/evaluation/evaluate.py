@@ -1,0 +1,250 @@
+"""Evaluate sample folders against a reference data set (paper §5) -> ``metrics.json``.
+
+A sample folder holds ``samples.npz`` (``images`` uint8 [N,H,W,C], ``labels`` int64 [N],
+the requested classes) and ``meta.json`` as written by ``condnoise sample``. Reference
+features are cached per (data, split, size limit, extractor fingerprint) as ``.npz``
+(``mu, sigma, features, labels`` and ``probs`` for classifiers) under
+``$CONDNOISE_CACHE/features/``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from condnoise.errors import UserError
+from condnoise.evaluation import metrics as M
+from condnoise.evaluation.classifier import cache_dir
+from condnoise.evaluation.features import Extractor, check_images, fit_resolution, get_extractor
+from condnoise.io import atomic_path
+
+SCHEMA = "condnoise.metrics/1"
+# metric option -> needs ("features": per extractor, "probs": classifier, "spatial": sFID net)
+METRICS = {
+    "fid": "features", "pr": "features", "dc": "features", "top-pr": "features",
+    "rmd": "features", "knn-l2": "train", "memorization": "train",
+    "sfid": "spatial", "is": "probs", "condition-accuracy": "probs",
+}
+DEFAULT_METRICS = ("fid", "pr", "dc", "is", "condition-accuracy", "rmd")
+
+
+@dataclass
+class Samples:
+    folder: Path
+    images: np.ndarray
+    labels: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+
+def find_sample_folders(path: str | Path) -> list[Path]:
+    """``path`` itself if it holds samples.npz, else its sub-folders that do (s{scale}/)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"sample folder {p} does not exist")
+    if (p / "samples.npz").is_file():
+        return [p]
+    found = sorted(q.parent for q in p.glob("*/samples.npz"))
+    if not found:
+        if p.is_dir() and (p / "checkpoints").is_dir():
+            raise UserError(f"{p} is a training run, not a sample folder; run `condnoise sample` "
+                            "on it first and evaluate the folder it writes")
+        raise UserError(f"{p}: no samples.npz in it or in its sub-folders (written by "
+                        "`condnoise sample`)")
+    return found
+
+
+def load_samples(folder: Path) -> Samples:
+    path = folder / "samples.npz"
+    try:
+        with np.load(path) as z:
+            missing = {"images", "labels"} - set(z.files)
+            if missing:
+                raise UserError(f"{path}: missing array(s) {sorted(missing)}")
+            images, labels = z["images"], z["labels"]
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if images.ndim == 3:
+        images = images[..., None]
+    check_images(images, str(path))
+    if labels.shape != (len(images),):
+        raise UserError(f"{path}: {len(images)} images but labels of shape {labels.shape}")
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return Samples(folder, images, labels.astype(np.int64), meta)
+
+
+def parse_ref(spec: str) -> tuple[str, str]:
+    """``DATA[:split]`` -> (data, split); split defaults to ``test``."""
+    data, _, split = spec.partition(":")
+    if data in ("imagefolder", "captions", "wds"):  # these specs carry a path after ':'
+        data, _, split = spec.rpartition(":") if spec.count(":") > 1 else (spec, "", "")
+    if not data:
+        raise UserError(f"--ref {spec!r}: expected DATA[:split], e.g. fashion-mnist:test")
+    return data, split or "test"
+
+
+def load_reference(spec: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reference images uint8 [N,H,W,C] and labels; first ``limit`` items if given."""
+    data, split = parse_ref(spec)
+    if data == "fashion-mnist":
+        from condnoise.data.fashion_mnist import load_fashion_mnist
+
+        images, labels = load_fashion_mnist(split)
+        images = images[..., None]
+    else:
+        import torch
+
+        from condnoise.data.sources import open_source
+
+        ds = open_source(data, split)
+        if not hasattr(ds, "tensors"):
+            raise UserError(f"--ref {spec}: only in-memory class-labelled sources are supported")
+        x, y = ds.tensors()
+        images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images, labels = images.permute(0, 2, 3, 1).numpy(), y.numpy()
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return np.ascontiguousarray(images), np.asarray(labels, np.int64)
+
+
+def reference_features(extractor: Extractor, spec: str, limit: int | None = None,
+                       *, with_probs: bool = False) -> dict[str, np.ndarray]:
+    """Features of the reference set, cached as ``.npz`` (mu, sigma, features, labels[, probs])."""
+    data, split = parse_ref(spec)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{data}-{split}")
+    name = f"{safe}-n{limit or 'all'}-{extractor.name}-{extractor.fingerprint()}.npz"
+    path = cache_dir() / "features" / name
+    if path.is_file():
+        with np.load(path) as z:
+            cached = {k: z[k] for k in z.files}
+        if not with_probs or "probs" in cached:
+            return cached
+    images, labels = load_reference(spec, limit)
+    feats = extractor.extract(images)
+    out = {"features": feats, "labels": labels, "mu": feats.mean(0, dtype=np.float64),
+           "sigma": np.cov(feats.astype(np.float64), rowvar=False)}
+    if hasattr(extractor, "probs"):
+        out["probs"] = extractor.probs(images)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **out)
+    return out
+
+
+def reference_size(spec: str) -> int:
+    images, _ = load_reference(spec, 1)
+    return images.shape[1]
+
+
+@dataclass
+class EvalConfig:
+    ref: str = "fashion-mnist:test"
+    train_ref: str | None = None
+    extractors: tuple[str, ...] = ("fmnist-classifier",)
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    k: int = 3
+    dc_k: int = 5
+    shrinkage: float = 0.0
+    max_ref: int | None = None
+    max_train: int | None = None
+    memorization_threshold: float | None = None
+    memorization_percentile: float = 1.0
+    top_pr_seed: int = 0
+    is_splits: int = 10
+
+
+def validate_config(cfg: EvalConfig) -> None:
+    unknown = [m for m in cfg.metrics if m not in METRICS]
+    if unknown:
+        raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from "
+                        f"{', '.join(sorted(METRICS))}")
+    for name in cfg.extractors:
+        get_extractor_cached(name)  # raises UserError for unknown names
+
+
+_EXTRACTORS: dict[str, Extractor] = {}
+
+
+def get_extractor_cached(name: str) -> Extractor:
+    if name not in _EXTRACTORS:
+        _EXTRACTORS[name] = get_extractor(name)
+    return _EXTRACTORS[name]
+
+
+def evaluate_samples(samples: Samples, cfg: EvalConfig) -> dict:
+    """All requested metrics for one sample folder, as the metrics.json object."""
+    ref_size = reference_size(cfg.ref)
+    images = fit_resolution(samples.images, ref_size, what=str(samples.folder / "samples.npz"))
+    train_ref = cfg.train_ref or f"{parse_ref(cfg.ref)[0]}:train"
+    results: dict[str, dict[str, float]] = {}
+    details: dict[str, dict] = {}
+
+    def put(metric: str, extractor: str, value: float) -> None:
+        results.setdefault(metric, {})[extractor] = float(value)
+
+    for name in cfg.extractors:
+        ex = get_extractor_cached(name)
+        feats = ex.extract(images)
+        needs_probs = any(METRICS[m] == "probs" for m in cfg.metrics) and hasattr(ex, "probs")
+        ref = reference_features(ex, cfg.ref, cfg.max_ref, with_probs=needs_probs)
+        real = ref["features"]
+        if "fid" in cfg.metrics:
+            put("fid", name, M.frechet_distance(
+                *M.gaussian_stats(real, shrinkage=cfg.shrinkage, name=f"{cfg.ref} features"),
+                *M.gaussian_stats(feats, shrinkage=cfg.shrinkage, name=f"{samples.folder} features")))
+        if "pr" in cfg.metrics:
+            pr = M.precision_recall(real, feats, cfg.k)
+            put("precision", name, pr["precision"])
+            put("recall", name, pr["recall"])
+        if "dc" in cfg.metrics:
+            for key, v in M.density_coverage(real, feats, cfg.dc_k).items():
+                put(key, name, v)
+        if "top-pr" in cfg.metrics:
+            t = M.top_pr(real, feats, seed=cfg.top_pr_seed)
+            for key in ("top_precision", "top_recall", "top_f1"):
+                put(key, name, t[key])
+            details.setdefault("top_pr", {})[name] = {k: t[k] for k in t if "_" in k and
+                                                      k.split("_")[0] in ("bandwidth", "band")}
+        if "rmd" in cfg.metrics:
+            model = M.RMDModel(real, ref["labels"], shrinkage=cfg.shrinkage)
+            put("rmd_top1", name, M.top_fraction_mean(model.scores(feats, samples.labels)))
+        if hasattr(ex, "probs") and ("is" in cfg.metrics or "condition-accuracy" in cfg.metrics):
+            probs = ex.probs(images)
+            if "is" in cfg.metrics:
+                mean, std = M.inception_score(probs, min(cfg.is_splits, len(probs)))
+                put("is", name, mean)
+                put("is_std", name, std)
+                put("is_real", name, M.inception_score(ref["probs"], cfg.is_splits)[0])
+            if "condition-accuracy" in cfg.metrics:
+                put("condition_accuracy", name, M.condition_accuracy(probs, samples.labels))
+        if {"knn-l2", "memorization"} & set(cfg.metrics):
+            train = reference_features(ex, train_ref, cfg.max_train)["features"]
+            if "knn-l2" in cfg.metrics:
+                put("avg_top5_l2", name, M.avg_topk_l2(feats, train, 5))
+            if "memorization" in cfg.metrics:
+                thr = cfg.memorization_threshold
+                if thr is None:
+                    thr = M.memorization_threshold(real, train, cfg.memorization_percentile)
+                put("memorization_ratio", name, M.memorization_ratio(feats, train, thr))
+                details.setdefault("memorization_threshold", {})[name] = thr
+    probs_wanted = [m for m in cfg.metrics if METRICS[m] == "probs"]
+    if probs_wanted and not any(hasattr(get_extractor_cached(n), "probs") for n in cfg.extractors):
+        raise UserError(f"metric(s) {', '.join(probs_wanted)} need a classifier extractor "
+                        "(--features fmnist-classifier)")
+    if "sfid" in cfg.metrics:
+        ex = get_extractor_cached("inception-spatial")
+        ref = reference_features(ex, cfg.ref, cfg.max_ref)
+        put("sfid", ex.name, M.sfid(ref["features"], ex.extract(images), shrinkage=cfg.shrinkage))
+    return {
+        "schema": SCHEMA,
+        "samples": str(samples.folder),
+        "num_samples": len(images),
+        "sample_shape": list(samples.images.shape[1:]),
+        "evaluated_shape": list(images.shape[1:]),
+        "sample_meta": samples.meta,
+        "reference": {"spec": cfg.ref, "train_spec": train_ref, "max_ref": cfg.max_ref},
+        "metrics": results,
+        "details": details,
+    }

@@ -1,0 +1,153 @@
+"""`condnoise evaluate` / `condnoise features` end to end on real Fashion-MNIST sample folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from condnoise.cli import main
+
+
+@pytest.fixture(scope="session")
+def eval_cache(tmp_path_factory) -> Path:
+    """One trained fmnist-classifier per test session (shared by the evaluation tests)."""
+    from condnoise.evaluation.classifier import CARD_NAME, train_classifier
+
+    cache = tmp_path_factory.getbasetemp() / "condnoise-eval-cache"
+    if not (cache / CARD_NAME).is_file():
+        train_classifier(cache, progress=False)
+    return cache
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(monkeypatch, eval_cache):
+    monkeypatch.setenv("CONDNOISE_CACHE", str(eval_cache))
+    torch.set_num_threads(2)
+
+
+def _write_folder(folder: Path, images: np.ndarray, labels: np.ndarray, scale: float) -> None:
+    """The format `condnoise sample` writes: samples.npz (uint8 NHWC, int64) + meta.json."""
+    folder.mkdir(parents=True)
+    np.savez(folder / "samples.npz", images=images, labels=labels.astype(np.int64))
+    (folder / "meta.json").write_text(json.dumps({"guidance_scale": scale, "num_samples": len(images)}))
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory) -> Path:
+    """s1.0: real train images padded to 32x32 with their true labels; s2.0: the same
+    images asked for the wrong classes; s3.0: heavily noised images."""
+    from condnoise.data.fashion_mnist import load_fashion_mnist
+
+    train, labels = load_fashion_mnist("train")
+    n = 600
+    imgs = np.pad(train[:n, ..., None], ((0, 0), (2, 2), (2, 2), (0, 0)))
+    root = tmp_path_factory.mktemp("samples")
+    _write_folder(root / "s1.0", imgs, labels[:n], 1.0)
+    _write_folder(root / "s2.0", imgs, (labels[:n] + 3) % 10, 2.0)
+    noisy = np.clip(imgs + np.random.default_rng(0).normal(0, 60, imgs.shape), 0, 255)
+    _write_folder(root / "s3.0", noisy.astype(np.uint8), labels[:n], 3.0)
+    return root
+
+
+def test_evaluate_many_folders(sample_root, tmp_path, capsys):
+    out = tmp_path / "all.json"
+    rc = main(["evaluate", str(sample_root), "--ref", "fashion-mnist:test", "--max-ref", "2000",
+               "--metrics", "fid,pr,dc,is,condition-accuracy,rmd,knn-l2,memorization",
+               "--max-train", "3000", "--out", str(out)])
+    assert rc == 0
+    res = {p.parent.name: json.loads((p).read_text()) for p in sample_root.glob("*/metrics.json")}
+    assert sorted(res) == ["s1.0", "s2.0", "s3.0"]
+    clean, wrong, noisy = res["s1.0"], res["s2.0"], res["s3.0"]
+    assert clean["schema"] == "condnoise.metrics/1"
+    assert clean["sample_shape"] == [32, 32, 1] and clean["evaluated_shape"] == [28, 28, 1]
+    assert clean["sample_meta"]["guidance_scale"] == 1.0
+    m = clean["metrics"]
+    name = "fmnist-classifier"
+    assert set(m) >= {"fid", "precision", "recall", "density", "coverage", "is", "is_std",
+                      "condition_accuracy", "rmd_top1", "avg_top5_l2", "memorization_ratio"}
+    assert all(set(v) == {name} for v in m.values())
+    # real images asked for their own classes: high condition accuracy; wrong labels: low
+    assert m["condition_accuracy"][name] >= 0.85
+    assert wrong["metrics"]["condition_accuracy"][name] <= 0.1
+    # same images: label-free metrics agree between s1.0 and s2.0
+    assert wrong["metrics"]["fid"][name] == pytest.approx(m["fid"][name])
+    # noise hurts FID and precision
+    assert noisy["metrics"]["fid"][name] > 3 * m["fid"][name]
+    assert noisy["metrics"]["precision"][name] < m["precision"][name]
+    # images taken from the train split itself are memorised by construction
+    assert m["memorization_ratio"][name] == pytest.approx(1.0)
+    assert m["avg_top5_l2"][name] < noisy["metrics"]["avg_top5_l2"][name]
+    assert clean["details"]["memorization_threshold"][name] > 0
+    assert clean["provenance"]["config"]["ref"] == "fashion-mnist:test"
+    assert "torch" in clean["provenance"]["versions"]
+    combined = json.loads(out.read_text())
+    assert len(combined["results"]) == 3
+    assert "condition_accuracy@fmnist-classifier" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--metrics", "fid,bogus"], "unknown metric(s) bogus"),
+        (["--features", "clip-nope"], "unknown feature extractor 'clip-nope'"),
+        (["--metrics", "is", "--features", "tiny-test-net-cli"], "need a classifier extractor"),
+    ],
+)
+def test_evaluate_bad_options(sample_root, capsys, args, message):
+    from condnoise.evaluation.features import register_extractor
+
+    register_extractor("tiny-test-net-cli", lambda: torch.nn.Flatten())
+    rc = main(["evaluate", str(sample_root / "s1.0"), "--max-ref", "500", *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_bad_folders(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["evaluate", str(empty)]) == 2
+    assert "no samples.npz" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert main(["evaluate", str(run)]) == 2
+    assert "training run" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad" / "s1.0"
+    bad.mkdir(parents=True)
+    np.savez(bad / "samples.npz", images=np.zeros((4, 28, 28, 1), np.uint8), labels=np.zeros(3))
+    assert main(["evaluate", str(bad)]) == 2
+    assert "labels of shape (3,)" in capsys.readouterr().err
+    np.savez(bad / "samples.npz", images=np.zeros((4, 28, 28, 1), np.float32), labels=np.zeros(4))
+    assert main(["evaluate", str(bad)]) == 2
+    assert "expected uint8" in capsys.readouterr().err
+    (bad / "samples.npz").write_bytes(b"not an npz")
+    assert main(["evaluate", str(bad)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_evaluate_few_samples_needs_shrinkage(sample_root, tmp_path, capsys):
+    from condnoise.data.fashion_mnist import load_fashion_mnist
+
+    train, labels = load_fashion_mnist("train")
+    folder = tmp_path / "few"
+    _write_folder(folder, train[:50, ..., None], labels[:50], 1.0)
+    assert main(["evaluate", str(folder), "--max-ref", "500", "--metrics", "fid"]) == 2
+    assert "--shrinkage" in capsys.readouterr().err
+    assert main(["evaluate", str(folder), "--max-ref", "500", "--metrics", "fid",
+                 "--shrinkage", "0.05"]) == 0
+    assert json.loads((folder / "metrics.json").read_text())["metrics"]["fid"]["fmnist-classifier"] > 0
+
+
+def test_features_list_and_help(capsys):
+    assert main(["features", "list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"inception", "inception-spatial", "fmnist-classifier"} <= set(listed)
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "reference data DATA[:split]" in help_text and "mnist:test)" in help_text
