@@ -11,3 +11,14 @@ def fmnist():
     from condnoise.data.fashion_mnist import load_fashion_mnist
 
     return load_fashion_mnist("train")
+
+
+@pytest.fixture(scope="session")
+def eval_cache(tmp_path_factory):
+    """One fmnist-classifier trained per test session, shared by evaluation and study tests."""
+    from condnoise.evaluation.classifier import CARD_NAME, train_classifier
+
+    cache = tmp_path_factory.getbasetemp() / "condnoise-eval-cache"
+    if not (cache / CARD_NAME).is_file():
+        train_classifier(cache, progress=False)
+    return cache

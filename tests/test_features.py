@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from condnoise.errors import UserError
 from condnoise.evaluation import features as F
-
-
-@pytest.fixture(scope="session")
-def eval_cache(tmp_path_factory) -> Path:
-    """One trained fmnist-classifier per test session (shared by the evaluation tests)."""
-    from condnoise.evaluation.classifier import CARD_NAME, train_classifier
-
-    cache = tmp_path_factory.getbasetemp() / "condnoise-eval-cache"
-    if not (cache / CARD_NAME).is_file():
-        train_classifier(cache, progress=False)
-    return cache
 
 
 @pytest.fixture(autouse=True)

@@ -18,17 +18,6 @@ from condnoise.evaluation import metrics as M
 from condnoise.evaluation import neighbors
 
 
-@pytest.fixture(scope="session")
-def eval_cache(tmp_path_factory) -> Path:
-    """One trained fmnist-classifier per test session (shared by the evaluation tests)."""
-    from condnoise.evaluation.classifier import CARD_NAME, train_classifier
-
-    cache = tmp_path_factory.getbasetemp() / "condnoise-eval-cache"
-    if not (cache / CARD_NAME).is_file():
-        train_classifier(cache, progress=False)
-    return cache
-
-
 @pytest.fixture(autouse=True)
 def _cache_env(monkeypatch, eval_cache):
     monkeypatch.setenv("CONDNOISE_CACHE", str(eval_cache))

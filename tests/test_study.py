@@ -25,17 +25,6 @@ from condnoise.study.spec import load_study, preset_names, validate
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def eval_cache(tmp_path_factory) -> Path:
-    """The session's trained fmnist-classifier (shared with the evaluation tests)."""
-    from condnoise.evaluation.classifier import CARD_NAME, train_classifier
-
-    cache = tmp_path_factory.getbasetemp() / "condnoise-eval-cache"
-    if not (cache / CARD_NAME).is_file():
-        train_classifier(cache, progress=False)
-    return cache
-
-
 def _raw(**extra):
     raw = {
         "name": "t",
