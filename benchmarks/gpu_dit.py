@@ -37,7 +37,6 @@ from typing import Any
 import _timing as tm
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from condnoise.errors import UserError
 
@@ -125,19 +124,6 @@ def parse_sample_modes(names: list[str], device: torch.device) -> list[Mode]:
     return out
 
 
-class CheckpointedBlock(nn.Module):
-    """Recompute a block's activations in the backward pass (selective checkpointing)."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return checkpoint(self.block, x, c, use_reentrant=False)
-        return self.block(x, c)
-
-
 class StepMarked(nn.Module):
     """Marks a new CUDA-graph generation before each call, so the sampler may keep the
     previous step's (copied) outputs while the graph's buffers are reused."""
@@ -153,13 +139,13 @@ class StepMarked(nn.Module):
 
 @contextlib.contextmanager
 def applied(model: nn.Module, mode: Mode, args: argparse.Namespace) -> Iterator[None]:
-    """Temporarily wrap the first ``ckpt_blocks`` blocks in checkpointing and swap in a compiled
-    denoiser (the trainer compiles the denoiser too; CFG dropout and CEP stay eager)."""
+    """Temporarily checkpoint the first ``ckpt_blocks`` blocks (the model's own selective
+    checkpointing) and swap in a compiled denoiser (the trainer compiles the denoiser too;
+    CFG dropout and CEP stay eager)."""
     den = model.denoiser
-    blocks = list(den.blocks)
+    saved_k = den.checkpoint_blocks
     try:
-        for i in range(min(mode.ckpt_blocks, len(blocks))):
-            den.blocks[i] = CheckpointedBlock(blocks[i])
+        den.checkpoint_blocks = min(mode.ckpt_blocks, len(den.blocks))
         if mode.compile:
             torch._dynamo.reset()
             kw: dict[str, Any] = {"backend": args.compile_backend, "dynamic": False}
@@ -172,8 +158,7 @@ def applied(model: nn.Module, mode: Mode, args: argparse.Namespace) -> Iterator[
         yield
     finally:
         model.denoiser = den
-        for i, blk in enumerate(blocks):
-            den.blocks[i] = blk
+        den.checkpoint_blocks = saved_k
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

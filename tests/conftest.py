@@ -22,3 +22,23 @@ def eval_cache(tmp_path_factory):
     if not (cache / CARD_NAME).is_file():
         train_classifier(cache, progress=False)
     return cache
+
+
+@pytest.fixture
+def one_thread():
+    """Small models and tensors run fastest on one torch thread."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def eval_env(monkeypatch, eval_cache):
+    """Point CONDNOISE_CACHE at the session's trained fmnist-classifier."""
+    import torch
+
+    monkeypatch.setenv("CONDNOISE_CACHE", str(eval_cache))
+    torch.set_num_threads(2)

@@ -11,11 +11,9 @@ import torch
 
 from condnoise.cli import main
 
+pytestmark = pytest.mark.usefixtures("eval_env")
 
-@pytest.fixture(autouse=True)
-def _cache_env(monkeypatch, eval_cache):
-    monkeypatch.setenv("CONDNOISE_CACHE", str(eval_cache))
-    torch.set_num_threads(2)
+
 
 
 def _write_folder(folder: Path, images: np.ndarray, labels: np.ndarray, scale: float) -> None:

@@ -9,11 +9,9 @@ import torch
 from condnoise.errors import UserError
 from condnoise.evaluation import features as F
 
+pytestmark = pytest.mark.usefixtures("eval_env")
 
-@pytest.fixture(autouse=True)
-def _cache_env(monkeypatch, eval_cache):
-    monkeypatch.setenv("CONDNOISE_CACHE", str(eval_cache))
-    torch.set_num_threads(2)
+
 
 
 @pytest.fixture(scope="module")

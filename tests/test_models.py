@@ -17,17 +17,12 @@ from condnoise.models import (
 )
 from condnoise.models.dit import DiTBlock, sincos_pos_embed_2d
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_DIT = {"family": "dit", "size": "T/4", "hidden": 64, "depth": 2, "heads": 2}
 TINY_UNET = {"family": "unet", "size": "tiny", "channels": [16, 32]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models run fastest on one thread on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _count(model) -> int:
@@ -116,16 +111,34 @@ def test_dit_bf16_autocast_and_checkpointing_grads():
     ref = m(x, t, y)
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
-    def grads(checkpointing):
-        m.denoiser.checkpointing = checkpointing
+    def grads(blocks):
+        m.denoiser.checkpoint_blocks = blocks
         m.zero_grad()
         m.train()
         m.cfg_dropout = 0.0
         m(x, t, y).square().mean().backward()
         return [p.grad.clone() for p in m.denoiser.parameters()]
 
-    for g1, g2 in zip(grads(False), grads(True), strict=True):
-        torch.testing.assert_close(g1, g2)
+    plain = grads(0)
+    for k in (1, len(m.denoiser.blocks)):  # selective (first block) and every block
+        for g1, g2 in zip(plain, grads(k), strict=True):
+            torch.testing.assert_close(g1, g2)
+
+    def saved_tensors(blocks):  # activations kept for backward: checkpointing must cut them
+        m.denoiser.checkpoint_blocks = blocks
+        count = 0
+
+        def pack(t):
+            nonlocal count
+            count += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x, t, y).square().mean()
+        return count
+
+    depth = len(m.denoiser.blocks)
+    assert saved_tensors(depth) < saved_tensors(1) < saved_tensors(0)
 
 
 def _fmnist_batch(fmnist, n, size):

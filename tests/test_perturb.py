@@ -8,16 +8,11 @@ import torch
 from condnoise.conditioning import ClassEmbedder, build_perturbation, cfg_drop, perturbation_choices
 from condnoise.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 K, D, B = 10, 256, 4096
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors run fastest on one thread on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -8,14 +8,9 @@ from condnoise.diffusion.schedule import NoiseSchedule
 from condnoise.errors import UserError
 from condnoise.models import build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors run fastest on one thread on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 @pytest.mark.parametrize("kind", ["linear", "scaled-linear", "cosine"])

@@ -181,13 +181,14 @@ def sample(
     scheduler.set_timesteps(int(steps), device=device)
     x = noise.float() * scheduler.init_noise_sigma
     labels = labels.to(device=device, dtype=torch.long)
-    timesteps = scheduler.timesteps
+    # plain ints read once: ``int(t)`` on a device tensor would wait for the GPU every step
+    timesteps = [int(t) for t in scheduler.timesteps.cpu()]
     if progress:
         from tqdm.auto import tqdm
 
         timesteps = tqdm(timesteps, desc=f"{sampler} s={guidance:g}", leave=False)
     for t in timesteps:
-        t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+        t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         with _autocast(device, precision):
             eps = guided_eps(
                 model, x, t_batch, labels, guidance=guidance, null_index=null_index

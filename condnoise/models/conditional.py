@@ -8,7 +8,7 @@ the schema (documented in docs/architecture.md, section models/) is::
     # optional overrides. DiT: hidden, depth, heads, patch, mlp_ratio.
     #                     U-Net: channels, attention, layers_per_block, heads, norm_groups
     learn_sigma: false      # eps only (true doubles the output channels, as official DiT)
-    checkpointing: false    # activation checkpointing per block
+    checkpointing: false    # activation checkpointing: true = every block, k = the first k blocks
     cond_dim: null          # embedding size; null = DiT hidden / U-Net preset context size
     embed_init_std: null    # null = 0.02 (DiT) / 1.0 (LDM's nn.Embedding default)
     cfg_dropout: 0.1        # probability of the null class in training (CFG)
@@ -92,7 +92,14 @@ def resolve_model_config(model_cfg: dict) -> dict[str, Any]:
         if not isinstance(cfg["attention"], list) or not all(isinstance(a, bool) for a in cfg["attention"]):
             raise UserError(f"model config field 'attention' must be a list of booleans, got {cfg['attention']!r}")
     cfg["learn_sigma"] = bool(model_cfg.get("learn_sigma", False))
-    cfg["checkpointing"] = bool(model_cfg.get("checkpointing", False))
+    ckpt = model_cfg.get("checkpointing", False)
+    if not isinstance(ckpt, bool | int) or (not isinstance(ckpt, bool) and ckpt < 0):
+        raise UserError(
+            f"model config field 'checkpointing' must be true, false or a block count >= 0, got {ckpt!r}"
+        )
+    if not isinstance(ckpt, bool) and family == "unet":
+        ckpt = ckpt > 0  # diffusers' U-Net checkpoints all of its blocks or none
+    cfg["checkpointing"] = ckpt
     cond_dim = model_cfg.get("cond_dim")
     if cond_dim is None:
         cond_dim = cfg["hidden"] if family == "dit" else UNET_PRESETS[size]["cond_dim"]

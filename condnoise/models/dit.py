@@ -103,7 +103,7 @@ class DiT(nn.Module):
         patch: int = 2,
         mlp_ratio: float = 4.0,
         learn_sigma: bool = False,
-        checkpointing: bool = False,
+        checkpointing: bool | int = False,
         freq_dim: int = 256,
     ) -> None:
         super().__init__()
@@ -115,7 +115,9 @@ class DiT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.grid = image_size // patch
         self.freq_dim = freq_dim
-        self.checkpointing = checkpointing
+        #: blocks 0..k-1 recompute their activations in backward (True = all, False/0 = none):
+        #: checkpoint only as many as the memory needs (issue #7, batch 256 on 80 GB)
+        self.checkpoint_blocks = depth if checkpointing is True else int(checkpointing)
         self.x_embed = nn.Conv2d(in_channels, hidden, patch, stride=patch)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid)[None], persistent=False)
         self.t_embed = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -150,8 +152,9 @@ class DiT(nn.Module):
         h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         te = self.t_embed(timestep_embedding(t, self.freq_dim).to(self.t_embed[0].weight.dtype))
         cond = te + self.c_proj(c)
-        for blk in self.blocks:
-            if self.checkpointing and self.training:
+        k = self.checkpoint_blocks if self.training else 0
+        for i, blk in enumerate(self.blocks):
+            if i < k:
                 h = checkpoint(blk, h, cond, use_reentrant=False)
             else:
                 h = blk(h, cond)

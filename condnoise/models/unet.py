@@ -24,13 +24,15 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         "norm_groups": 32,
         "cond_dim": 512,
     },
-    # Fashion-MNIST (32x32x1): attention at 16x16 and 8x8.
+    # Fashion-MNIST (32x32x1), CPU-sized: cross-attention at the 8x8 level only (45 img/s
+    # training on 2 idle CPU cores at batch 64; channels 64/128/128 with attention at 16x16
+    # too ran 13.8 img/s there).
     "fmnist": {
-        "channels": [64, 128, 128],
-        "attention": [False, True, True],
+        "channels": [32, 64, 128],
+        "attention": [False, False, True],
         "layers_per_block": 1,
         "heads": 4,
-        "norm_groups": 32,
+        "norm_groups": 16,
         "cond_dim": 128,
     },
     # tiny CPU model for tests and smoke runs
