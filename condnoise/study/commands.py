@@ -6,24 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from condnoise.errors import UserError
-
 DEMO_PRESET = "fmnist-quick"
-
-
-def _parse_set(items: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in items or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set {item!r}: expected field.path=value, e.g. seeds=[0,1,2]")
-        try:
-            out[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            out[key.strip()] = text
-    return out
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -82,7 +65,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     from condnoise.study.runner import default_study_dir, plan, run_study
     from condnoise.study.spec import load_study
 
-    spec = load_study(args.study, _parse_set(args.overrides))
+    spec = load_study(args.study, args.overrides)
     study_dir = Path(args.out) if args.out else default_study_dir(spec)
     if args.dry_run:
         print(plan(spec, study_dir, stages=args.stage, only=args.only))

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from condnoise.errors import UserError
+from condnoise.training.config import apply_overrides
 
 CORRUPTION_KINDS = ("symmetric", "asymmetric")
 PERTURBATIONS = (
@@ -116,8 +117,9 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
     return obj
 
 
-def load_study(preset_or_path: str, overrides: dict[str, Any] | None = None) -> StudySpec:
-    """Load a preset by name (``fmnist-quick``) or a YAML file path, then validate it."""
+def load_study(preset_or_path: str, overrides: list[str] | None = None) -> StudySpec:
+    """Load a preset by name (``fmnist-quick``) or a YAML file path, apply dotted
+    ``field.path=value`` overrides (YAML values, as ``condnoise train``), then validate it."""
     path = Path(preset_or_path)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
@@ -132,18 +134,7 @@ def load_study(preset_or_path: str, overrides: dict[str, Any] | None = None) -> 
             )
         res = resources.files("condnoise.study") / "presets" / f"{preset_or_path}.yaml"
         raw, where = _read_yaml(res.read_text(), f"preset {preset_or_path}"), preset_or_path
-    for k, v in (overrides or {}).items():
-        _set_dotted(raw, k, v)
-    return validate(raw, where)
-
-
-def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        d = d.setdefault(p, {})
-        if not isinstance(d, dict):
-            raise UserError(f"--set {dotted}: {p} is not a mapping in the study")
-    d[parts[-1]] = value
+    return validate(apply_overrides(raw, overrides), where)
 
 
 def _need(cond: bool, where: str, msg: str) -> None:
