@@ -20,7 +20,7 @@ def _write_folder(folder: Path, images: np.ndarray, labels: np.ndarray, scale: f
     """The format `condnoise sample` writes: samples.npz (uint8 NHWC, int64) + meta.json."""
     folder.mkdir(parents=True)
     np.savez(folder / "samples.npz", images=images, labels=labels.astype(np.int64))
-    (folder / "meta.json").write_text(json.dumps({"guidance_scale": scale, "num_samples": len(images)}))
+    (folder / "meta.json").write_text(json.dumps({"guidance": scale, "num": len(images)}))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_evaluate_many_folders(sample_root, tmp_path, capsys):
     clean, wrong, noisy = res["s1.0"], res["s2.0"], res["s3.0"]
     assert clean["schema"] == "condnoise.metrics/1"
     assert clean["sample_shape"] == [32, 32, 1] and clean["evaluated_shape"] == [28, 28, 1]
-    assert clean["sample_meta"]["guidance_scale"] == 1.0
+    assert clean["sample_meta"]["guidance"] == 1.0
     m = clean["metrics"]
     name = "fmnist-classifier"
     assert set(m) >= {"fid", "precision", "recall", "density", "coverage", "is", "is_std",
@@ -73,7 +73,17 @@ def test_evaluate_many_folders(sample_root, tmp_path, capsys):
     assert "torch" in clean["provenance"]["versions"]
     combined = json.loads(out.read_text())
     assert len(combined["results"]) == 3
-    assert "condition_accuracy@fmnist-classifier" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "condition_accuracy@fmnist-classifier" in printed
+    # the sweep table (printed and beside --out) has one row per folder, by guidance scale
+    table = out.with_suffix(".md").read_text()
+    assert table in printed
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["| s1.0", "| s2.0", "| s3.0"]
+    header = table.splitlines()[0].split(" | ")
+    col = header.index("condition_accuracy@fmnist-classifier")
+    assert float(rows[0][col]) == pytest.approx(m["condition_accuracy"][name], abs=1e-4)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
@@ -128,6 +138,50 @@ def test_evaluate_few_samples_needs_shrinkage(sample_root, tmp_path, capsys):
     assert main(["evaluate", str(folder), "--max-ref", "500", "--metrics", "fid",
                  "--shrinkage", "0.05"]) == 0
     assert json.loads((folder / "metrics.json").read_text())["metrics"]["fid"]["fmnist-classifier"] > 0
+
+
+def test_evaluate_merges_successive_calls(sample_root, tmp_path, capsys):
+    """A second call on the same samples and settings adds its values; a change of samples
+    or of a value-affecting setting replaces the file and says why."""
+    from condnoise.evaluation.features import register_extractor
+
+    register_extractor("tiny-test-net-cli", lambda: torch.nn.Flatten())
+    folder = tmp_path / "s2.0"
+    with np.load(sample_root / "s1.0" / "samples.npz") as z:
+        _write_folder(folder, z["images"][:300], z["labels"][:300], 2.0)
+    base = ["evaluate", str(folder), "--max-ref", "500"]
+    path = folder / "metrics.json"
+    assert main([*base, "--metrics", "fid,condition-accuracy"]) == 0
+    first = json.loads(path.read_text())["metrics"]
+    assert main([*base, "--metrics", "pr", "--features", "tiny-test-net-cli"]) == 0
+    assert "merged with earlier values (2 kept)" in capsys.readouterr().out
+    rec = json.loads(path.read_text())
+    assert rec["metrics"]["fid"] == first["fid"]
+    assert set(rec["metrics"]["precision"]) == {"tiny-test-net-cli"}
+    assert rec["kept_from_earlier"] == ["condition_accuracy@fmnist-classifier",
+                                        "fid@fmnist-classifier"]
+    # recomputing a kept value takes it off the kept list
+    assert main([*base, "--metrics", "fid"]) == 0
+    rec = json.loads(path.read_text())
+    assert rec["kept_from_earlier"] == ["condition_accuracy@fmnist-classifier",
+                                        "precision@tiny-test-net-cli", "recall@tiny-test-net-cli"]
+    assert rec["metrics"]["fid"]["fmnist-classifier"] == pytest.approx(first["fid"]["fmnist-classifier"])
+    capsys.readouterr()
+    # another reference size: the old values are not comparable, so they go
+    assert main(["evaluate", str(folder), "--max-ref", "400", "--metrics", "fid"]) == 0
+    assert "replaced earlier metrics.json (max_ref 500 -> 400)" in capsys.readouterr().out
+    assert set(json.loads(path.read_text())["metrics"]) == {"fid"}
+    # other samples in the folder
+    with np.load(sample_root / "s3.0" / "samples.npz") as z:
+        np.savez(folder / "samples.npz", images=z["images"][:300], labels=z["labels"][:300])
+    assert main(["evaluate", str(folder), "--max-ref", "400", "--metrics", "pr"]) == 0
+    assert "samples.npz changed" in capsys.readouterr().out
+    assert set(json.loads(path.read_text())["metrics"]) == {"precision", "recall"}
+    assert main(["evaluate", str(folder), "--max-ref", "400", "--metrics", "fid", "--replace"]) == 0
+    assert "(--replace)" in capsys.readouterr().out
+    assert set(json.loads(path.read_text())["metrics"]) == {"fid"}
+    assert main(["evaluate", str(folder), "--max-ref", "400", "--out", str(tmp_path / "t.md")]) == 2
+    assert "--out" in capsys.readouterr().err
 
 
 def test_features_list_and_help(capsys):

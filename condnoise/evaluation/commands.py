@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate", help="compute FID, P/R, IS, condition accuracy, ... of sample folders",
         formatter_class=HelpFormatter,
         description="Evaluate one sample folder (with samples.npz) or every s*/ sub-folder of a "
-                    "`condnoise sample` output. Writes metrics.json into each sample folder.")
+                    "`condnoise sample` output. Writes metrics.json into each sample folder "
+                    "(merged with an earlier call's values on the same samples and settings) "
+                    "and prints a table of all folders.")
     ev.add_argument("samples", nargs="+", help="sample folder(s), or parent(s) of s{scale}/ folders")
     ev.add_argument("--ref", default="fashion-mnist:test", help="reference data DATA[:split]")
     ev.add_argument("--train-ref", default=None,
@@ -58,8 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="percentile used for the default memorization threshold")
     ev.add_argument("--seed", type=int, default=0, help="seed of TopP&R's bootstrap")
     ev.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ev.add_argument("--replace", action="store_true",
+                    help="start each metrics.json afresh; by default values of an earlier call on "
+                         "the same samples and settings are kept and merged")
     ev.add_argument("--out", default=None,
-                    help="also write a combined JSON of all folders to this file")
+                    help="also write a combined JSON of all folders to this file, with a "
+                         "Markdown table (.md) and, for a guidance sweep, a figure (.png) beside it")
     ev.set_defaults(func=_evaluate)
 
 
@@ -102,7 +108,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         load_samples,
         validate_config,
     )
-    from condnoise.io import write_json
+    from condnoise.evaluation.records import write_metrics
+    from condnoise.evaluation.summary import markdown_table, sweep_figure
+    from condnoise.io import write_bytes, write_json, write_text
     from condnoise.provenance import environment
 
     torch.set_num_threads(args.threads)
@@ -114,6 +122,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         memorization_percentile=args.memorization_percentile, top_pr_seed=args.seed,
     )
     validate_config(cfg)
+    if args.out and Path(args.out).suffix in (".md", ".png"):
+        raise UserError(f"--out {args.out}: give the combined JSON's path (e.g. metrics_all.json); "
+                        "the .md table and .png figure are written beside it")
     folders = [f for s in args.samples for f in find_sample_folders(s)]
     combined = []
     for folder in folders:
@@ -121,11 +132,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         result["provenance"] = {"config": vars(cfg) | {"extractors": list(cfg.extractors),
                                                          "metrics": list(cfg.metrics)},
                                 "seed": args.seed, **environment()}
-        write_json(folder / "metrics.json", result)
+        result, note = write_metrics(folder, result, replace=args.replace)
         combined.append(result)
         summary = ", ".join(f"{m}@{e}={v:.4g}" for m, d in result["metrics"].items()
                             for e, v in d.items())
-        print(f"{folder}: {summary}")
+        print(f"{folder}: {summary}" + (f"\n  ({note})" if note else ""))
+    table = markdown_table(combined)
+    print("\n" + table, end="")
     if args.out:
-        write_json(args.out, {"schema": "condnoise.metrics-list/1", "results": combined})
+        out = Path(args.out)
+        write_json(out, {"schema": "condnoise.metrics-list/1", "results": combined})
+        write_text(out.with_suffix(".md"), table)
+        written = [out, out.with_suffix(".md")]
+        png = sweep_figure(combined)
+        if png is not None:
+            write_bytes(out.with_suffix(".png"), png)
+            written.append(out.with_suffix(".png"))
+        print("wrote " + ", ".join(map(str, written)))
     return 0

@@ -19,6 +19,7 @@ from condnoise.errors import UserError
 from condnoise.evaluation import metrics as M
 from condnoise.evaluation.classifier import cache_dir
 from condnoise.evaluation.features import Extractor, check_images, fit_resolution, get_extractor
+from condnoise.evaluation.records import samples_hash, value_settings
 from condnoise.io import atomic_path
 
 SCHEMA = "condnoise.metrics/1"
@@ -244,6 +245,8 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig) -> dict:
         "sample_shape": list(samples.images.shape[1:]),
         "evaluated_shape": list(images.shape[1:]),
         "sample_meta": samples.meta,
+        "samples_sha256": samples_hash(samples.images, samples.labels),
+        "settings": value_settings(cfg),
         "reference": {"spec": cfg.ref, "train_spec": train_ref, "max_ref": cfg.max_ref},
         "metrics": results,
         "details": details,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from condnoise.io import atomic_open, write_json, write_text
+from condnoise.io import write_bytes, write_json, write_text
 from condnoise.study import figures
 from condnoise.study.aggregate import Estimate, compare, estimate
 from condnoise.study.results import METRICS, StudyResults, collect, load_rmd_scores
@@ -498,8 +498,7 @@ def render_markdown(spec: StudySpec, sections: list[Section], header: dict[str, 
                 n += 1
                 name = f"{s.id}-{n:02d}.png"
                 data = b[1] if b[0] == "figure" else Path(b[1]).read_bytes()
-                with atomic_open(fig_dir / name, "wb") as f:
-                    f.write(data)
+                write_bytes(fig_dir / name, data)
                 out += [f"![{b[2]}](figures/{name})", "", f"_{b[2]}_", ""]
             elif b[0] == "table":
                 out.append("| " + " | ".join(b[1]) + " |")
