@@ -157,14 +157,17 @@ class InceptionExtractor(Extractor):
         self.name = "inception-spatial" if spatial else "inception"
         self.dim = 17 * 17 * 7 if spatial else 2048
         if InceptionExtractor._net is None:
-            InceptionExtractor._net = torch.jit.load(str(inception_path()), map_location="cpu").eval()
+            # channels-last: 1.1-1.2x faster on CPU (benchmarks/features.py); the features
+            # change by ~1e-6 relative (float rounding order), far below metric precision.
+            net = torch.jit.load(str(inception_path()), map_location="cpu").eval()
+            InceptionExtractor._net = net.to(memory_format=torch.channels_last)
         self.layers = InceptionExtractor._net.net.layers
 
     def fingerprint(self) -> str:
         return "fidhelper-default1"
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = inception_input(x)
+        x = inception_input(x).contiguous(memory_format=torch.channels_last)
         if not self.spatial:
             return self.layers(x).reshape(len(x), -1)
         for name, layer in self.layers.named_children():

@@ -43,6 +43,8 @@ def value_settings(cfg: Any) -> dict[str, Any]:
 def _differences(old: dict, new: dict) -> list[str]:
     if old.get("schema") != new.get("schema"):
         return [f"schema {old.get('schema')} -> {new.get('schema')}"]
+    if "samples_sha256" not in old or "settings" not in old:
+        return ["it records no samples hash or settings (older condnoise)"]
     if old.get("samples_sha256") != new.get("samples_sha256"):
         return ["samples.npz changed"]
     a, b = old.get("settings") or {}, new.get("settings") or {}

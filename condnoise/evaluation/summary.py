@@ -17,7 +17,9 @@ ORDER = ("fid", "sfid", "is", "precision", "recall", "density", "coverage", "top
          "top_recall", "top_f1", "condition_accuracy", "rmd_top1", "avg_top5_l2",
          "memorization_ratio")
 HIDDEN = ("is_std", "is_real")  # shown in metrics.json, not in the sweep table
-LOWER_IS_BETTER = {"fid", "sfid", "rmd_top1", "memorization_ratio"}
+NOTES = {"fid": "lower is better", "sfid": "lower is better",
+         "memorization_ratio": "lower: less copying", "avg_top5_l2": "higher: farther from train",
+         "rmd_top1": "higher: more complex samples"}  # paper §5
 
 
 def guidance_of(result: dict) -> float | None:
@@ -78,8 +80,8 @@ def sweep_figure(results: list[dict]) -> bytes | None:
             xy = [(guidance_of(r), r["metrics"][metric][e]) for r in pts
                   if e in r["metrics"].get(metric, {})]
             ax.plot(*zip(*xy, strict=True), marker="o", ms=3, label=e)
-        arrow = " (lower is better)" if metric in LOWER_IS_BETTER else ""
-        ax.set_title(metric + arrow, fontsize=9)
+        note = f" ({NOTES[metric]})" if metric in NOTES else ""
+        ax.set_title(metric + note, fontsize=9)
         ax.set_xlabel("guidance scale s", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
