@@ -7,10 +7,11 @@ classifier and on Inception are different quantities).
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from pathlib import Path
+
+from condnoise.plotting import png_bytes, pyplot
 
 # display order; any other metric follows alphabetically
 ORDER = ("fid", "sfid", "is", "precision", "recall", "density", "coverage", "top_precision",
@@ -65,11 +66,7 @@ def sweep_figure(results: list[dict]) -> bytes | None:
     pts = [r for r in _sorted(results) if guidance_of(r) is not None]
     if len({guidance_of(r) for r in pts}) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metrics = list(dict.fromkeys(m for m, _ in _columns(pts)))
     ncol = min(4, len(metrics))
     nrow = math.ceil(len(metrics) / ncol)
@@ -89,7 +86,4 @@ def sweep_figure(results: list[dict]) -> bytes | None:
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

@@ -8,31 +8,15 @@ top-1% RMD densities (Fig. 5), FID vs mean embedding L2 shift (Fig. 8a).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 
 import numpy as np
 
+from condnoise.plotting import png_bytes, pyplot
 from condnoise.study.aggregate import Estimate
 
 Series = dict[str, list[tuple[float, Estimate]]]  # label -> [(x, estimate of y)]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return buf.getvalue()
 
 
 def _yerr(ests: Sequence[Estimate]) -> np.ndarray | None:
@@ -42,7 +26,7 @@ def _yerr(ests: Sequence[Estimate]) -> np.ndarray | None:
 
 def metric_vs_guidance(series: Series, ylabel: str, title: str) -> bytes:
     """One line per model: seed mean of a metric at each guidance scale, 95% CI bars."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     for label, pts in series.items():
         pts = sorted(pts)
@@ -55,7 +39,7 @@ def metric_vs_guidance(series: Series, ylabel: str, title: str) -> bytes:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def trade_off(
@@ -63,7 +47,7 @@ def trade_off(
 ) -> bytes:
     """One curve per model traced over the guidance sweep: (x, y) with 2-D CI bars;
     every point is annotated with its scale."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     for label, pts in curves.items():
         pts = sorted(pts, key=lambda p: p[0])
@@ -78,12 +62,12 @@ def trade_off(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def densities(scores: dict[str, np.ndarray], xlabel: str, title: str) -> bytes:
     """Histogram densities (step lines) of per-sample scores, one per model."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     finite = [s[np.isfinite(s)] for s in scores.values()]
     allv = np.concatenate([f for f in finite if len(f)]) if finite else np.zeros(1)
@@ -97,13 +81,13 @@ def densities(scores: dict[str, np.ndarray], xlabel: str, title: str) -> bytes:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def ablation(points: list[tuple[str, str, Estimate, Estimate]], title: str) -> bytes:
     """FID vs mean embedding L2 shift (Fig. 8a): ``(label, group, shift, fid)`` points;
     groups (CEP, fixed corruption, ...) get their own markers."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     markers = {"clean": "*", "CEP": "o", "fixed data corruption": "s", "other": "^"}
     for group in dict.fromkeys(p[1] for p in points):
@@ -120,4 +104,4 @@ def ablation(points: list[tuple[str, str, Estimate, Estimate]], title: str) -> b
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from condnoise.io import atomic_path
+from condnoise.io import write_bytes
+from condnoise.plotting import png_bytes, pyplot
 from condnoise.theory import gmm
 from condnoise.theory import simulate as sim
 
@@ -15,20 +16,9 @@ if TYPE_CHECKING:
     from condnoise.theory.lab import GMMLabConfig
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig: Any, path: Path) -> Path:
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-    _plt().close(fig)
+    write_bytes(path, png_bytes(fig, dpi=130))
     return path
 
 
@@ -37,7 +27,7 @@ def plot_entropy_gap(rows: list[dict[str, Any]], cfg: GMMLabConfig, path: Path) 
     over replicates is shown as error bars; the finite-T closed form as a line)."""
     from condnoise.theory.lab import ci95
 
-    plt = _plt()
+    plt = pyplot()
     n = max(cfg.n)
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     colors = plt.cm.viridis(np.linspace(0.1, 0.85, len(cfg.d)))
@@ -68,7 +58,7 @@ def plot_entropy_gap(rows: list[dict[str, Any]], cfg: GMMLabConfig, path: Path) 
 
 def plot_w2_sweep(sweep: dict[str, Any], path: Path) -> Path:
     """Theorem 2: change of W2^2 to the truth vs g (U-shaped, minimum marked) and g* vs n."""
-    plt = _plt()
+    plt = pyplot()
     d = sweep["d"]
     g = np.array(sweep["gamma"])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.5, 4.4), gridspec_kw={"width_ratios": [3, 2]})
@@ -117,7 +107,7 @@ def plot_densities_2d(cfg: GMMLabConfig, path: Path) -> Path:
     """Generated vs true densities in 2-D for clean (g = 0) and corrupted (g = plot_gamma)."""
     from scipy.stats import gaussian_kde
 
-    plt = _plt()
+    plt = pyplot()
     K = max(3, cfg.num_classes)
     rng = np.random.default_rng([cfg.seed, 2])
     angles = 2 * np.pi * np.arange(K) / K + 0.3
