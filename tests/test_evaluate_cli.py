@@ -192,3 +192,21 @@ def test_features_list_and_help(capsys):
         main(["evaluate", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "reference data DATA[:split]" in help_text and "mnist:test)" in help_text
+
+
+def test_sweep_summary_reads_scale_from_meta_or_folder_name():
+    from condnoise.evaluation.summary import guidance_of, markdown_table, sweep_figure
+
+    recs = [{"samples": "out/s2.5", "sample_meta": {}, "num_samples": 10,
+             "metrics": {"fid": {"inception": 3.0}, "is_std": {"x": 1.0}}},
+            {"samples": "out/custom", "sample_meta": {"guidance": 1.0}, "num_samples": 10,
+             "metrics": {"fid": {"inception": 5.0}, "condition_accuracy": {"clf": 0.5}}},
+            {"samples": "out/other", "sample_meta": {}, "num_samples": 10, "metrics": {}}]
+    assert [guidance_of(r) for r in recs] == [2.5, 1.0, None]
+    lines = markdown_table(recs).splitlines()
+    assert lines[0] == "| folder | s | n | fid@inception | condition_accuracy@clf |"
+    # ordered by scale, folders without one last; missing values left blank
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| custom", "| s2.5", "| other"]
+    assert lines[3] == "| s2.5 | 2.5 | 10 | 3 |  |"
+    assert sweep_figure(recs[:1]) is None
+    assert sweep_figure(recs)[:4] == b"\x89PNG"
