@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import yaml
 
-from condnoise.cli import main
+from condnoise.app.cli import main
+from condnoise.app.train import build_overrides
 from condnoise.errors import UserError
-from condnoise.training.commands import build_overrides
 from condnoise.training.config import Config, list_presets, load_config
 from condnoise.training.data import EpochOrder, Position, rank_slices
 from condnoise.training.rundir import config_differences, default_run_dir

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from condnoise.cli import main
+from condnoise.app.cli import main
 from condnoise.data import open_source
 from condnoise.data.corruption import CorruptedView
 from condnoise.data.fashion_mnist import load_fashion_mnist

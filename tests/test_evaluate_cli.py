@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from condnoise.cli import main
+from condnoise.app.cli import main
 
 pytestmark = pytest.mark.usefixtures("eval_env")
 

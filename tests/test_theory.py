@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from condnoise.cli import main
+from condnoise.app.cli import main
 from condnoise.theory import gmm
 from condnoise.theory import simulate as sim
 

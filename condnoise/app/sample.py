@@ -6,14 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from condnoise.app.common import add_parser
+
 SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++")  # = samplers.SAMPLERS (no torch import for --help)
 CLIP_CHOICES = ("auto", "on", "off")
 
 
 def register(subparsers: Any) -> None:
-    from condnoise.cli import HelpFormatter
-
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "sample",
         help="generate samples of a trained run for a sweep of guidance scales",
         description=(
@@ -22,7 +23,6 @@ def register(subparsers: Any) -> None:
             "i % K (balanced), so two runs with the same --seed are paired. Resumable shard by "
             "shard; under torchrun each rank makes every world-th shard, rank 0 merges."
         ),
-        formatter_class=HelpFormatter,
     )
     _add_run_options(p)
     p.add_argument("--guidance", default="1.5,2,3",
@@ -50,7 +50,8 @@ def register(subparsers: Any) -> None:
                    help="autocast precision of the model forward")
     p.set_defaults(func=run_sample)
 
-    w = subparsers.add_parser(
+    w = add_parser(
+        subparsers,
         "walk",
         help="images along a closed circle in the initial-noise space (paper Fig. 5)",
         description=(
@@ -58,7 +59,6 @@ def register(subparsers: Any) -> None:
             "a standard Gaussian and the loop closes. Writes OUT/walk_{class}_s{scale}.png "
             "(one row per circle), .npz (images, thetas, label) and .json."
         ),
-        formatter_class=HelpFormatter,
     )
     _add_run_options(w)
     w.add_argument("--class", dest="class_name", required=True,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from condnoise.app.common import IntermixedParser, add_parser
+
 EPILOG = """\
 examples:
   condnoise train fmnist-dit-s --perturb cep-u                 # CEP-U, gamma 1 (paper section 3)
@@ -18,33 +20,15 @@ model.perturbation.gamma=0.5, data.max_samples=10000. Presets: fmnist-dit-s, fmn
 """
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets ``key=value`` items follow options (``PRESET --perturb cep-u train.lr=1e-3``):
-    plain argparse stops collecting positionals at the first option."""
-
-    _busy = False
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        if self._busy:  # parse_known_intermixed_args calls back into parse_known_args
-            return super().parse_known_args(args, namespace)
-        self._busy = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._busy = False
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from condnoise.cli import HelpFormatter
-
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "train",
         help="train a class-conditional diffusion model (DiT / U-Net) with optional CEP",
         description=__doc__,
         epilog=EPILOG,
-        formatter_class=HelpFormatter,
     )
-    p.__class__ = _IntermixedParser
+    p.__class__ = IntermixedParser
     p.add_argument("config", metavar="PRESET_OR_YAML", nargs="?",
                    help="preset name (fmnist-dit-s, fmnist-unet-s, in1k-dit-xl2, in1k-ldm4) or YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value",

@@ -1,4 +1,5 @@
-"""``condnoise corrupt``: write a condition-corruption manifest (paper section 2)."""
+"""``condnoise corrupt`` (a condition-corruption manifest, paper section 2) and
+``condnoise data check`` (is Fashion-MNIST installed?, used by ``make setup``)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,37 @@ import time
 from pathlib import Path
 from typing import Any
 
+from condnoise.app.common import add_parser
+
 KIND_CHOICES = ("symmetric", "asymmetric", "swap", "rewrite")  # = corruption.KINDS
 
 
 def register(subparsers: Any) -> None:
-    from condnoise.cli import HelpFormatter
+    _register_corrupt(subparsers)
+    _register_data(subparsers)
 
-    p = subparsers.add_parser(
+
+def _register_data(subparsers: Any) -> None:
+    data = add_parser(subparsers, "data", help="data utilities (check that Fashion-MNIST is installed)")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    check = add_parser(dsub, "check", help="exit 0 when Fashion-MNIST is found, else say how to get it",
+                       description="Look for the Fashion-MNIST IDX files (--data-dir, "
+                                   "$CONDNOISE_DATA, the Debian package dataset-fashion-mnist).")
+    check.add_argument("--data-dir", default=None, help="folder holding the IDX files")
+    check.set_defaults(func=run_data_check)
+    data.set_defaults(func=lambda args: (data.print_help(), 0)[1])
+
+
+def run_data_check(args: argparse.Namespace) -> int:
+    from condnoise.data.fashion_mnist import find_data_dir
+
+    print(f"Fashion-MNIST found in {find_data_dir(args.data_dir)}")
+    return 0
+
+
+def _register_corrupt(subparsers: Any) -> None:
+    p = add_parser(
+        subparsers,
         "corrupt",
         help="corrupt a fraction of a dataset's conditions (writes a manifest, no images)",
         description=(
@@ -26,7 +51,6 @@ def register(subparsers: Any) -> None:
             "Asymmetric: RATIO is a fraction of the whole dataset, drawn only from the --classes "
             "subset (Fashion-MNIST default: T-shirt/top,Pullover,Coat,Shirt)."
         ),
-        formatter_class=HelpFormatter,
     )
     p.add_argument("data", metavar="DATA", help="data source spec")
     p.add_argument("--kind", choices=KIND_CHOICES, required=True, help="corruption kind")
