@@ -13,9 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from condnoise.errors import UserError
-from condnoise.training.checkpoint import list_checkpoints, load_run
+from condnoise.training.checkpoint import list_checkpoints
 from condnoise.training.config import Config
 from condnoise.training.rundir import read_metrics
+from condnoise.training.runtime import load_run
 from condnoise.training.trainer import Trainer, train, write_sample_grid
 
 

@@ -94,8 +94,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from condnoise.diffusion.sampling import SweepConfig, parse_guidance, run_sweep, scale_dirname
     from condnoise.diffusion.seeding import parse_classes
     from condnoise.provenance import write_provenance
-    from condnoise.training.checkpoint import load_run
-    from condnoise.training.distributed import barrier, cleanup_distributed, init_distributed
+    from condnoise.training.runtime import barrier, cleanup_distributed, init_distributed, load_run
 
     guidances = parse_guidance(args.guidance)
     info = init_distributed(args.device)
@@ -135,8 +134,7 @@ def run_walk(args: argparse.Namespace) -> int:
     from condnoise.diffusion.walk import noise_walk
     from condnoise.io import atomic_open, write_json
     from condnoise.provenance import write_provenance
-    from condnoise.training.checkpoint import load_run
-    from condnoise.training.distributed import pick_device
+    from condnoise.training.runtime import load_run, pick_device
 
     run = load_run(
         args.run_dir, ema=args.weights == "ema", device=pick_device(0, args.device), step=args.step

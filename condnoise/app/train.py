@@ -95,7 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         cfg.run.dir = args.run_dir
     result = train(cfg, resume=args.resume, device=args.device)
-    from condnoise.training.distributed import cleanup_distributed
+    from condnoise.training.runtime import cleanup_distributed
 
     cleanup_distributed()
     import os

@@ -22,8 +22,8 @@ def embedding_shift(
     import torch
 
     from condnoise.data import open_source
-    from condnoise.training.checkpoint import load_run
     from condnoise.training.data import apply_corruption
+    from condnoise.training.runtime import load_run
 
     run = load_run(run_dir)
     d = run.config.data

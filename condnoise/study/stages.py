@@ -29,22 +29,12 @@ if TYPE_CHECKING:
     from condnoise.study.runner import RunContext
 
 
-def _device(ctx: RunContext) -> str:
-    if ctx.device:
-        return ctx.device
-    import torch
+def _runtime(ctx: RunContext) -> str:
+    """The cell's device (``--device``, else cuda when present), all cores for torch."""
+    from condnoise.training.runtime import pick_device, use_all_cores
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _threads() -> None:
-    """Use every core the process may use (torch's default can be lower under cgroups)."""
-    import os
-
-    import torch
-
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", n or 1))))
+    use_all_cores()
+    return str(pick_device(0, ctx.device))
 
 
 # --------------------------------------------------------------------------- corrupt
@@ -105,12 +95,11 @@ def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext
     raw["train"] = {**raw.get("train", {}), "seed": int(cell.config["seed"])}
     cfg = Config.from_dict(raw, origin=f"study cell {cell.id}")
     cfg.run.progress = ctx.progress
-    _threads()
     run_dir = cell_dir / "run"
     resume = _has_checkpoint(run_dir)
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # started but no checkpoint yet: start over
-    train(cfg, run_dir=run_dir, resume=resume, device=_device(ctx))
+    train(cfg, run_dir=run_dir, resume=resume, device=_runtime(ctx))
     from condnoise.study.shift import embedding_shift
 
     shift = embedding_shift(cell_dir / "run", manifest_dir=deps.get("corrupt"),
@@ -127,12 +116,11 @@ def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext
 def run_sample(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
     """One guidance scale of the sweep (section 5): ``s{scale}/samples.npz``."""
     from condnoise.diffusion.sampling import SweepConfig, run_sweep
-    from condnoise.training.checkpoint import load_run
+    from condnoise.training.runtime import load_run
 
-    _threads()
     s = cell.config["sample"]
     run_dir = deps["train"] / "run"
-    run = load_run(run_dir, device=_device(ctx))
+    run = load_run(run_dir, device=_runtime(ctx))
     cfg = SweepConfig(
         guidances=[float(cell.config["scale"])],
         num=int(s["num_samples"]),
@@ -173,7 +161,7 @@ def run_evaluate(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunCont
     e, data = cell.config["evaluate"], cell.config["data"]
     scale = float(ctx.cells[cell.deps[0]].config["scale"])
     folder = samples_path(deps["sample"], scale).parent
-    _threads()
+    _runtime(ctx)
     ref = f"{data['source']}:{e.get('reference_split', 'test')}"
     cfg = EvalConfig(
         ref=ref,
@@ -219,11 +207,10 @@ WALK_CLASSES = 3  # one circular walk (row) for each of the first classes
 def run_walk(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
     """A per-class sample grid and a circular walk in noise space for one model."""
     from condnoise.diffusion.sampling import sample_grid
-    from condnoise.training.checkpoint import load_run
+    from condnoise.training.runtime import load_run
 
-    _threads()
     c = cell.config
-    run = load_run(deps["train"] / "run", device=_device(ctx))
+    run = load_run(deps["train"] / "run", device=_runtime(ctx))
     steps = int(c["sample"]["steps"])
     sampler = str(c["sample"].get("sampler", "dpm++"))
     sample_grid(

@@ -16,9 +16,9 @@ def __getattr__(name: str) -> Any:
 
         return getattr(config, name)
     if name in ("LoadedRun", "load_run"):
-        from condnoise.training import checkpoint
+        from condnoise.training import runtime
 
-        return getattr(checkpoint, name)
+        return getattr(runtime, name)
     if name == "train":
         from condnoise.training.trainer import train
 

@@ -31,13 +31,6 @@ from condnoise.training import checkpoint as ckpt
 from condnoise.training.builders import build_autoencoder, build_model, build_schedule
 from condnoise.training.config import Config
 from condnoise.training.data import Position, TrainData, global_slice
-from condnoise.training.distributed import (
-    DistInfo,
-    all_gather_object,
-    all_reduce_mean,
-    barrier,
-    init_distributed,
-)
 from condnoise.training.ema import EMA
 from condnoise.training.rundir import (
     MetricsLog,
@@ -47,6 +40,13 @@ from condnoise.training.rundir import (
     is_started,
     truncate_metrics,
     write_run_files,
+)
+from condnoise.training.runtime import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
 )
 
 SampleHook = Callable[["Trainer", int], Path | None]

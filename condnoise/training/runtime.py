@@ -1,4 +1,6 @@
-"""Process-group set-up for ``torchrun`` (NCCL on GPU, gloo on CPU) and small collectives.
+"""Runtime helpers of every command and of the study: device choice, CPU threads, the
+``torchrun`` process group (NCCL on GPU, gloo on CPU) with small collectives, and
+:func:`load_run` (a trained model ready for sampling).
 
 ``torchrun --nproc_per_node N -m condnoise train ...`` sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; multi-node runs use the standard
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +57,13 @@ def pick_device(local_rank: int = 0, device: str | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
+
+
+def use_all_cores() -> None:
+    """Use every core the process may use (torch's default can be lower under cgroups);
+    ``OMP_NUM_THREADS`` still wins."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", n or 1))))
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
@@ -112,3 +122,76 @@ def all_reduce_mean(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= info.world_size
     return out
+
+
+# --------------------------------------------------------------------------- load_run
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready for sampling (``load_run``)."""
+
+    model: torch.nn.Module  # ConditionalDiffusionModel in eval mode
+    schedule: Any  # condnoise.diffusion.schedule.NoiseSchedule
+    autoencoder: Any  # encode(x) / decode(z); identity for pixel-space models
+    config: Any  # condnoise.training.config.Config
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]  # data space (C, H, W) of decoded images
+    latent_shape: tuple[int, int, int]  # what the denoiser sees (C, H, W)
+    step: int
+    run_dir: Path
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_run(
+    run_dir: str | os.PathLike,
+    *,
+    ema: bool = True,
+    device: str | torch.device = "cpu",
+    step: int | None = None,
+) -> LoadedRun:
+    """Rebuild a trained model from a run directory.
+
+    ``ema=True`` loads the EMA weights (what sampling uses, paper section 4 recipes);
+    ``step`` picks a checkpoint (default: the latest). A run without a checkpoint, or a
+    step that was not kept, raises ``UserError``.
+    """
+    from condnoise.training.builders import build_autoencoder, build_schedule
+    from condnoise.training.builders import build_model as build_run_model
+    from condnoise.training.checkpoint import list_checkpoints, load_weights, step_dir
+    from condnoise.training.rundir import read_run_config, read_run_info
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    cfg = read_run_config(run_dir)
+    info = read_run_info(run_dir)
+    steps = list_checkpoints(run_dir)
+    if not steps:
+        raise UserError(
+            f"{run_dir} has no checkpoint yet (train longer or lower train.ckpt_every)"
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"{run_dir} has no checkpoint for step {step}; kept steps: {steps}")
+    latent_shape = tuple(info["latent_shape"])
+    model = build_run_model(cfg, latent_shape, len(info["class_names"]))
+    load_weights(model, step_dir(run_dir, step) / ("ema.safetensors" if ema else "model.safetensors"))
+    dev = torch.device(device)
+    model.to(dev).eval().requires_grad_(False)
+    autoencoder = build_autoencoder(cfg, dev)
+    return LoadedRun(
+        model=model,
+        schedule=build_schedule(cfg),
+        autoencoder=autoencoder,
+        config=cfg,
+        class_names=tuple(info["class_names"]),
+        image_shape=tuple(info["image_shape"]),
+        latent_shape=latent_shape,  # type: ignore[arg-type]
+        step=step,
+        run_dir=run_dir,
+    )
