@@ -9,8 +9,9 @@ conditions (paper Sec. 3 leaves this open; this is our choice).
 Randomness: fresh noise comes from ``self.generator`` when set, else from the global torch
 RNG of the embedding's device, so a trainer that checkpoints the RNG states resumes bitwise.
 ``cep-fixed`` draws nothing: its membership and noise are a pure counter-based hash of
-``(seed, sample_index)``, identical across steps, resumes, workers and ranks; ``random-flip``
-hashes ``(seed, step, sample_index)`` (the data stage's ``RandomRelabeler``).
+``(seed, sample_index)`` (:mod:`condnoise.rng`), identical across steps, resumes, workers
+and ranks; ``random-flip`` hashes ``(seed, step, sample_index)`` (:func:`condnoise.rng.relabel`,
+the same draw as the data stage's random corruption).
 
 Any perturbation also accepts ``ip`` (xi of input perturbation, Ning et al. 2023): stored as
 ``input_perturbation`` and applied to ``x_t`` by :func:`condnoise.diffusion.loss.diffusion_loss`.
@@ -24,20 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from condnoise.data.random_flip import splitmix64
+from condnoise import rng
 from condnoise.errors import UserError
-
-# ----------------------------------------------------------------------------- hashing
-# SplitMix64 (the data stage's counter-based hash) keys the fixed-CEP draws.
-_STRIDE = 0x3C6EF372FE94F82B  # odd int64 constant separating the columns of one key
-_MEMBER = 0x2545F4914F6CDD1D  # stream constant of the membership draw
-
-
-def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` uniforms in (0, 1) per int64 key ``[B]`` -> float32 ``[B, n]``, a pure function."""
-    cols = torch.arange(n, device=key.device, dtype=torch.int64)
-    h = splitmix64(key[:, None] + cols * _STRIDE)
-    return (((h >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)
 
 
 # ----------------------------------------------------------------------------- base class
@@ -209,15 +198,13 @@ class FixedCEP(Perturbation):
     def fixed_delta(self, sample_index: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(member bool [B], delta float32 [B, d])`` for dataset indices int64 [B]."""
         idx = sample_index.long()
-        key = splitmix64(idx ^ splitmix64(torch.full_like(idx, self.seed)))
-        member = hash_uniform(splitmix64(key ^ _MEMBER), 1)[:, 0] < self.fraction
+        member = rng.uniform(self.seed, "cep-fixed/member", idx) < self.fraction
+        cols = torch.arange(d, device=idx.device)
         if self.noise == "uniform":
-            delta = (2 * hash_uniform(key, d) - 1) * (self.gamma / math.sqrt(d))
-        else:  # Box-Muller
-            u = hash_uniform(key, 2 * d)
-            z = torch.sqrt(-2 * torch.log(u[:, :d])) * torch.cos(2 * math.pi * u[:, d:])
-            delta = z * (self.gamma / math.sqrt(d))
-        return member, delta
+            z = 2 * rng.uniform(self.seed, "cep-fixed/delta", idx[:, None], cols) - 1
+        else:
+            z = rng.normal(self.seed, "cep-fixed/delta", idx[:, None], cols)
+        return member, (z * (self.gamma / math.sqrt(d))).float()
 
     def perturb(self, c, labels, encoder, sample_index, step=None):
         if sample_index is None:
@@ -282,8 +269,9 @@ class RandomFlip(Perturbation):
     re-drawn with probability ``eta`` to a *different* class (from ``prior``, uniform when
     None) and the new label's embedding replaces the clean one.
 
-    The draws are the data stage's counter-based ``RandomRelabeler``: a pure function of
-    ``(seed, step, sample_index)``, so they need both ``sample_index`` and ``step``.
+    The draws are :func:`condnoise.rng.relabel`, a pure function of ``(seed, step,
+    sample_index)`` (the same as the data stage's random corruption), so they need both
+    ``sample_index`` and ``step``.
     """
 
     name = "random-flip"
@@ -300,30 +288,25 @@ class RandomFlip(Perturbation):
                 raise UserError("random-flip field 'prior' must list >= 2 non-negative class weights")
             prior = [float(x) for x in pr / pr.sum()]
         self.eta, self.prior, self.seed = float(eta), prior, int(seed)
-        self._relabelers: dict[int, Any] = {}
 
     def params(self) -> dict[str, Any]:
         return {"eta": self.eta, "prior": self.prior, "seed": self.seed, **super().params()}
 
-    def relabeler(self, num_classes: int):
-        """The data stage's ``RandomRelabeler`` for ``num_classes`` classes."""
-        from condnoise.data.random_flip import RandomRelabeler
-
-        if num_classes not in self._relabelers:
-            if self.prior is not None and len(self.prior) != num_classes:
-                raise UserError(
-                    f"random-flip prior has {len(self.prior)} entries but the model has {num_classes} classes"
-                )
-            prior = self.prior or [1.0 / num_classes] * num_classes
-            self._relabelers[num_classes] = RandomRelabeler(prior, self.eta, self.seed)
-        return self._relabelers[num_classes]
+    def class_prior(self, num_classes: int) -> list[float]:
+        """``prior`` (checked against the model's class count), uniform when None."""
+        if self.prior is not None and len(self.prior) != num_classes:
+            raise UserError(
+                f"random-flip prior has {len(self.prior)} entries but the model has {num_classes} classes"
+            )
+        return self.prior or [1.0 / num_classes] * num_classes
 
     def perturb(self, c, labels, encoder, sample_index, step=None):
         if sample_index is None or step is None:
             raise UserError("perturbation random-flip needs the sample_index and step of every batch")
         k = encoder.num_classes
         real = labels.clamp(max=k - 1)  # null rows are restored by the caller
-        new = self.relabeler(k)(real, sample_index.to(labels.device), step)
+        new = rng.relabel(real, sample_index.to(labels.device), step, prior=self.class_prior(k),
+                          ratio=self.eta, seed=self.seed)
         return encoder.encode(new).to(c.dtype)
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from condnoise import rng
 from condnoise.diffusion.grids import safe_name, save_grid, save_png, to_uint8
 from condnoise.diffusion.samplers import check_sampler, sample
 from condnoise.diffusion.seeding import initial_noise, requested_labels, sample_generators
@@ -37,7 +38,7 @@ from condnoise.io import atomic_open, write_json
 
 SPEC_FIELDS = (
     "run_dir", "checkpoint_step", "ema", "sampler", "steps", "guidance", "seed", "classes",
-    "shard_size", "clip_x0", "precision",
+    "shard_size", "clip_x0", "precision", "rng_version",
 )  # fmt: skip
 """Settings that change the content of a shard: a resume refuses shards made otherwise."""
 
@@ -308,7 +309,7 @@ def run_sweep(
             "run_dir": str(Path(run_dir).resolve()), "checkpoint_step": int(run.step),
             "ema": ema, "sampler": cfg.sampler, "steps": int(cfg.steps), "guidance": scale,
             "seed": int(cfg.seed), "classes": cfg.classes, "shard_size": int(cfg.shard_size),
-            "clip_x0": bool(cfg.clip_x0), "precision": cfg.precision,
+            "clip_x0": bool(cfg.clip_x0), "precision": cfg.precision, "rng_version": rng.VERSION,
         }  # fmt: skip
         if _is_complete(scale_dir, spec, cfg.num):
             continue

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from condnoise import rng
 from condnoise.errors import UserError
 from condnoise.study.cache import config_key
 from condnoise.study.spec import StudySpec, Variant, deep_merge
@@ -146,6 +147,7 @@ def build_cells(spec: StudySpec) -> list[Cell]:
                             "perturbation": v.perturbation,
                             "train": tcfg,
                             "seed": seed,
+                            "rng_version": rng.VERSION,
                         },
                         deps=deps,
                         est_seconds=steps * batch / train_rate + OVERHEAD["train"],
@@ -166,6 +168,7 @@ def build_cells(spec: StudySpec) -> list[Cell]:
                                 "sample": sample_cfg,
                                 "scale": scale,
                                 "seed": seed,
+                                "rng_version": rng.VERSION,
                             },
                             deps=[train.id],
                             est_seconds=n * int(spec.sample["steps"]) * forwards / fwd_rate
@@ -208,6 +211,7 @@ def build_cells(spec: StudySpec) -> list[Cell]:
                                 "frames": frames,
                                 "grid_per_class": int(spec.report["grid_per_class"]),
                                 "seed": seed,
+                                "rng_version": rng.VERSION,
                             },
                             deps=[train.id],
                             est_seconds=(3 * frames + 10 * int(spec.report["grid_per_class"]))

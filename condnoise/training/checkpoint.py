@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from condnoise import rng
 from condnoise.errors import UserError
 
 CKPT_DIR = "checkpoints"
@@ -71,9 +72,9 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed torch / numpy / python RNGs; ranks get distinct streams."""
-    s = (seed * 1_000_003 + rank) % (2**63)
+def seed_everything(seed: int, rank: int = 0, *, step: int = 0) -> None:
+    """Seed torch / numpy / python RNGs; ranks (and reseeds at ``step``) get distinct streams."""
+    s = rng.derive_seed(seed, "train/rank", rank, step)
     torch.manual_seed(s)
     np.random.seed(s % (2**32))
     random.seed(s)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from condnoise import rng
 from condnoise.errors import UserError
 from condnoise.training import checkpoint as ckpt
 from condnoise.training.builders import build_autoencoder, build_model, build_schedule
@@ -87,9 +88,7 @@ def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The generator of step ``step``'s timesteps and noise (same on every rank)."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 0x9E3779B1 + step * 0x85EBCA77 + 0x165667B1) % (2**63))
-    return g
+    return rng.generator(seed, "train/step", step, device=device)
 
 
 class Trainer:
@@ -208,6 +207,7 @@ class Trainer:
             "num_samples": self.data.num_samples,
             "dataset": meta.to_dict(),
             "world_size": self.dist.world_size,
+            "rng_version": rng.VERSION,
             "model_config": getattr(self.model, "config", None),
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }
@@ -218,6 +218,13 @@ class Trainer:
     def _load(self, step: int) -> None:
         folder = ckpt.step_dir(self.run_dir, step)
         state = ckpt.load_state(folder / "state.pt")
+        made_with = state.get("rng_version", 1)
+        if made_with != rng.VERSION:
+            raise UserError(
+                f"--resume: {folder} was written with random scheme {made_with}, this condnoise "
+                f"draws with scheme {rng.VERSION} (condnoise.rng.VERSION): the resumed run would "
+                "not reproduce the original; start a new --run-dir"
+            )
         ckpt.load_weights(self.model, folder / "model.safetensors")
         ckpt.load_weights(self.ema.module, folder / "ema.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -228,7 +235,7 @@ class Trainer:
         if len(rngs) == self.dist.world_size:
             ckpt.restore_rng(rngs[self.dist.rank])
         else:  # a different world size cannot replay per-rank streams: reseed per step
-            ckpt.seed_everything(self.cfg.train.seed + self.step, self.dist.rank)
+            ckpt.seed_everything(self.cfg.train.seed, self.dist.rank, step=self.step)
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.step)
 
@@ -243,6 +250,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rngs,
+                "rng_version": rng.VERSION,
                 "world_size": self.dist.world_size,
             }
             path = ckpt.save_checkpoint(
