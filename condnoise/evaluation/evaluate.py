@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from condnoise import stats
 from condnoise.errors import UserError
 from condnoise.evaluation import metrics as M
 from condnoise.evaluation.classifier import cache_dir
@@ -210,7 +211,7 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig) -> dict:
                                                       k.split("_")[0] in ("bandwidth", "band")}
         if "rmd" in cfg.metrics:
             model = M.RMDModel(real, ref["labels"], shrinkage=cfg.shrinkage)
-            put("rmd_top1", name, M.top_fraction_mean(model.scores(feats, samples.labels)))
+            put("rmd_top1", name, stats.top_fraction_mean(model.scores(feats, samples.labels)))
         if hasattr(ex, "probs") and ("is" in cfg.metrics or "condition-accuracy" in cfg.metrics):
             probs = ex.probs(images)
             if "is" in cfg.metrics:

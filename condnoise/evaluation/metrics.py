@@ -3,18 +3,18 @@
 Every function validates its inputs and raises ``UserError`` with a one-line message
 (shape mismatch, NaN/inf, too few samples). Covariance-based metrics (FID, sFID, RMD)
 need more samples than feature dimensions unless a ``shrinkage`` in (0, 1] is given:
-``Sigma <- (1 - s) Sigma + s * trace(Sigma) / d * I`` (documented in docs/readme/evaluation.md).
+``Sigma <- (1 - s) Sigma + s * trace(Sigma) / d * I`` (:func:`condnoise.stats.shrink_covariance`).
+The Gaussian W2^2 of FID and the top-1% mean of RMD are :mod:`condnoise.stats`'.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
-import scipy.linalg
 import torch
 
+from condnoise import stats
 from condnoise.errors import UserError
 from condnoise.evaluation import neighbors
 
@@ -52,41 +52,19 @@ def gaussian_stats(x: np.ndarray, *, shrinkage: float = 0.0, name: str = "featur
     """Mean and (unbiased, optionally shrunk) covariance in float64."""
     x = check_features(x, name, min_rows=2)
     n, d = x.shape
-    if not 0.0 <= shrinkage <= 1.0:
-        raise UserError(f"shrinkage must lie in [0, 1], got {shrinkage}")
     if n <= d and shrinkage == 0.0:
         raise UserError(
             f"{name}: {n} samples for {d}-d features give a singular covariance; "
             "use more samples or pass a shrinkage in (0, 1] (--shrinkage)"
         )
     x = x.astype(np.float64, copy=False)
-    mu = x.mean(0)
-    sigma = np.cov(x, rowvar=False)
-    if shrinkage:
-        sigma = (1 - shrinkage) * sigma + shrinkage * np.trace(sigma) / d * np.eye(d)
-    return mu, sigma
+    return x.mean(0), stats.shrink_covariance(np.cov(x, rowvar=False), shrinkage)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), float64, scipy sqrtm (Heusel et al.)."""
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise UserError(f"statistics shapes differ: mu {mu1.shape} vs {mu2.shape}")
-    diff = mu1 - mu2
-    with warnings.catch_warnings():  # singular products are handled just below
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(len(sigma1)) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            worst = float(np.max(np.abs(covmean.imag)))
-            raise UserError(f"FID: matrix square root has a large imaginary part ({worst:.3g})")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+                     ) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al.): the Gaussian W2^2."""
+    return stats.gaussian_w2_squared(mu1, sigma1, mu2, sigma2)
 
 
 def fid(real: np.ndarray, fake: np.ndarray, *, shrinkage: float = 0.0) -> float:
@@ -274,10 +252,8 @@ class RMDModel:
         shared = centred.T @ centred / len(x)
         self.mean0 = x.mean(0)
         agnostic = np.cov(x, rowvar=False, bias=True)
-        if shrinkage:
-            eye = np.eye(d)
-            shared = (1 - shrinkage) * shared + shrinkage * np.trace(shared) / d * eye
-            agnostic = (1 - shrinkage) * agnostic + shrinkage * np.trace(agnostic) / d * eye
+        shared = stats.shrink_covariance(shared, shrinkage)
+        agnostic = stats.shrink_covariance(agnostic, shrinkage)
         self.prec = np.linalg.pinv(shared, hermitian=True)
         self.prec0 = np.linalg.pinv(agnostic, hermitian=True)
 
@@ -307,14 +283,6 @@ def rmd_scores(features: np.ndarray, labels: np.ndarray, *, fit_features: np.nda
     if fit_features is None:
         fit_features, fit_labels = features, labels
     return RMDModel(fit_features, fit_labels, shrinkage=shrinkage).scores(features, labels)
-
-
-def top_fraction_mean(scores: np.ndarray, fraction: float = 0.01) -> float:
-    """Mean of the highest ``fraction`` of scores (at least one): the paper's top-1% RMD."""
-    s = np.sort(np.asarray(scores, np.float64))[::-1]
-    if len(s) == 0:
-        raise UserError("top-fraction mean of an empty score array")
-    return float(s[: max(1, int(round(len(s) * fraction)))].mean())
 
 
 # --------------------------------------------------------------------------- memorization

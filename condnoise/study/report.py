@@ -20,14 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from condnoise import stats
 from condnoise.io import write_bytes, write_json, write_text
 from condnoise.study import figures
-from condnoise.study.aggregate import Estimate, compare, estimate
+from condnoise.study.aggregate import Estimate, Verdict, compare, estimate
 from condnoise.study.results import METRICS, StudyResults, collect, load_rmd_scores
 from condnoise.study.spec import StudySpec, Variant
 
 SLIGHT_ETA = 0.075  # paper: "slight" corruption is eta <= 7.5%
 CEP_NAMES = ("cep-u", "cep-g")
+VERDICT_WORDS = {Verdict.BETTER: "helped", Verdict.WORSE: "hurt",
+                 Verdict.INDISTINGUISHABLE: "was indistinguishable",
+                 Verdict.NO_INTERVAL: "could not be judged (one seed: no CI)"}  # fmt: skip
 
 
 @dataclass
@@ -100,9 +104,7 @@ def verdict_section(res: StudyResults) -> Section:
                 continue
             s1, est = _best(res, arch, v.name)
             d = compare(est, clean, lower_is_better=True)
-            word = {"better": "helped", "worse": "hurt"}.get(d.verdict, "was indistinguishable")
-            if d.verdict.startswith("indistinguishable (too few"):
-                word = "could not be judged (one seed: no CI)"
+            word = VERDICT_WORDS[d.verdict]
             g = _group(v)
             t = tally.setdefault(g, {"helped": 0, "hurt": 0, "indistinguishable": 0})
             t[word if word in t else "indistinguishable"] += 1
@@ -250,7 +252,7 @@ def rmd_section(res: StudyResults) -> Section:
             if per_seed:
                 import numpy as np
 
-                top = [np.sort(p)[-max(1, len(p) // 100):] for p in per_seed]
+                top = [stats.top_fraction(p, 0.01) for p in per_seed]
                 scores[f"{_label(res, a, v)} (s={s:g})"] = np.concatenate(top)
         if scores:
             sec.figure(figures.densities(scores, "RMD score of the top 1% samples", arch),
@@ -299,7 +301,7 @@ def _table_section(res: StudyResults, sid: str, title: str, names: list[str], no
 
 
 BEST_NOTE = ("Each model at its best guidance scale by mean FID over seeds; every cell is "
-             "mean ± 95% t-interval half-width over seeds ((n=1) when a single seed).")  # fmt: skip
+             "mean ± 95% t-interval half-width over seeds (± n/a (n=1) with a single seed).")  # fmt: skip
 
 
 def table1(res: StudyResults) -> Section:

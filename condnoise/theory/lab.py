@@ -18,6 +18,7 @@ import numpy as np
 from condnoise.errors import UserError
 from condnoise.io import write_json, write_text
 from condnoise.provenance import write_provenance
+from condnoise.stats import gaussian_w2_squared, t_interval
 from condnoise.theory import gmm
 from condnoise.theory import simulate as sim
 
@@ -105,19 +106,6 @@ class LabResult:
     all_within_tolerance: bool
 
 
-def ci95(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and half-width of a Student-t 95% confidence interval along ``axis``."""
-    from scipy.stats import t as student_t
-
-    x = np.asarray(x, dtype=np.float64)
-    r = x.shape[axis]
-    mean = x.mean(axis=axis)
-    if r < 2:
-        return mean, np.zeros_like(mean)
-    half = student_t.ppf(0.975, r - 1) * x.std(axis=axis, ddof=1) / np.sqrt(r)
-    return mean, half
-
-
 def json_safe(obj: Any) -> Any:
     """NaN (undefined, e.g. entropies when n_k <= d) -> None, so the JSON files are standard."""
     if isinstance(obj, float) and math.isnan(obj):
@@ -162,7 +150,7 @@ def _table_cell(cfg: GMMLabConfig, d: int, n: int, t: np.ndarray) -> list[dict[s
                 # the discretised ODE is affine, so pushing z_T through (c, M) is the same as
                 # integrating every sample (checked in tests/test_theory.py), only faster
                 st = sim.sample_stats(z_T @ M.T + c_ode, mu, entropy=full_rank)
-                w2_ode = gmm.w2_squared_gaussian(mu, np.eye(d), c_ode, M @ M.T)
+                w2_ode = gaussian_w2_squared(mu, np.eye(d), c_ode, M @ M.T)
                 pm, pC = gmm.generated_finite_t(m, S, g, cfg.T, t_end=t[-1])
                 w2_pred = gmm.w2_to_truth(mu, m, S, g, cfg.T, t_end=t[-1])
                 H_pred = gmm.gaussian_entropy(pC) if full_rank else nan
@@ -239,10 +227,10 @@ def _sweep(cfg: GMMLabConfig, t: np.ndarray, progress: bool) -> dict[str, Any]:
             for j, g in enumerate(grid):
                 den = sim.fit_least_squares(x, 0, cfg.num_classes, t, float(g))
                 c, C = sim.ode_map(den, 0, cfg.integrator)
-                w2_sim[s, j] = gmm.w2_squared_gaussian(mu, np.eye(d), c, C)
+                w2_sim[s, j] = gaussian_w2_squared(mu, np.eye(d), c, C)
                 w2_pred[s, j] = gmm.w2_to_truth(mu, m, S, float(g), cfg.T, t_end=t[-1])
         delta = w2_sim - w2_sim[:, :1]  # paired change vs clean, per training set
-        mean_delta, half = ci95(delta)
+        mean_delta, half = t_interval(delta)
         j_star = int(np.argmin(mean_delta))
         n0 = len(xs[0])
         expected = gmm.expected_w2_gain(mu_norm2, d, n0, grid)
