@@ -124,7 +124,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     folders = [f for s in args.samples for f in find_sample_folders(s)]
     combined = []
     for folder in folders:
-        result = evaluate_samples(load_samples(folder), cfg)
+        result = evaluate_samples(load_samples(folder), cfg).record
         result["provenance"] = {"config": vars(cfg) | {"extractors": list(cfg.extractors),
                                                          "metrics": list(cfg.metrics)},
                                 "seed": args.seed, **environment()}

@@ -113,27 +113,41 @@ def condition_accuracy(probs_or_pred: np.ndarray, requested: np.ndarray) -> floa
 # --------------------------------------------------------------------------- P/R, D/C
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str, float]:
-    """Improved precision / recall (Kynkaanniemi et al. 2019) plus density / coverage
-    (Naeem et al. 2020), exact, in bounded memory (chunked nearest neighbours)."""
-    real, fake = _pair(real, fake, k + 1)
+def manifold_metrics(real: np.ndarray, fake: np.ndarray, *, pr_k: int | None = 3,
+                     dc_k: int | None = 5) -> dict[str, float]:
+    """Improved precision / recall (Kynkaanniemi et al. 2019) at ``pr_k`` and density /
+    coverage (Naeem et al. 2020) at ``dc_k``, exact, in bounded memory (chunked nearest
+    neighbours). The real features' k-NN radii for both k come from one pass; ``None``
+    skips a pair of metrics."""
+    ks = sorted({k for k in (pr_k, dc_k) if k})
+    if not ks:
+        return {}
+    real, fake = _pair(real, fake, max(ks) + 1)
     round_to = np.float32 if real.dtype == np.float32 and fake.dtype == np.float32 else None
-    r_real = neighbors.kth_neighbour_radii(real, k, round_to=round_to)
-    r_fake = neighbors.kth_neighbour_radii(fake, k, round_to=round_to)
-    count, recall_hit, cover_hit = neighbors.cross_counts(real, fake, r_real, r_fake,
-                                                          round_to=round_to)
-    return {
-        "precision": float((count > 0).mean()),
-        "recall": float(recall_hit.mean()),
-        "density": float(count.mean() / k),
-        "coverage": float(cover_hit.mean()),
-    }
+    r_real = neighbors.neighbour_radii(real, ks, round_to=round_to)
+    out: dict[str, float] = {}
+    if pr_k:
+        r_fake = neighbors.kth_neighbour_radii(fake, pr_k, round_to=round_to)
+        count, recall_hit, cover_hit = neighbors.cross_counts(real, fake, r_real[pr_k], r_fake,
+                                                              round_to=round_to)
+        out.update(precision=float((count > 0).mean()), recall=float(recall_hit.mean()))
+        if dc_k == pr_k:
+            out.update(density=float(count.mean() / pr_k), coverage=float(cover_hit.mean()))
+    if dc_k and dc_k != pr_k:
+        count, _, cover_hit = neighbors.cross_counts(real, fake, r_real[dc_k], None,
+                                                     round_to=round_to)
+        out.update(density=float(count.mean() / dc_k), coverage=float(cover_hit.mean()))
+    return out
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str, float]:
+    """Precision, recall, density and coverage at one ``k`` (as ``prdc.compute_prdc``)."""
+    return manifold_metrics(real, fake, pr_k=k, dc_k=k)
 
 
 def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
     """Density and coverage (Naeem et al. 2020); k = 5 is their recommended default."""
-    out = precision_recall(real, fake, k)
-    return {"density": out["density"], "coverage": out["coverage"]}
+    return manifold_metrics(real, fake, pr_k=None, dc_k=k)
 
 
 # --------------------------------------------------------------------------- TopP&R
@@ -288,31 +302,35 @@ def rmd_scores(features: np.ndarray, labels: np.ndarray, *, fit_features: np.nda
 # --------------------------------------------------------------------------- memorization
 
 
-def avg_topk_l2(fake: np.ndarray, train: np.ndarray, k: int = 5) -> float:
-    """Mean L2 distance of each sample to its k nearest training features (§5)."""
+def train_distances(fake: np.ndarray, train: np.ndarray, k: int = 5) -> np.ndarray:
+    """Exact distances of each sample to its ``k`` nearest training features, sorted [N, k]."""
     fake, train = _pair(train, fake)[::-1]
     if k > len(train):
-        raise UserError(f"avg_topk_l2: k={k} exceeds the {len(train)} training features")
-    return float(neighbors.knn_distances(fake, train, k).mean())
+        raise UserError(f"k={k} nearest training features requested, only {len(train)} given")
+    return neighbors.knn_distances(fake, train, k)
 
 
-def nearest_distances(fake: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """Exact nearest-neighbour distance of each fake row to ``train``."""
-    fake, train = _pair(train, fake)[::-1]
-    return neighbors.knn_distances(fake, train, 1)[:, 0]
+def avg_topk_l2(fake: np.ndarray, train: np.ndarray, k: int = 5) -> float:
+    """Mean L2 distance of each sample to its k nearest training features (§5)."""
+    return float(train_distances(fake, train, k).mean())
 
 
 def memorization_threshold(heldout: np.ndarray, train: np.ndarray, percentile: float = 1.0
                            ) -> float:
     """Default threshold: the ``percentile`` of held-out real -> train nearest distances."""
-    return float(np.percentile(nearest_distances(heldout, train), percentile))
+    return float(np.percentile(train_distances(heldout, train, 1)[:, 0], percentile))
+
+
+def share_below(nearest: np.ndarray, threshold: float) -> float:
+    """Share of nearest-training-feature distances below ``threshold`` (memorization, §5)."""
+    if not threshold > 0:
+        raise UserError(f"memorization threshold must be positive, got {threshold}")
+    return float((np.asarray(nearest) < threshold).mean())
 
 
 def memorization_ratio(fake: np.ndarray, train: np.ndarray, threshold: float) -> float:
     """Share of samples whose nearest training feature is closer than ``threshold`` (§5)."""
-    if not threshold > 0:
-        raise UserError(f"memorization threshold must be positive, got {threshold}")
-    return float((nearest_distances(fake, train) < threshold).mean())
+    return share_below(train_distances(fake, train, 1)[:, 0], threshold)
 
 
 # --------------------------------------------------------------------------- entropy

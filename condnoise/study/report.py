@@ -246,7 +246,7 @@ def rmd_section(res: StudyResults) -> Section:
             if a != arch:
                 continue
             s = res.best_scale(a, v, "fid")
-            per_seed = [load_rmd_scores(d) for (a2, v2, _, s2), d in res.eval_dirs.items()
+            per_seed = [load_rmd_scores(d, res.extractors[0]) for (a2, v2, _, s2), d in res.eval_dirs.items()
                         if a2 == a and v2 == v and s2 == s]  # fmt: skip
             per_seed = [p for p in per_seed if p is not None and len(p)]
             if per_seed:

@@ -8,6 +8,7 @@ Each function takes ``(cell, cell_dir, dep_dirs, ctx)``, writes its outputs unde
     cells/train/KEY/shift.json           mean L2 embedding shift (paper Fig. 8a x-axis)
     cells/sample/KEY/s{scale}/samples.npz  images uint8 [N,H,W,C], labels int64 [N]
     cells/evaluate/KEY/metrics.json      the evaluation stage's metrics for that sample set
+    cells/evaluate/KEY/per_sample.npz    its per-sample scores (RMD, training-set distances)
     cells/walk/KEY/grid.png, walk.png    per-class sample grid and circular walk
     cells/theory/KEY/*.png               the theory lab's figures
 """
@@ -143,59 +144,40 @@ def samples_path(sample_cell_dir: Path, scale: float) -> Path:
 
 
 STUDY_METRICS = ("fid", "pr", "dc", "is", "condition-accuracy", "rmd", "knn-l2", "memorization")
+PER_SAMPLE_FILE = "per_sample.npz"  # {"rmd@EXTRACTOR": float32 [N], ...}
 
 
 def run_evaluate(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
-    """Every metric that applies to the sample set (section 5) into ``metrics.json``, plus
-    the per-sample RMD scores of the first extractor (``rmd_scores.npy``, Fig. 5)."""
-    from condnoise.evaluation import metrics as M
-    from condnoise.evaluation.evaluate import (
-        EvalConfig,
-        evaluate_samples,
-        get_extractor_cached,
-        load_samples,
-        reference_features,
-    )  # fmt: skip
+    """Every metric that applies to the sample set (section 5) into ``metrics.json``, and
+    the per-sample scores behind them (``per_sample.npz``: RMD for Fig. 5, nearest
+    training-feature distances), as the evaluation computed them."""
+    from condnoise.evaluation.evaluate import evaluate_samples, load_samples
     from condnoise.io import atomic_open, write_json
 
-    e, data = cell.config["evaluate"], cell.config["data"]
     scale = float(ctx.cells[cell.deps[0]].config["scale"])
-    folder = samples_path(deps["sample"], scale).parent
     _runtime(ctx)
-    ref = f"{data['source']}:{e.get('reference_split', 'test')}"
-    cfg = EvalConfig(
-        ref=ref,
-        train_ref=f"{data['source']}:train",
+    result = evaluate_samples(load_samples(samples_path(deps["sample"], scale).parent),
+                              eval_config(cell.config))  # fmt: skip
+    write_json(cell_dir / "metrics.json", result.record)
+    with atomic_open(cell_dir / PER_SAMPLE_FILE, "wb") as f:
+        np.savez(f, **result.score_arrays())
+    return {}
+
+
+def eval_config(config: dict[str, Any]) -> Any:
+    """The ``EvalConfig`` of an evaluate cell: reference = the data source's split."""
+    from condnoise.evaluation.evaluate import EvalConfig
+
+    e, source = config["evaluate"], config["data"]["source"]
+    return EvalConfig(
+        ref=f"{source}:{e.get('reference_split', 'test')}",
+        train_ref=f"{source}:train",
         extractors=tuple(e["extractors"]),
         metrics=tuple(e.get("metrics") or STUDY_METRICS),
         max_ref=e.get("reference_samples"),
         max_train=e.get("train_samples"),
         shrinkage=float(e.get("shrinkage", 0.0)),
     )
-    samples = load_samples(folder)
-    metrics = evaluate_samples(samples, cfg)
-    write_json(cell_dir / "metrics.json", metrics)
-    first = cfg.extractors[0]
-    if "rmd" in cfg.metrics and first not in SLOW_EXTRACTORS:
-        ex = get_extractor_cached(first)
-        real = reference_features(ex, cfg.ref, cfg.max_ref)
-        from condnoise.evaluation.features import fit_resolution
-
-        images = fit_resolution(samples.images, real_size(cfg.ref))
-        scores = M.RMDModel(real["features"], real["labels"]).scores(ex.extract(images),
-                                                                     samples.labels)  # fmt: skip
-        with atomic_open(cell_dir / "rmd_scores.npy", "wb") as f:
-            np.save(f, scores.astype(np.float32))
-    return {}
-
-
-SLOW_EXTRACTORS = ("inception",)  # per-sample RMD would extract the samples a second time
-
-
-def real_size(ref: str) -> int:
-    from condnoise.evaluation.evaluate import reference_size
-
-    return reference_size(ref)
 
 
 # --------------------------------------------------------------------------- walk / grids
