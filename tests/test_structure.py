@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "condnoise"
-SHARED = {"errors", "io", "rng", "stats", "plotting", "provenance"}
+SHARED = {"errors", "io", "rng", "stats", "schema", "plotting", "provenance"}
 STAGES = ("data", "conditioning", "models", "diffusion", "training", "evaluation", "theory",
           "study")  # fmt: skip
 #: the allowed-imports table of docs/architecture.md (besides the shared modules)
@@ -42,6 +42,8 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module == "condnoise":
+            out |= {f"condnoise.{a.name}" for a in node.names if a.name != "__version__"}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             out.add(node.module)
     return {m for m in out if m.startswith("condnoise.")}

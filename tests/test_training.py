@@ -116,7 +116,7 @@ def test_resume_refuses_a_checkpoint_of_another_random_scheme(tmp_path):
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_cfg_null_class_is_trained_only_with_dropout(tmp_path, dropout):
     cfg = tiny_config(tmp_path / f"run{dropout}", steps=8)
-    cfg.model["cfg_dropout"] = dropout
+    cfg.model.cfg_dropout = dropout
     trainer = Trainer(cfg)
     null = trainer.model.encoder.null_index
     before = trainer.model.encoder.embedding.weight[null].detach().clone()

@@ -35,6 +35,7 @@ from condnoise.diffusion.samplers import check_sampler, sample
 from condnoise.diffusion.seeding import initial_noise, requested_labels, sample_generators
 from condnoise.errors import UserError
 from condnoise.io import atomic_open, write_json
+from condnoise.models.autoencoder import IdentityAutoencoder
 
 SPEC_FIELDS = (
     "run_dir", "checkpoint_step", "ema", "sampler", "steps", "guidance", "seed", "classes",
@@ -151,7 +152,7 @@ def generate(
 def sample_grid(
     model: torch.nn.Module,
     schedule: Any,
-    class_count: int,
+    classes: int | Sequence[int],
     per_class: int,
     path: str | Path,
     *,
@@ -162,32 +163,31 @@ def sample_grid(
     sampler: str = "ddim",
     autoencoder: Any = None,
     clip_x0: bool = False,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Trainer hook: a PNG grid, one row per class, ``per_class`` samples per row.
+    """A PNG grid, one row per class, ``per_class`` samples per row (the trainer's hook and
+    the study's per-model grid).
 
-    ``shape`` is the denoiser's input shape ``(C,H,W)`` (latent shape for latent models);
-    ``autoencoder`` (optional) decodes latents. The model is switched to eval mode for the
-    call (CEP is training-only) and restored afterwards. Same seed -> same noise per cell, so
+    ``classes``: a class count (rows 0..K-1) or the class indices of the rows. ``shape`` is
+    the denoiser's input shape ``(C,H,W)`` (latent shape for latent models); ``autoencoder``
+    (default: pixel space) decodes latents. The model is switched to eval mode for the call
+    (CEP is training-only) and restored afterwards. Same seed -> same noise per cell, so
     grids of successive checkpoints are comparable. Returns the uint8 ``[N,H,W,C]`` images.
     """
-    labels = np.repeat(np.arange(class_count, dtype=np.int64), per_class)
+    rows = np.arange(classes) if isinstance(classes, int) else np.asarray(classes)
+    labels = np.repeat(rows.astype(np.int64), per_class)
     was_training = model.training
     model.eval()
     try:
         images = generate(
-            model, schedule, autoencoder if autoencoder is not None else _Identity(),
+            model, schedule, autoencoder if autoencoder is not None else IdentityAutoencoder(),
             range(len(labels)), labels, shape=shape, guidance=guidance, sampler=sampler,
-            steps=steps, seed=seed, batch_size=len(labels), clip_x0=clip_x0,
+            steps=steps, seed=seed, batch_size=len(labels), clip_x0=clip_x0, precision=precision,
         )  # fmt: skip
     finally:
         model.train(was_training)
     save_grid(images, path, nrow=per_class)
     return images
-
-
-class _Identity:
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -294,16 +294,10 @@ def run_sweep(
     ``barrier`` (callable) synchronises ranks before rank 0 merges. Returns the scale
     folders (complete ones on rank 0).
     """
-    from tqdm.auto import tqdm
-
-    num_classes = len(run.class_names)
     cfg.validate(len(run.schedule.betas))
-    out_dir = Path(out_dir)
-    shape = latent_shape(run)
-    ranges = shard_ranges(cfg.num, cfg.shard_size)
     folders = []
     for scale in cfg.guidances:
-        scale_dir = out_dir / scale_dirname(scale)
+        scale_dir = Path(out_dir) / scale_dirname(scale)
         folders.append(scale_dir)
         spec = {
             "run_dir": str(Path(run_dir).resolve()), "checkpoint_step": int(run.step),
@@ -314,27 +308,36 @@ def run_sweep(
         if _is_complete(scale_dir, spec, cfg.num):
             continue
         _check_spec(scale_dir, spec)
-        mine = [k for k in range(len(ranges)) if k % world_size == rank]
-        todo = [k for k in mine if not _shard_done(shard_path(scale_dir, k), ranges[k])]
-        bar = tqdm(
-            total=sum(len(ranges[k]) for k in todo), unit="img", disable=rank != 0 or not todo,
-            desc=f"{scale_dirname(scale)} {cfg.sampler} {cfg.steps} steps",
-        )  # fmt: skip
-        for k in todo:
-            labels = requested_labels(cfg.seed, ranges[k], num_classes, cfg.classes)
-            images = generate(
-                run.model, run.schedule, run.autoencoder, ranges[k], labels, shape=shape,
-                guidance=scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed,
-                batch_size=cfg.batch_size, clip_x0=cfg.clip_x0, precision=cfg.precision,
-                progress=bar,
-            )  # fmt: skip
-            _write_shard(shard_path(scale_dir, k), images, labels, ranges[k])
-        bar.close()
+        _make_shards(run, scale_dir, scale, cfg, rank, world_size)
         if barrier is not None:
             barrier()
         if rank == 0:
             _finish_scale(scale_dir, spec, cfg, run)
     return folders
+
+
+def _make_shards(run: Any, scale_dir: Path, scale: float, cfg: SweepConfig, rank: int,
+                 world_size: int) -> None:  # fmt: skip
+    """This rank's missing shards (k % world_size == rank) of one guidance scale."""
+    from tqdm.auto import tqdm
+
+    ranges = shard_ranges(cfg.num, cfg.shard_size)
+    mine = [k for k in range(len(ranges)) if k % world_size == rank]
+    todo = [k for k in mine if not _shard_done(shard_path(scale_dir, k), ranges[k])]
+    bar = tqdm(
+        total=sum(len(ranges[k]) for k in todo), unit="img", disable=rank != 0 or not todo,
+        desc=f"{scale_dirname(scale)} {cfg.sampler} {cfg.steps} steps",
+    )  # fmt: skip
+    for k in todo:
+        labels = requested_labels(cfg.seed, ranges[k], len(run.class_names), cfg.classes)
+        images = generate(
+            run.model, run.schedule, run.autoencoder, ranges[k], labels, shape=latent_shape(run),
+            guidance=scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed,
+            batch_size=cfg.batch_size, clip_x0=cfg.clip_x0, precision=cfg.precision,
+            progress=bar,
+        )  # fmt: skip
+        _write_shard(shard_path(scale_dir, k), images, labels, ranges[k])
+    bar.close()
 
 
 def _finish_scale(scale_dir: Path, spec: dict[str, Any], cfg: SweepConfig, run: Any) -> None:

@@ -60,25 +60,21 @@ def run_corrupt(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunConte
 
 
 def trainer_config(cell: Cell, cell_dir: Path, deps: dict[str, Path]) -> dict[str, Any]:
-    """The trainer's config mapping (``condnoise.training.config.Config``) for a train cell."""
+    """The trainer's config mapping (``condnoise.training.config.Config``) for a train cell:
+    the cell's trainer sections, its seed, no sample grids (the walk cell draws them)."""
     c = cell.config
     data = {k: v for k, v in c["data"].items() if k in ("source", "image_size", "data_dir",
                                                           "max_samples")}  # fmt: skip
     if c.get("corrupt_key"):
         data["corruption"] = str(deps["corrupt"] / "manifest")
-    model = dict(c["model"])
-    model["perturbation"] = dict(c["perturbation"])
-    base = {
+    raw = deep_merge(c["train"], {
         "data": data,
-        "model": model,
+        "model": {**c["model"], "perturbation": dict(c["perturbation"])},
         "train": {"seed": int(c["seed"]), "sample_every": 0},
-        "run": {
-            "name": cell.id.replace("/", "-"),
-            "dir": str(cell_dir / "run"),
-            "tensorboard": False,
-        },
-    }
-    return deep_merge(base, c["train"]) | {"run": base["run"]}
+    })  # fmt: skip
+    raw["run"] = {"name": cell.id.replace("/", "-"), "dir": str(cell_dir / "run"),
+                  "tensorboard": False}  # fmt: skip
+    return raw
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -92,9 +88,7 @@ def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext
     from condnoise.training import train
     from condnoise.training.config import Config
 
-    raw = trainer_config(cell, cell_dir, deps)
-    raw["train"] = {**raw.get("train", {}), "seed": int(cell.config["seed"])}
-    cfg = Config.from_dict(raw, origin=f"study cell {cell.id}")
+    cfg = Config.from_dict(trainer_config(cell, cell_dir, deps), origin=f"study cell {cell.id}")
     cfg.run.progress = ctx.progress
     run_dir = cell_dir / "run"
     resume = _has_checkpoint(run_dir)
