@@ -27,7 +27,7 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 
 def test_acceptance_fashion_mnist_symmetric(tmp_path, capsys, fmnist):
     """Issue acceptance: 4,500 rows for the 60,000 training images, well under 10 s (timed
-    in-process, after the interpreter and torch are loaded; see docs/readme/data.md)."""
+    in-process, after the interpreter and torch are loaded; see README, condnoise corrupt)."""
     out = tmp_path / "m"
     load_fashion_mnist.cache_clear()  # time the IDX reading too
     start = time.perf_counter()

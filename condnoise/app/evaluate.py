@@ -105,8 +105,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         validate_config,
     )
     from condnoise.evaluation.records import write_metrics
-    from condnoise.evaluation.summary import markdown_table, sweep_figure
-    from condnoise.io import write_bytes, write_json, write_text
+    from condnoise.evaluation.summary import markdown_table
     from condnoise.provenance import environment
 
     torch.set_num_threads(args.threads)
@@ -121,9 +120,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).suffix in (".md", ".png"):
         raise UserError(f"--out {args.out}: give the combined JSON's path (e.g. metrics_all.json); "
                         "the .md table and .png figure are written beside it")
-    folders = [f for s in args.samples for f in find_sample_folders(s)]
     combined = []
-    for folder in folders:
+    for folder in [f for s in args.samples for f in find_sample_folders(s)]:
         result = evaluate_samples(load_samples(folder), cfg).record
         result["provenance"] = {"config": vars(cfg) | {"extractors": list(cfg.extractors),
                                                          "metrics": list(cfg.metrics)},
@@ -136,13 +134,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     table = markdown_table(combined)
     print("\n" + table, end="")
     if args.out:
-        out = Path(args.out)
-        write_json(out, {"schema": "condnoise.metrics-list/1", "results": combined})
-        write_text(out.with_suffix(".md"), table)
-        written = [out, out.with_suffix(".md")]
-        png = sweep_figure(combined)
-        if png is not None:
-            write_bytes(out.with_suffix(".png"), png)
-            written.append(out.with_suffix(".png"))
-        print("wrote " + ", ".join(map(str, written)))
+        _write_combined(Path(args.out), combined, table)
     return 0
+
+
+def _write_combined(out: Path, combined: list[dict], table: str) -> None:
+    """``--out``: every folder's record as one JSON, the table beside it (.md) and, for a
+    guidance sweep, the metric-vs-guidance figure (.png)."""
+    from condnoise.evaluation.summary import sweep_figure
+    from condnoise.io import write_bytes, write_json, write_text
+
+    write_json(out, {"schema": "condnoise.metrics-list/1", "results": combined})
+    write_text(out.with_suffix(".md"), table)
+    written = [out, out.with_suffix(".md")]
+    png = sweep_figure(combined)
+    if png is not None:
+        write_bytes(out.with_suffix(".png"), png)
+        written.append(out.with_suffix(".png"))
+    print("wrote " + ", ".join(map(str, written)))

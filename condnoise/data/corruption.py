@@ -245,24 +245,7 @@ def corrupt(
 ) -> Manifest:
     """Corrupt ``source`` (a ConditionalDataset) and return the Manifest (not yet saved)."""
     meta = source.meta
-    if kind == "random":
-        raise UserError(
-            "kind 'random' re-draws labels on every read and has no manifest; use "
-            "RandomFlipView(source, ratio, seed) or the trainer's random-flip option"
-        )
-    if kind not in KINDS:
-        raise UserError(f"unknown corruption kind {kind!r}; choose one of {', '.join(KINDS)}")
-    ck = meta.condition_kind
-    if kind in CLASS_KINDS and ck != "class":
-        raise UserError(f"kind {kind!r} needs class labels but {meta.name} has captions; "
-                        "use swap or rewrite")  # fmt: skip
-    if kind in CAPTION_KINDS and ck != "caption":
-        raise UserError(f"kind {kind!r} needs captions but {meta.name} has class labels; "
-                        "use symmetric or asymmetric")  # fmt: skip
-    if meta.num_samples == 0:
-        raise UserError(f"data source {meta.name} ({meta.split}) is empty")
-    if classes is not None and kind != "asymmetric":
-        raise UserError("--classes applies only to --kind asymmetric")
+    _check_kind(meta, kind, classes)
     conds = source.conditions()
     params: dict = {}
     if kind == "symmetric":
@@ -284,16 +267,29 @@ def corrupt(
         params["rewriter"] = getattr(rw, "name", type(rw).__name__)
         params["severity_counts"] = {str(s): int((sev == s).sum()) for s in SEVERITIES}
     return Manifest(
-        source=meta.name,
-        split=meta.split,
-        kind=kind,
-        ratio=float(ratio),
-        seed=int(seed),
-        n=meta.num_samples,
-        condition_kind=ck,
-        index=idx,
-        original=orig,
-        corrupted=new,
-        class_names=tuple(meta.class_names),
-        params=params,
-    )
+        source=meta.name, split=meta.split, kind=kind, ratio=float(ratio), seed=int(seed),
+        n=meta.num_samples, condition_kind=meta.condition_kind, index=idx, original=orig,
+        corrupted=new, class_names=tuple(meta.class_names), params=params,
+    )  # fmt: skip
+
+
+def _check_kind(meta, kind: str, classes: Sequence[str] | None) -> None:
+    """The kind exists, matches the condition type, and the source is not empty."""
+    if kind == "random":
+        raise UserError(
+            "kind 'random' re-draws labels on every read and has no manifest; use "
+            "RandomFlipView(source, ratio, seed) or the trainer's random-flip option"
+        )
+    if kind not in KINDS:
+        raise UserError(f"unknown corruption kind {kind!r}; choose one of {', '.join(KINDS)}")
+    ck = meta.condition_kind
+    if kind in CLASS_KINDS and ck != "class":
+        raise UserError(f"kind {kind!r} needs class labels but {meta.name} has captions; "
+                        "use swap or rewrite")  # fmt: skip
+    if kind in CAPTION_KINDS and ck != "caption":
+        raise UserError(f"kind {kind!r} needs captions but {meta.name} has class labels; "
+                        "use symmetric or asymmetric")  # fmt: skip
+    if meta.num_samples == 0:
+        raise UserError(f"data source {meta.name} ({meta.split}) is empty")
+    if classes is not None and kind != "asymmetric":
+        raise UserError("--classes applies only to --kind asymmetric")

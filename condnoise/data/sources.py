@@ -42,17 +42,8 @@ class FashionMNIST(InMemoryDataset):
         if len(labels) == 0:
             raise UserError(f"Fashion-MNIST split {split!r} is empty")
         self._images_u8 = images
-        size = image_size or 28
-        meta = DatasetMeta(
-            name="fashion-mnist",
-            split=split,
-            class_names=FMNIST_CLASSES,
-            class_prior=class_prior(labels, len(FMNIST_CLASSES)),
-            num_samples=len(labels),
-            image_shape=(1, size, size),
-            condition_kind="class",
-        )
-        super().__init__(meta, labels)
+        super().__init__(_gray_class_meta("fashion-mnist", split, FMNIST_CLASSES, labels,
+                                          image_size or 28), labels)  # fmt: skip
 
     def _build_images(self) -> torch.Tensor:
         x = uint8_to_unit(self._images_u8).unsqueeze(1)
@@ -60,6 +51,14 @@ class FashionMNIST(InMemoryDataset):
         if size > 28:
             return pad_to(x, size)
         return resize_center_crop(x, size) if size < 28 else x
+
+
+def _gray_class_meta(name: str, split: str, class_names: tuple[str, ...], labels: np.ndarray,
+                     size: int) -> DatasetMeta:  # fmt: skip
+    """The metadata of an in-memory, one-channel, class-labelled source."""
+    return DatasetMeta(name=name, split=split, class_names=class_names,
+                       class_prior=class_prior(labels, len(class_names)), num_samples=len(labels),
+                       image_shape=(1, size, size), condition_kind="class")  # fmt: skip
 
 
 class Digits(InMemoryDataset):
@@ -81,17 +80,7 @@ class Digits(InMemoryDataset):
         self._pixels = d.images[keep].astype(np.float32)
         labels = d.target[keep].astype(np.int64)
         names = tuple(str(n) for n in d.target_names)
-        size = image_size or 8
-        meta = DatasetMeta(
-            name="digits",
-            split=split,
-            class_names=names,
-            class_prior=class_prior(labels, len(names)),
-            num_samples=len(labels),
-            image_shape=(1, size, size),
-            condition_kind="class",
-        )
-        super().__init__(meta, labels)
+        super().__init__(_gray_class_meta("digits", split, names, labels, image_size or 8), labels)
 
     def _build_images(self) -> torch.Tensor:
         x = torch.from_numpy(self._pixels).unsqueeze(1).div_(8.0).sub_(1.0)

@@ -116,7 +116,8 @@ class DiT(nn.Module):
         self.grid = image_size // patch
         self.freq_dim = freq_dim
         #: blocks 0..k-1 recompute their activations in backward (True = all, False/0 = none):
-        #: checkpoint only as many as the memory needs (issue #7, batch 256 on 80 GB)
+        #: checkpoint only as many as the memory needs: each costs one more forward pass
+        #: (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost")
         self.checkpoint_blocks = depth if checkpointing is True else int(checkpointing)
         self.x_embed = nn.Conv2d(in_channels, hidden, patch, stride=patch)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid)[None], persistent=False)

@@ -238,13 +238,25 @@ def _listed_variants(raw: dict[str, Any], where: str) -> list[Variant]:
     return out
 
 
+def _expansion(raw: dict[str, Any], key: str, lists: tuple[str, str], where: str
+               ) -> tuple[dict[str, Any], str] | None:  # fmt: skip
+    """The mapping ``raw[key]`` (None when absent) and its place for messages; it must
+    hold both ``lists``."""
+    block = raw.get(key)
+    if not block:
+        return None
+    w = f"{where}: {key}"
+    _need(isinstance(block, dict) and set(lists) <= set(block), w,
+          f"needs '{lists[0]}' and '{lists[1]}' lists")  # fmt: skip
+    return block, w
+
+
 def _grid_variants(raw: dict[str, Any], where: str) -> list[Variant]:
     """``corruption_grid: {kinds, etas, ...}``: one variant per kind and non-zero eta."""
-    grid = raw.get("corruption_grid")
-    if not grid:
+    found = _expansion(raw, "corruption_grid", ("kinds", "etas"), where)
+    if found is None:
         return []
-    w = f"{where}: corruption_grid"
-    _need(isinstance(grid, dict) and {"kinds", "etas"} <= set(grid), w, "needs 'kinds' and 'etas' lists")
+    grid, w = found
     extra = {k: v for k, v in grid.items() if k not in ("kinds", "etas")}
     out = []
     for kind in grid["kinds"]:
@@ -257,12 +269,10 @@ def _grid_variants(raw: dict[str, Any], where: str) -> list[Variant]:
 
 def _ablation_variants(raw: dict[str, Any], where: str) -> list[Variant]:
     """``ablation: {perturbations, gammas}``: one variant per perturbation and gamma."""
-    abl = raw.get("ablation")
-    if not abl:
+    found = _expansion(raw, "ablation", ("perturbations", "gammas"), where)
+    if found is None:
         return []
-    w = f"{where}: ablation"
-    _need(isinstance(abl, dict) and {"perturbations", "gammas"} <= set(abl), w,
-          "needs 'perturbations' and 'gammas' lists")  # fmt: skip
+    abl, w = found
     return [Variant(name=f"{p}-g{g:g}", perturbation=_check_perturbation({"name": p, "gamma": g}, w))
             for p in abl["perturbations"] for g in abl["gammas"]]  # fmt: skip
 
