@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from condnoise.data.scenes.vocab import BACKGROUNDS, CLASSES, COLOURS, FIELDS, POSITIONS, SIZES
 
-N_CHOICES = 48  # uniforms consumed per caption (at most 40 are used)
+N_CHOICES = 48  # uniforms per caption (at most 7 + 6 per group + 1 per item = 28 are used)
 
 NOUNS: tuple[tuple[tuple[str, str], ...], ...] = (  # (singular, plural) per class
     (("t-shirt", "t-shirts"), ("tee", "tees")),
