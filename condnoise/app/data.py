@@ -46,7 +46,8 @@ def _register_corrupt(subparsers: Any) -> None:
             "Corrupt exactly round(RATIO * N) conditions of DATA and write OUT/manifest.csv "
             "(index,original,corrupted; one row per corrupted sample), OUT/summary.json and "
             "OUT/provenance.json. Training reads source + manifest as a view.\n\n"
-            "DATA: fashion-mnist, digits, imagefolder:PATH, captions:PATH, wds:PATTERN.\n"
+            "DATA: fashion-mnist, digits, scenes[:seed=N], imagefolder:PATH, captions:PATH, "
+            "wds:PATTERN.\n"
             "Kinds: symmetric / asymmetric (class labels), swap / rewrite (captions).\n"
             "Asymmetric: RATIO is a fraction of the whole dataset, drawn only from the --classes "
             "subset (Fashion-MNIST default: T-shirt/top,Pullover,Coat,Shirt)."
@@ -64,9 +65,11 @@ def _register_corrupt(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing manifest")
     p.add_argument("--data-dir", default=None,
                    help="folder with the Fashion-MNIST IDX files (default: Debian package)")
-    p.add_argument("--rewriter", default=None, metavar="MODULE:NAME",
-                   help="rewrite only: a Rewriter (callable, or class built without arguments) "
-                        "to import instead of the built-in rule-based one")
+    p.add_argument("--rewriter", default=None, metavar="NAME|MODULE:NAME",
+                   help="rewrite only: a built-in rewriter (rule; for scenes also attributes, "
+                        "paraphrase: same attributes, other words) or a Rewriter to import "
+                        "(callable, or class built without arguments); None: attributes for "
+                        "scenes, rule otherwise")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking that every image file of a file-based source decodes")
     p.set_defaults(func=run_corrupt)
@@ -106,7 +109,9 @@ def run_corrupt(args: argparse.Namespace) -> int:
     classes = None
     if args.classes is not None:
         classes = [c for c in args.classes.split(",") if c.strip()]
-    rewriter = load_rewriter(args.rewriter) if args.rewriter else None
+    rewriter = args.rewriter  # a built-in name, resolved by corrupt()
+    if args.rewriter and ":" in args.rewriter:
+        rewriter = load_rewriter(args.rewriter)
     manifest = corrupt(
         source, args.kind, args.ratio, args.seed, classes=classes, rewriter=rewriter
     )
@@ -136,5 +141,6 @@ def run_corrupt(args: argparse.Namespace) -> int:
         before, after = summary["class_counts_before"], summary["class_counts_after"]
         changes = [f"{k} {before[k]}->{after[k]}" for k in before if before[k] != after[k]]
         print("class counts: " + (", ".join(changes) if changes else "unchanged"))
-    print(f"wrote {args.out / MANIFEST}, summary.json, provenance.json")
+    extra = "".join(f", {name}" for name in summary["sidecars"])
+    print(f"wrote {args.out / MANIFEST}, summary.json, provenance.json{extra}")
     return 0
