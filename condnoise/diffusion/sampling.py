@@ -114,7 +114,7 @@ def generate(
     schedule: Any,
     autoencoder: Any,
     indices: Sequence[int],
-    labels: np.ndarray,
+    conds: np.ndarray,
     *,
     shape: Sequence[int],
     guidance: float,
@@ -126,7 +126,8 @@ def generate(
     precision: str = "fp32",
     progress: Any = None,
 ) -> np.ndarray:
-    """Sample the given indices (labels given per index); uint8 ``[N,H,W,C]`` images.
+    """Sample the given indices (conditions given per index: class labels ``[N]`` or token
+    ids ``[N, L]``); uint8 ``[N,H,W,C]`` images.
 
     Sample i starts from the noise of generator ``sample_seed(seed, i)`` (also DDPM's
     ancestral noise), so the result does not depend on ``batch_size`` or on which other
@@ -138,7 +139,7 @@ def generate(
         idx = [int(i) for i in indices[start : start + batch_size]]
         gens = sample_generators(seed, idx)
         noise = initial_noise(gens, shape).to(device)
-        y = torch.as_tensor(np.asarray(labels[start : start + batch_size]), dtype=torch.long)
+        y = torch.as_tensor(np.asarray(conds[start : start + batch_size]), dtype=torch.long)
         x0 = sample(
             model, schedule, y.to(device), noise, guidance=guidance, sampler=sampler,
             steps=steps, generator=gens, clip_x0=clip_x0, precision=precision,

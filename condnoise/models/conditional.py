@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from condnoise.conditioning.embedding import CondEmbedding
 from condnoise.conditioning.encoders import ClassEmbedder, cfg_drop
 from condnoise.conditioning.perturb import Perturbation, build_perturbation
 from condnoise.errors import UserError
@@ -18,16 +19,19 @@ from condnoise.models.config import ModelConfig
 
 
 class ConditionalDiffusionModel(nn.Module):
-    """``forward(x_t, t, labels, *, sample_index=None, step=None) -> eps``.
+    """``forward(x_t, t, cond, *, sample_index=None, step=None, **extra) -> model output``.
 
-    Training mode: labels go to the null class with probability ``cfg_dropout``, then the
-    embedding is perturbed (non-null rows only). Eval mode: neither (labels may hold
-    ``null_index`` for the unconditional branch of CFG).
+    ``cond``: class labels int64 ``[B]`` or token ids int64 ``[B, L]`` (text encoders), as
+    the encoder makes them (``encoder.as_cond`` / ``encoder.tokenize``). Training mode:
+    rows go to the null condition with probability ``cfg_dropout``, then the embedding is
+    perturbed (non-null rows, real tokens only). Eval mode: neither (``cond`` may hold null
+    rows, ``null_like(cond)``, for the unconditional branch of CFG). ``extra`` goes to the
+    denoiser (e.g. ``timestep_cond``, adapter residuals).
     """
 
     def __init__(
         self,
-        encoder: ClassEmbedder,
+        encoder: nn.Module,
         perturbation: Perturbation,
         denoiser: nn.Module,
         *,
@@ -40,11 +44,19 @@ class ConditionalDiffusionModel(nn.Module):
         self.config = config or {}
 
     @property
+    def condition_kind(self) -> str:
+        """``"class"`` or ``"text"`` (the encoder's kind)."""
+        return self.encoder.kind
+
+    @property
     def num_classes(self) -> int:
-        return self.encoder.num_classes
+        return int(getattr(self.encoder, "num_classes", 0))
 
     @property
     def null_index(self) -> int:
+        """The null class label (class models only)."""
+        if self.encoder.kind != "class":
+            raise UserError("a text model has no null class label; use model.null_like(cond)")
         return self.encoder.null_index
 
     @property
@@ -52,30 +64,40 @@ class ConditionalDiffusionModel(nn.Module):
         """xi of input perturbation (read by ``diffusion_loss``)."""
         return self.perturbation.input_perturbation
 
+    def null_like(self, cond: torch.Tensor) -> torch.Tensor:
+        """Null (unconditional) conditions of ``cond``'s shape: the null class / empty caption."""
+        return self.encoder.null_like(cond)
+
+    def is_null(self, cond: torch.Tensor) -> torch.Tensor:
+        """bool ``[B]``: rows holding the null condition."""
+        return self.encoder.is_null(cond)
+
     def embed(
-        self, labels: torch.Tensor, *, sample_index: torch.Tensor | None = None, step: int | None = None
-    ) -> torch.Tensor:
-        """Condition embedding ``[B, cond_dim]`` (CFG dropout and perturbation in training)."""
-        if labels.device.type == "cpu":
-            self.encoder.check_labels(labels)
+        self, cond: torch.Tensor, *, sample_index: torch.Tensor | None = None, step: int | None = None
+    ) -> CondEmbedding:
+        """The condition embedding (CFG dropout and perturbation in training mode)."""
+        if cond.device.type == "cpu":
+            self.encoder.check(cond)
         if self.training:
-            labels = cfg_drop(labels, self.cfg_dropout, self.null_index)
-        c = self.encoder.encode(labels)
-        return self.perturbation(c, labels, encoder=self.encoder, sample_index=sample_index, step=step)
+            cond = cfg_drop(cond, self.cfg_dropout, self.encoder.null_like(cond))
+        emb = self.encoder.embed(cond)
+        return self.perturbation(emb, cond, encoder=self.encoder, sample_index=sample_index, step=step)
 
     def forward(
         self,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        labels: torch.Tensor,
+        cond: torch.Tensor,
         *,
         sample_index: torch.Tensor | None = None,
         step: int | None = None,
+        **extra: Any,
     ) -> torch.Tensor:
-        if labels.shape[0] != x_t.shape[0]:
-            raise UserError(f"model input: {x_t.shape[0]} images but {labels.shape[0]} labels")
-        c = self.embed(labels, sample_index=sample_index, step=step)
-        return self.denoiser(x_t, t, c)
+        if cond.shape[0] != x_t.shape[0]:
+            raise UserError(f"model input: {x_t.shape[0]} images but {cond.shape[0]} conditions (labels or "
+                            "token-id rows)")
+        emb = self.embed(cond, sample_index=sample_index, step=step)
+        return self.denoiser(x_t, t, emb, **extra)
 
 
 def build_model(

@@ -10,6 +10,7 @@ control flow inside a block (``torch.compile`` friendly); bf16-autocast safe.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from condnoise.conditioning.embedding import CondEmbedding
 from condnoise.errors import UserError
 
 #: DiT family: name -> (hidden, depth, heads); sizes are "<name>/<patch>", patch in 2, 4, 8.
@@ -88,8 +90,9 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """``forward(x [B,C,H,W], t [B], c [B,cond_dim]) -> eps [B,C,H,W]`` (or ``[B,2C,H,W]`` with
-    ``learn_sigma``). ``c`` is projected to ``hidden`` when ``cond_dim != hidden``."""
+    """``forward(x [B,C,H,W], t [B], emb: CondEmbedding) -> eps [B,C,H,W]`` (or ``[B,2C,H,W]``
+    with ``learn_sigma``). ``emb.pooled [B, cond_dim]`` conditions adaLN (projected to
+    ``hidden`` when ``cond_dim != hidden``)."""
 
     def __init__(
         self,
@@ -149,10 +152,12 @@ class DiT(nn.Module):
         x = x.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, emb: CondEmbedding, **extra: Any) -> torch.Tensor:
+        if any(v is not None for v in extra.values()):
+            raise UserError(f"DiT takes no extra inputs {sorted(extra)}")
         h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         te = self.t_embed(timestep_embedding(t, self.freq_dim).to(self.t_embed[0].weight.dtype))
-        cond = te + self.c_proj(c)
+        cond = te + self.c_proj(emb.pooled)
         k = self.checkpoint_blocks if self.training else 0
         for i, blk in enumerate(self.blocks):
             if i < k:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from condnoise.conditioning.embedding import CondEmbedding
 from condnoise.errors import UserError
 
 #: preset -> U-Net settings. ``attention``: per resolution level, whether it has
@@ -48,8 +49,8 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class UNet(nn.Module):
-    """``forward(x [B,C,H,W], t [B], c [B,cond_dim]) -> eps``; ``c`` becomes the context
-    ``[B, 1, cond_dim]`` of every cross-attention layer."""
+    """``forward(x [B,C,H,W], t [B], emb: CondEmbedding) -> eps``; ``emb.tokens [B, L,
+    cond_dim]`` are the context of every cross-attention layer (a class: one token)."""
 
     def __init__(
         self,
@@ -97,5 +98,8 @@ class UNet(nn.Module):
         if checkpointing:
             self.net.enable_gradient_checkpointing()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t, encoder_hidden_states=c[:, None, :].to(x.dtype), return_dict=False)[0]
+    def forward(self, x: torch.Tensor, t: torch.Tensor, emb: CondEmbedding, **extra: Any) -> torch.Tensor:
+        """``extra`` goes to diffusers (``timestep_cond``, ``down_block_additional_residuals``,
+        ``mid_block_additional_residual``, ``down_intrablock_additional_residuals``)."""
+        return self.net(x, t, encoder_hidden_states=emb.tokens.to(x.dtype), return_dict=False,
+                        **extra)[0]  # fmt: skip
