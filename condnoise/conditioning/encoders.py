@@ -78,7 +78,7 @@ class ClassEmbedder(nn.Module):
         if len(values) and isinstance(values[0], str):
             raise UserError("this model conditions on class labels, but the data has captions "
                             "(train a text model: model.encoder.name bert-embed, minilm or clip)")  # fmt: skip
-        return torch.as_tensor(np.asarray(values, dtype=np.int64))
+        return torch.from_numpy(np.array(values, dtype=np.int64))
 
     def check(self, cond: torch.Tensor) -> None:
         """UserError for token ids (a text condition) or labels outside ``[0, num_classes]``."""

@@ -1,7 +1,8 @@
 """The conditional diffusion model: condition encoder -> perturbation -> denoiser.
 
 ``build_model(model_cfg, *, in_channels, image_size, num_classes)`` from the typed model
-config (:mod:`condnoise.models.config`, or a plain mapping of it).
+config (:mod:`condnoise.models.config`, or a plain mapping of it); the encoder is the
+class embedder or the text encoder of ``model.encoder``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 from condnoise.conditioning.embedding import CondEmbedding
 from condnoise.conditioning.encoders import ClassEmbedder, cfg_drop
 from condnoise.conditioning.perturb import Perturbation, build_perturbation
+from condnoise.conditioning.text import build_text_encoder
 from condnoise.errors import UserError
 from condnoise.models.config import ModelConfig
 
@@ -100,19 +102,33 @@ class ConditionalDiffusionModel(nn.Module):
         return self.denoiser(x_t, t, emb, **extra)
 
 
-def build_model(
-    model_cfg: ModelConfig | dict[str, Any], *, in_channels: int, image_size: int, num_classes: int
-) -> ConditionalDiffusionModel:
-    """Build encoder + perturbation + denoiser from a model config.
+def build_encoder(cfg: ModelConfig, resolved: dict[str, Any], num_classes: int) -> nn.Module:
+    """The condition encoder of a model config: the class embedder or a text encoder."""
+    enc = cfg.encoder
+    if not cfg.is_text:
+        if num_classes < 1:
+            raise UserError(f"build_model: a class model needs num_classes >= 1, got {num_classes} "
+                            "(captions need a text encoder: model.encoder.name bert-embed, minilm or clip)")  # fmt: skip
+        return ClassEmbedder(num_classes, resolved["cond_dim"], init_std=resolved["embed_init_std"])
+    assert enc is not None
+    return build_text_encoder(enc.name, path=enc.path, max_length=enc.max_length, dim=resolved["cond_dim"],
+                              depth=enc.depth, heads=enc.heads, cache_size=enc.cache_size)  # fmt: skip
 
-    The resolved config (every default filled in) is kept as ``model.config``.
+
+def build_model(
+    model_cfg: ModelConfig | dict[str, Any], *, in_channels: int, image_size: int, num_classes: int = 0
+) -> ConditionalDiffusionModel:
+    """Build encoder + perturbation + denoiser from a model config (``num_classes``: class
+    models only).
+
+    The resolved config (every default filled in; ``cond_dim`` = the encoder's token width)
+    is kept as ``model.config``.
     """
     cfg = ModelConfig.from_dict(model_cfg)
-    if num_classes < 1:
-        raise UserError(f"build_model: num_classes must be >= 1, got {num_classes}")
     resolved = cfg.resolved()
-    denoiser = cfg.build_denoiser(in_channels=in_channels, image_size=image_size)
-    encoder = ClassEmbedder(num_classes, resolved["cond_dim"], init_std=resolved["embed_init_std"])
+    encoder = build_encoder(cfg, resolved, num_classes)
+    resolved["cond_dim"] = encoder.dim
+    denoiser = cfg.build_denoiser(in_channels=in_channels, image_size=image_size, cond_dim=encoder.dim)
     perturbation = build_perturbation(**resolved["perturbation"])
     return ConditionalDiffusionModel(encoder, perturbation, denoiser,
                                      cfg_dropout=resolved["cfg_dropout"], config=resolved)  # fmt: skip
