@@ -130,14 +130,23 @@ def sample_records(folder: Path) -> tuple[np.ndarray, list[dict], str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("samples", nargs="+", type=Path, help="sample folders (OUT/s{scale}) with captions")
+    ap.add_argument("samples", nargs="*", type=Path, help="sample folders (OUT/s{scale}) with captions")
     ap.add_argument("--train", type=int, default=20000, help="real train renders for the classifier")
     ap.add_argument("--epochs", type=int, default=4, help="classifier epochs")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    ap.add_argument("--classifier", type=Path, default=None,
+                    help="weights file: loaded when it exists, else written after training")
     args = ap.parse_args()
     torch.set_num_threads(1)
     start = time.process_time()
-    net = train_classifier(args.train, args.epochs)
+    if args.classifier is not None and args.classifier.is_file():
+        net = AttributeNet()
+        net.load_state_dict(torch.load(args.classifier))
+        net.eval()
+    else:
+        net = train_classifier(args.train, args.epochs)
+        if args.classifier is not None:
+            torch.save(net.state_dict(), args.classifier)
     test = Scenes("test")
     n = 2000
     real = accuracies(net, test.images_uint8()[:n], test.records()[:n])
