@@ -217,3 +217,15 @@ def test_captions_source_and_kind_mismatch(tmp_path, scenes_env, capsys):
     assert main(["train", "fmnist-unet-s", "--run-dir", str(tmp_path / "r4"), "data.source=scenes",
                  "train.sample_every=0"]) == 2  # fmt: skip
     assert "has caption conditions but the config trains a class model" in capsys.readouterr().err
+
+
+def test_scenes_dit_preset_trains_and_samples(tmp_path, shards):
+    run = tmp_path / "dit"
+    assert main(["train", "scenes-dit-s", "--run-dir", str(run), "--max-steps", "2", f"data.source=wds:{shards}",
+                 "model.depth=2", *TINY[1:]]) == 0  # fmt: skip
+    cfg = json.loads((run / "run.json").read_text())["model_config"]
+    assert cfg["family"] == "dit" and cfg["encoder"]["name"] == "bert-embed" and cfg["cond_dim"] == 128
+    assert main(["sample", str(run), "--prompt", "a red bag", "--num", "2", "--steps", "2", "--guidance", "3",
+                 "--out", str(tmp_path / "gen")]) == 0  # fmt: skip
+    with np.load(tmp_path / "gen" / "s3" / "samples.npz") as z:
+        assert z["images"].shape == (2, 32, 32, 3)
