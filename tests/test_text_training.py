@@ -88,8 +88,8 @@ def test_wds_batches_resume_with_two_workers(shards):
 
     src = open_source(f"wds:{shards}")
 
-    def batches(start, k):
-        loader = DataLoader(_StreamBatches(src, 0, 4, 0, 1, start), batch_size=None, num_workers=2)
+    def batches(start, k, rank=0, world=1):
+        loader = DataLoader(_StreamBatches(src, 0, 4, rank, world, start), batch_size=None, num_workers=2)
         it = iter(loader)
         out = [next(it)[1].tolist() for _ in range(k)]
         del it
@@ -97,7 +97,12 @@ def test_wds_batches_resume_with_two_workers(shards):
 
     ref = batches(0, 12)
     assert batches(5, 7) == ref[5:]  # batch j comes from the worker of role j % 2
-    assert sorted(i for b in ref[:25] for i in b) == sorted(set(i for b in ref for i in b))
+    # two ranks x two workers = four readers of the five shards: disjoint, one epoch covers all
+    readers = [batches(0, 4, rank, 2) for rank in (0, 1)]
+    seen = [i for r in readers for b in r for i in b]
+    assert len(seen) == len(set(seen)) == 32
+    per_rank = [sorted(i for b in r for i in b) for r in readers]
+    assert not set(per_rank[0]) & set(per_rank[1])
 
 
 def _env():
