@@ -236,3 +236,22 @@ def test_scenes_dit_preset_trains_and_samples(tmp_path, shards):
                  "--out", str(tmp_path / "gen")]) == 0  # fmt: skip
     with np.load(tmp_path / "gen" / "s3" / "samples.npz") as z:
         assert z["images"].shape == (2, 32, 32, 3)
+
+
+def test_fixed_caption_swaps_reach_the_token_table(tmp_path, scenes_env):
+    from condnoise.conditioning.text import build_text_encoder
+    from condnoise.data.corruption import corrupt
+    from condnoise.training.config import DataConfig
+    from condnoise.training.data import TrainData
+
+    source = open_source("scenes", "train")
+    manifest = corrupt(source, "swap", 0.05, seed=0)
+    manifest.save(tmp_path / "swap", source.conditions())
+    data = TrainData(DataConfig(source="scenes", corruption=str(tmp_path / "swap"), max_samples=2000), 0)
+    enc = build_text_encoder("bert-embed", max_length=48, dim=32, depth=1, heads=2)
+    table = data.attach_encoder(enc)
+    clean = enc.tokenize(source.conditions()[:2000])
+    changed = (table != clean).any(1).numpy()
+    in_manifest = np.isin(np.arange(2000), manifest.index)
+    assert not (changed & ~in_manifest).any() and 50 < changed.sum() <= in_manifest.sum() < 150
+    assert torch.equal(table, enc.tokenize(data.dataset.conditions()[:2000]))
