@@ -1,7 +1,8 @@
 """The training loop shared by DiT and U-Net models (paper sections 3-4).
 
 Per optimizer step: one global batch (``train.batch_size`` samples over all ranks and
-``grad_accum`` micro-steps), loss ``E||eps - eps_theta(x_t, t, c + delta)||^2`` (the
+``grad_accum`` micro-steps), loss ``E||eps - eps_theta(x_t, t, c + delta)||^2`` (or its
+v-prediction / min-SNR-weighted form, ``diffusion.prediction`` / ``loss_weighting``; the
 perturbation delta and CFG dropout happen inside the model in training mode), AdamW
 with linear warm-up, global-norm gradient clipping, then an EMA update.
 
@@ -310,6 +311,8 @@ class Trainer:
                         self.forward_model, self.schedule, x0, labels,
                         t=t_all[rows], noise=noise_all[rows].to(x0.dtype),
                         ip_xi=self.model.input_perturbation,  # type: ignore[arg-type]
+                        weighting=self.cfg.diffusion.loss_weighting,
+                        min_snr_gamma=self.cfg.diffusion.min_snr_gamma,
                         sample_index=index, step=step,
                     )
                 (out.loss / t_cfg.grad_accum).backward()
@@ -397,9 +400,10 @@ class Trainer:
 
 
 def write_sample_grid(trainer: Trainer, step: int) -> Path:
-    """``samples/step_{step}.png``: ``sample_per_class`` EMA samples per class (rows), with
-    classifier-free guidance ``train.sample_guidance`` (up to 10 classes, evenly spaced);
-    :func:`condnoise.diffusion.sampling.sample_grid` with the trainer's settings."""
+    """``samples/step_{step}.png``: ``sample_per_class`` EMA samples per class (rows, each
+    labelled with its class name), with classifier-free guidance ``train.sample_guidance``
+    (up to 10 classes, evenly spaced); :func:`condnoise.diffusion.sampling.sample_grid` with
+    the trainer's settings."""
     from condnoise.diffusion.sampling import sample_grid
 
     t = trainer.cfg.train
@@ -413,6 +417,7 @@ def write_sample_grid(trainer: Trainer, step: int) -> Path:
         sampler=t.sample_sampler, autoencoder=trainer.autoencoder,
         clip_x0=trainer.latent_shape == trainer.image_shape,
         precision="bf16" if trainer.autocast_dtype == torch.bfloat16 else "fp32",
+        class_names=list(trainer.data.meta.class_names) or None,
     )  # fmt: skip
     return path
 
