@@ -9,7 +9,7 @@ Layout written by :func:`run_sweep` for every guidance scale s (directory name
                                           after the merge unless keep_shards)
     OUT/s{s}/samples.npz                  images uint8 [N,H,W,C], labels int64 [N] (requested)
     OUT/s{s}/meta.json                    run dir, checkpoint step, sampler, steps, guidance, ...
-    OUT/s{s}/grid.png                     a few samples per class, one row per class
+    OUT/s{s}/grid.png                     a few samples per class, one labelled row per class
     OUT/s{s}/png/{class}/{i:06d}.png      optional, one file per image
 
 Shards have a fixed size, are written atomically and skipped when present (resume).
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from condnoise import rng
-from condnoise.diffusion.grids import safe_name, save_grid, save_png, to_uint8
+from condnoise.diffusion.grids import safe_name, save_grid, save_labelled_grid, save_png, to_uint8
 from condnoise.diffusion.samplers import check_sampler, sample
 from condnoise.diffusion.seeding import initial_noise, requested_labels, sample_generators
 from condnoise.errors import UserError
@@ -164,9 +164,11 @@ def sample_grid(
     autoencoder: Any = None,
     clip_x0: bool = False,
     precision: str = "fp32",
+    class_names: Sequence[str] | None = None,
 ) -> np.ndarray:
     """A PNG grid, one row per class, ``per_class`` samples per row (the trainer's hook and
-    the study's per-model grid).
+    the study's per-model grid), each row labelled with its class name when ``class_names``
+    (indexed by class) is given (:func:`~condnoise.diffusion.grids.save_labelled_grid`).
 
     ``classes``: a class count (rows 0..K-1) or the class indices of the rows. ``shape`` is
     the denoiser's input shape ``(C,H,W)`` (latent shape for latent models); ``autoencoder``
@@ -186,7 +188,10 @@ def sample_grid(
         )  # fmt: skip
     finally:
         model.train(was_training)
-    save_grid(images, path, nrow=per_class)
+    if class_names is not None:
+        save_labelled_grid(images, [str(class_names[int(c)]) for c in rows], path, nrow=per_class)
+    else:
+        save_grid(images, path, nrow=per_class)
     return images
 
 
@@ -266,15 +271,20 @@ def merge_shards(scale_dir: Path, num: int, shard_size: int) -> tuple[np.ndarray
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
-def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int) -> None:
-    """One row per class (at most 16 classes), the first ``per_class`` samples of each."""
+def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int,
+               class_names: Sequence[str] | None = None) -> None:  # fmt: skip
+    """One row per class (at most 16 classes), the first ``per_class`` samples of each,
+    labelled with the class name when ``class_names`` is given."""
     classes = np.unique(labels)[:16]
     first = [np.flatnonzero(labels == c)[:per_class] for c in classes]
     n = min(per_class, min(len(f) for f in first))
     if n == 0:
         return
     picked = np.concatenate([f[:n] for f in first])
-    save_grid(images[picked], path, nrow=n)
+    if class_names is None:
+        save_grid(images[picked], path, nrow=n)
+    else:
+        save_labelled_grid(images[picked], [str(class_names[int(c)]) for c in classes], path, nrow=n)
 
 
 def run_sweep(
@@ -345,7 +355,7 @@ def _finish_scale(scale_dir: Path, spec: dict[str, Any], cfg: SweepConfig, run: 
     with atomic_open(scale_dir / "samples.npz", "wb") as f:
         np.savez(f, images=images, labels=labels)
     if cfg.grid_per_class > 0:
-        write_grid(images, labels, scale_dir / "grid.png", cfg.grid_per_class)
+        write_grid(images, labels, scale_dir / "grid.png", cfg.grid_per_class, run.class_names)
     if cfg.png:
         names = [safe_name(n) for n in run.class_names]
         for i, (img, y) in enumerate(zip(images, labels)):

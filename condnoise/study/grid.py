@@ -146,7 +146,9 @@ def _walk_cell(spec: StudySpec, cost: CostModel, train: Cell, arch: str,
     frames, per_class = int(spec.report["walk_frames"]), int(spec.report["grid_per_class"])
     config = {
         "stage": "walk", "train_key": train.key,
-        "sample": {k: settings.get(k) for k in ("sampler", "steps")}, "scale": _walk_scale(spec),
+        "sample": {k: settings.get(k) for k in ("sampler", "steps")}
+                  | ({"clip_x0": settings["clip_x0"]} if "clip_x0" in settings else {}),
+        "scale": _walk_scale(spec),
         "frames": frames, "grid_per_class": per_class, "seed": meta["seed"],
         "rng_version": rng.VERSION,
     }  # fmt: skip
