@@ -80,7 +80,8 @@ class _Cells:
 
 def build_cells(spec: StudySpec) -> list[Cell]:
     """Expand the study into cells in a valid execution order (dependencies first)."""
-    cost = CostModel(image_shape(spec), spec.cost, list(spec.evaluate["extractors"]))
+    cost = CostModel(image_shape(spec), spec.cost, list(spec.evaluate["extractors"]),
+                     ref_model=next(iter(spec.architectures.values())))  # fmt: skip
     cells = _Cells(spec.name)
     for v in spec.variants:
         for arch in v.architectures or tuple(spec.architectures):
