@@ -13,8 +13,8 @@ Layout written by :func:`run_sweep` for every guidance scale s (directory name
                                           int64 [N] (its index in the split for
                                           --captions-from, else -1)
     OUT/s{s}/meta.json                    run dir, checkpoint step, sampler, steps, guidance, ...
-    OUT/s{s}/grid.png                     a few samples per class / prompt, one row each
-                                          (prompts printed above their rows)
+    OUT/s{s}/grid.png                     a few samples per class / prompt, one labelled row
+                                          each (prompts printed above their rows)
     OUT/s{s}/png/{class}/{i:06d}.png      optional, one file per image
 
 Shards have a fixed size, are written atomically and skipped when present (resume).
@@ -240,7 +240,7 @@ def sample_grid(
     finally:
         model.train(was_training)
     if row_labels is not None:
-        save_labelled_grid(images, list(row_labels), path, nrow=per_class, scale=2)
+        save_labelled_grid(images, list(row_labels), path, nrow=per_class)
     else:
         save_grid(images, path, nrow=per_class)
     return images
@@ -324,8 +324,8 @@ def merge_shards(scale_dir: Path, num: int, shard_size: int) -> tuple[np.ndarray
 
 def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int,
                names: Sequence[str] | None = None) -> None:  # fmt: skip
-    """One row per class or prompt (at most 16), the first ``per_class`` samples of each;
-    ``names`` (the prompts) are printed above their rows."""
+    """One row per class or prompt (at most 16), the first ``per_class`` samples of each,
+    labelled with ``names[label]`` (class names or prompts) when given."""
     classes = np.unique(labels)[:16]
     first = [np.flatnonzero(labels == c)[:per_class] for c in classes]
     n = min(per_class, min(len(f) for f in first))
@@ -335,7 +335,7 @@ def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: in
     if names is None:
         save_grid(images[picked], path, nrow=n)
     else:
-        save_labelled_grid(images[picked], [names[int(c)] for c in classes], path, nrow=n, scale=2)
+        save_labelled_grid(images[picked], [str(names[int(c)]) for c in classes], path, nrow=n)
 
 
 def run_sweep(
@@ -437,8 +437,8 @@ def _finish_scale(scale_dir: Path, spec: dict[str, Any], cfg: SweepConfig, run: 
     with atomic_open(scale_dir / "samples.npz", "wb") as f:
         np.savez(f, images=images, labels=labels, **text)
     if cfg.grid_per_class > 0:
-        names = cfg.prompts.texts if cfg.prompts is not None else None
-        write_grid(images, labels, scale_dir / "grid.png", cfg.grid_per_class, names)
+        names = cfg.prompts.texts if cfg.prompts is not None else run.class_names
+        write_grid(images, labels, scale_dir / "grid.png", cfg.grid_per_class, names or None)
     if cfg.png and cfg.prompts is not None:
         for i, (img, y) in enumerate(zip(images, labels)):
             save_png(img, scale_dir / "png" / f"prompt_{int(y):05d}" / f"{i:06d}.png")

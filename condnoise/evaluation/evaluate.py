@@ -19,7 +19,13 @@ from condnoise import stats
 from condnoise.errors import UserError
 from condnoise.evaluation import metrics as M
 from condnoise.evaluation.classifier import cache_dir
-from condnoise.evaluation.features import Extractor, check_images, fit_resolution, get_extractor
+from condnoise.evaluation.features import (
+    Extractor,
+    check_images,
+    fit_resolution,
+    get_extractor,
+    round_trip,
+)
 from condnoise.evaluation.records import samples_hash, value_settings
 from condnoise.io import atomic_path
 
@@ -113,11 +119,16 @@ def load_reference(spec: str, limit: int | None = None) -> tuple[np.ndarray, np.
 
 
 def reference_features(extractor: Extractor, spec: str, limit: int | None = None,
-                       *, with_probs: bool = False) -> dict[str, np.ndarray]:
-    """Features of the reference set, cached as ``.npz`` (mu, sigma, features, labels[, probs])."""
+                       *, with_probs: bool = False, resolution: int | None = None
+                       ) -> dict[str, np.ndarray]:  # fmt: skip
+    """Features of the reference set, cached as ``.npz`` (mu, sigma, features, labels[, probs]).
+
+    ``resolution``: pass the images through a model of that size's pipeline first
+    (:func:`~condnoise.evaluation.features.round_trip`); None keeps them as they are."""
     data, split = parse_ref(spec)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{data}-{split}")
-    name = f"{safe}-n{limit or 'all'}-{extractor.name}-{extractor.fingerprint()}.npz"
+    res = f"-r{resolution}" if resolution else ""
+    name = f"{safe}-n{limit or 'all'}{res}-{extractor.name}-{extractor.fingerprint()}.npz"
     path = cache_dir() / "features" / name
     if path.is_file():
         with np.load(path) as z:
@@ -125,6 +136,8 @@ def reference_features(extractor: Extractor, spec: str, limit: int | None = None
         if not with_probs or "probs" in cached:
             return cached
     images, labels = load_reference(spec, limit)
+    if resolution:
+        images = round_trip(images, resolution)
     feats = extractor.extract(images)
     out = {"features": feats, "labels": labels, "mu": feats.mean(0, dtype=np.float64),
            "sigma": np.cov(feats.astype(np.float64), rowvar=False)}
@@ -212,12 +225,15 @@ class _Collector:
 def evaluate_samples(samples: Samples, cfg: EvalConfig) -> EvalResult:
     """All requested metrics for one sample folder (``record`` = the metrics.json object)
     plus the per-sample scores behind them."""
-    images = fit_resolution(samples.images, reference_size(cfg.ref),
-                            what=str(samples.folder / "samples.npz"))  # fmt: skip
+    ref_size = reference_size(cfg.ref)
+    images = fit_resolution(samples.images, ref_size, what=str(samples.folder / "samples.npz"))
+    size = samples.images.shape[1]
+    resolution = size if size < ref_size else None  # reference through the same pipeline
     train_ref = cfg.train_ref or f"{parse_ref(cfg.ref)[0]}:train"
     out = _Collector()
     for name in cfg.extractors:
-        _evaluate_extractor(get_extractor_cached(name), images, samples, cfg, train_ref, out)
+        _evaluate_extractor(get_extractor_cached(name), images, samples, cfg, train_ref, out,
+                            resolution)  # fmt: skip
     probs_wanted = [m for m in cfg.metrics if METRICS[m] == "probs"]
     if probs_wanted and not any(hasattr(get_extractor_cached(n), "probs") for n in cfg.extractors):
         raise UserError(f"metric(s) {', '.join(probs_wanted)} need a classifier extractor "
@@ -235,7 +251,8 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig) -> EvalResult:
         "sample_meta": samples.meta,
         "samples_sha256": samples_hash(samples.images, samples.labels),
         "settings": value_settings(cfg),
-        "reference": {"spec": cfg.ref, "train_spec": train_ref, "max_ref": cfg.max_ref},
+        "reference": {"spec": cfg.ref, "train_spec": train_ref, "max_ref": cfg.max_ref,
+                      "resolution": resolution},
         "metrics": out.metrics,
         "details": out.details,
     }
@@ -243,17 +260,20 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig) -> EvalResult:
 
 
 def _evaluate_extractor(ex: Extractor, images: np.ndarray, samples: Samples, cfg: EvalConfig,
-                        train_ref: str, out: _Collector) -> None:
-    """Every requested metric of one extractor: features once, reference features cached."""
+                        train_ref: str, out: _Collector, resolution: int | None = None) -> None:
+    """Every requested metric of one extractor: features once, reference features cached
+    (through the samples' resolution pipeline when ``resolution`` is set)."""
     feats = ex.extract(images)
     has_probs = hasattr(ex, "probs")
     needs_probs = has_probs and any(METRICS[m] == "probs" for m in cfg.metrics)
-    ref = reference_features(ex, cfg.ref, cfg.max_ref, with_probs=needs_probs)
+    ref = reference_features(ex, cfg.ref, cfg.max_ref, with_probs=needs_probs, resolution=resolution)
     _feature_metrics(ex.name, feats, ref, samples, cfg, out)
     if needs_probs:
-        _probability_metrics(ex.name, ex.probs(images), ref, samples.labels, cfg, out)
+        native = ref if resolution is None else reference_features(ex, cfg.ref, cfg.max_ref,
+                                                                    with_probs=True)  # fmt: skip
+        _probability_metrics(ex.name, ex.probs(images), ref, samples.labels, cfg, out, native)
     if {"knn-l2", "memorization"} & set(cfg.metrics):
-        train = reference_features(ex, train_ref, cfg.max_train)["features"]
+        train = reference_features(ex, train_ref, cfg.max_train, resolution=resolution)["features"]
         _train_metrics(ex.name, feats, ref["features"], train, cfg, out)
 
 
@@ -282,8 +302,10 @@ def _feature_metrics(name: str, feats: np.ndarray, ref: dict, samples: Samples,
 
 
 def _probability_metrics(name: str, probs: np.ndarray, ref: dict, labels: np.ndarray,
-                         cfg: EvalConfig, out: _Collector) -> None:
-    """IS-style score (samples and reference) and condition accuracy from a classifier."""
+                         cfg: EvalConfig, out: _Collector, native: dict) -> None:
+    """IS-style score (samples and reference) and condition accuracy from a classifier, with
+    the classifier's accuracy on the real reference images through the samples' pipeline
+    (``real_accuracy``) and as they are (``real_accuracy_native``)."""
     if "is" in cfg.metrics:
         mean, std = M.inception_score(probs, min(cfg.is_splits, len(probs)))
         out.put("is", name, mean)
@@ -291,6 +313,8 @@ def _probability_metrics(name: str, probs: np.ndarray, ref: dict, labels: np.nda
         out.put("is_real", name, M.inception_score(ref["probs"], cfg.is_splits)[0])
     if "condition-accuracy" in cfg.metrics:
         out.put("condition_accuracy", name, M.condition_accuracy(probs, labels))
+        out.put("real_accuracy", name, M.condition_accuracy(ref["probs"], ref["labels"]))
+        out.put("real_accuracy_native", name, M.condition_accuracy(native["probs"], native["labels"]))
 
 
 def _train_metrics(name: str, feats: np.ndarray, real: np.ndarray, train: np.ndarray,

@@ -5,7 +5,8 @@ cells it depends on), so changing anything upstream changes every key downstream
 A cell counts as finished only when ``CELL_DIR/done.json`` exists; it is written
 atomically as the very last step, so a study killed at any point resumes cleanly.
 The cell log (``STUDY_DIR/cells.jsonl``) records one JSON line per start / end / skip
-event with UTC timestamps, which the tests and ``--dry-run`` read back.
+event with UTC timestamps (``end``: wall ``seconds`` and the process's ``cpu_seconds``),
+which the tests and ``--dry-run`` read back.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ METRICS: dict[str, tuple[tuple[str, ...], str, bool]] = {
     "recall": (("recall",), "recall", False),
     "accuracy": (("accuracy", "condition_accuracy", "cond_accuracy"), "condition accuracy",
                  False),
+    "real_accuracy": (("real_accuracy",), "classifier accuracy on real test images "
+                      "(through the samples' resolution pipeline)", False),
+    "real_accuracy_native": (("real_accuracy_native",), "classifier accuracy on real test "
+                             "images (as they are)", False),
     "rmd_top1": (("rmd_top1", "top1_rmd", "rmd_top1pct", "rmd_top_1"), "top-1% RMD", False),
     "top5_l2": (("top5_l2", "avg_top5_l2", "avg_topk_l2"), "average top-5 L2", False),
     "memorization": (("memorization_ratio", "memorization"), "memorization ratio", True),
@@ -90,6 +94,16 @@ class StudyResults:
             if r["arch"] == arch and r["variant"] == variant:
                 out.setdefault(r["scale"], []).append(self.value(r, name))
         return {s: estimate(v) for s, v in sorted(out.items()) if estimate(v).n}
+
+    def reference_accuracy(self, arch: str) -> tuple[float, float] | None:
+        """The classifier's accuracy on the real reference images, (through the samples'
+        resolution pipeline, as they are), from ``arch``'s evaluated records; None if absent."""
+        for r in self.records:
+            if r["arch"] == arch:
+                a, b = self.value(r, "real_accuracy"), self.value(r, "real_accuracy_native")
+                if a == a:  # not NaN
+                    return a, (b if b == b else a)
+        return None
 
     def best_scale(self, arch: str, variant: str, name: str = "fid") -> float | None:
         """Scale with the best seed-mean of ``name`` (chosen on means: no seed picking)."""

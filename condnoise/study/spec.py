@@ -27,7 +27,7 @@ TOP_LEVEL = {
     "name", "description", "data", "seeds", "architectures", "variants", "corruption_grid",
     "ablation", "train", "sample", "evaluate", "report", "cost", "out_dir",
 }  # fmt: skip
-SAMPLE_KEYS = {"sampler", "steps", "num_samples", "guidance", "batch_size"}
+SAMPLE_KEYS = {"sampler", "steps", "num_samples", "guidance", "batch_size", "clip_x0"}
 EVALUATE_KEYS = {
     "extractors", "metrics", "reference_split", "reference_samples", "train_samples", "shrinkage",
 }  # fmt: skip

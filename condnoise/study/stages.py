@@ -125,6 +125,7 @@ def run_sample(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContex
         batch_size=int(s.get("batch_size", 256)),
         shard_size=max(int(s.get("batch_size", 256)), 1000),
         grid_per_class=8,
+        clip_x0=bool(s.get("clip_x0", False)),
     )
     (folder,) = run_sweep(run, run_dir, cell_dir, cfg)
     return {"samples": str(folder.relative_to(cell_dir) / "samples.npz")}
@@ -193,8 +194,9 @@ def run_walk(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext)
         run.model, run.schedule, run.num_classes, int(c["grid_per_class"]),
         cell_dir / "grid.png", shape=run.latent_shape, guidance=float(c["scale"]),
         steps=steps, seed=int(c["seed"]), sampler=sampler, autoencoder=run.autoencoder,
+        clip_x0=bool(c["sample"].get("clip_x0", False)), row_labels=[str(n) for n in run.class_names] or None,
     )  # fmt: skip
-    from condnoise.diffusion.grids import save_grid
+    from condnoise.diffusion.grids import save_labelled_grid
     from condnoise.diffusion.walk import noise_walk
 
     frames = int(c["frames"])
@@ -203,9 +205,11 @@ def run_walk(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext)
         images, _ = noise_walk(
             run.model, run.schedule, run.autoencoder, k, shape=run.latent_shape, frames=frames,
             seed=int(c["seed"]), guidance=float(c["scale"]), sampler=sampler, steps=steps,
+            clip_x0=bool(c["sample"].get("clip_x0", False)),
         )  # fmt: skip
         rows.append(images)
-    save_grid(np.concatenate(rows), cell_dir / "walk.png", nrow=frames)
+    save_labelled_grid(np.concatenate(rows), [str(n) for n in run.class_names[:len(rows)]],
+                       cell_dir / "walk.png", nrow=frames)  # fmt: skip
     return {}
 
 

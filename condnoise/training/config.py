@@ -45,6 +45,9 @@ class DiffusionConfig:
     num_steps: int = 1000
     beta_start: float | None = None  # null: the schedule's default
     beta_end: float | None = None
+    prediction: Literal["eps", "v"] = "eps"  # the model's output (v: Salimans & Ho 2022)
+    loss_weighting: Literal["none", "min-snr"] = "none"  # min-snr: Hang et al. 2023
+    min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (their default)
     # CFG dropout (model.cfg_dropout) and input perturbation (model.perturbation.ip, or
     # --perturb ip) belong to the model section: the model applies them in training mode.
 
@@ -146,6 +149,8 @@ def _check_ranges(cfg: Config, origin: str) -> None:
             raise UserError(f"{origin}: {key} must be >= 0, got {value}")
     if not t.lr > 0:
         raise UserError(f"{origin}: train.lr must be > 0, got {t.lr}")
+    if not cfg.diffusion.min_snr_gamma > 0:
+        raise UserError(f"{origin}: diffusion.min_snr_gamma must be > 0, got {cfg.diffusion.min_snr_gamma}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"{origin}: train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):

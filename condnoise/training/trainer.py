@@ -1,7 +1,8 @@
 """The training loop shared by DiT and U-Net models (paper sections 3-4).
 
 Per optimizer step: one global batch (``train.batch_size`` samples over all ranks and
-``grad_accum`` micro-steps), loss ``E||eps - eps_theta(x_t, t, c + delta)||^2`` (the
+``grad_accum`` micro-steps), loss ``E||eps - eps_theta(x_t, t, c + delta)||^2`` (or its
+v-prediction / min-SNR-weighted form, ``diffusion.prediction`` / ``loss_weighting``; the
 perturbation delta and CFG dropout happen inside the model in training mode), AdamW
 with linear warm-up, global-norm gradient clipping, then an EMA update.
 
@@ -339,6 +340,8 @@ class Trainer:
                         self.forward_model, self.schedule, x0, cond,
                         t=t_all[rows], noise=noise_all[rows].to(x0.dtype),
                         ip_xi=self.model.input_perturbation,  # type: ignore[arg-type]
+                        weighting=self.cfg.diffusion.loss_weighting,
+                        min_snr_gamma=self.cfg.diffusion.min_snr_gamma,
                         sample_index=index, step=step,
                     )
                 (out.loss / t_cfg.grad_accum).backward()
@@ -428,8 +431,9 @@ class Trainer:
 def write_sample_grid(trainer: Trainer, step: int) -> Path:
     """``samples/step_{step}.png``: ``sample_per_class`` EMA samples per row with
     classifier-free guidance ``train.sample_guidance``; rows are up to 10 classes (evenly
-    spaced) or, for text models, the first 8 training captions, printed above their row
-    (:func:`condnoise.diffusion.sampling.sample_grid` with the trainer's settings)."""
+    spaced) or, for text models, the first 8 training captions, each row labelled with its
+    class name or caption (:func:`condnoise.diffusion.sampling.sample_grid` with the
+    trainer's settings)."""
     from condnoise.diffusion.sampling import sample_grid
 
     t = trainer.cfg.train
@@ -440,7 +444,8 @@ def write_sample_grid(trainer: Trainer, step: int) -> Path:
     else:
         k = trainer.num_classes
         rows = torch.linspace(0, k - 1, steps=min(k, 10)).round().long().unique().tolist()
-        labels = None
+        names = trainer.data.meta.class_names
+        labels = [str(names[c]) for c in rows] if names else None
     path = trainer.run_dir / "samples" / f"step_{step:08d}.png"
     sample_grid(
         trainer.ema.module, trainer.schedule, rows, t.sample_per_class, path,
