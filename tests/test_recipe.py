@@ -74,6 +74,9 @@ class Oracle(torch.nn.Module):
         self.schedule, self.means, self.sigma, self.prediction = schedule, means, sigma, prediction
         self.null_index, self.input_perturbation = len(means), 0.0
 
+    def null_like(self, labels: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(labels, self.null_index)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         a = self.schedule.alphas_cumprod[t].double().view(-1, 1, 1, 1)
         mu = torch.cat([self.means, self.means.mean(0, keepdim=True)])[labels].double()

@@ -344,8 +344,9 @@ class ConvUNetConfig(ModelConfig):
     def default_cond_dim(self, arch: dict[str, Any]) -> int:
         return time_embed_dim(arch["channels"])
 
-    def build_denoiser(self, *, in_channels: int, image_size: int) -> nn.Module:
-        return ConvUNet(**self._common_kwargs(in_channels, image_size), **self.architecture())
+    def build_denoiser(self, *, in_channels: int, image_size: int, cond_dim: int | None = None) -> nn.Module:
+        kw = self._common_kwargs(in_channels, image_size) | ({"cond_dim": cond_dim} if cond_dim else {})
+        return ConvUNet(**kw, **self.architecture())
 
 
 #: family name -> its config class (the one registry of denoiser families)

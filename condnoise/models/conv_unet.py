@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from condnoise.conditioning.embedding import CondEmbedding
 from condnoise.errors import UserError
 
 #: size -> settings; ``channels`` per resolution level (one downsampling between levels)
@@ -37,7 +38,9 @@ def time_embed_dim(channels: list[int]) -> int:
 
 
 class ConvUNet(nn.Module):
-    """``forward(x [B,C,H,W], t [B], c [B,cond_dim]) -> eps or v``; ``c`` is the class vector."""
+    """``forward(x [B,C,H,W], t [B], emb: CondEmbedding, **extra) -> eps or v``; the
+    condition vector is ``emb.pooled`` (a class vector; for a text model the pooled caption,
+    a global condition only: no cross-attention)."""
 
     def __init__(
         self,
@@ -51,6 +54,7 @@ class ConvUNet(nn.Module):
         class_embed: str = "projection",
         learn_sigma: bool = False,
         checkpointing: bool = False,
+        text: bool = False,
     ) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
@@ -75,9 +79,10 @@ class ConvUNet(nn.Module):
         if checkpointing:
             self.net.enable_gradient_checkpointing()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t, encoder_hidden_states=None, class_labels=c.to(x.dtype),
-                        return_dict=False)[0]  # fmt: skip
+    def forward(self, x: torch.Tensor, t: torch.Tensor, emb: CondEmbedding, **extra: Any) -> torch.Tensor:
+        """``extra`` goes to diffusers (``timestep_cond``, adapter residuals)."""
+        return self.net(x, t, encoder_hidden_states=None, class_labels=emb.pooled.to(x.dtype),
+                        return_dict=False, **extra)[0]  # fmt: skip
 
 
 def _check(channels: list[int], groups: int, size: int, class_embed: str, cond_dim: int) -> None:
