@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from condnoise.errors import UserError
-from condnoise.io import atomic_path, write_json
+from condnoise.io import atomic_path, follow_umask, write_json
 from condnoise.paths import cache_dir
 from condnoise.provenance import environment
 
@@ -106,6 +106,7 @@ def train_classifier(out_dir: str | Path | None = None, *, epochs: int = 3, seed
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp))
+        follow_umask(tmp)  # safetensors writes 0600
     card = {
         "test_accuracy": acc, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
         "train_seconds": round(time.time() - start, 1), "feature_dim": FEATURE_DIM,
