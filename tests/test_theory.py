@@ -172,7 +172,7 @@ def test_cli_end_to_end(tmp_path) -> None:
     out = tmp_path / "lab"
     rc = main(["theory", "gmm", "--d", "3,8", "--n", "6,400", "--gamma", "0,0.1,0.3",
                "--seeds", "2", "--sweep-points", "9", "--sweep-seeds", "3",
-               "--sgd-iters", "150", "--sample-budget", "120000", "--out", str(out), "--quiet"])
+               "--sgd-iters", "150", "--sample-budget", "120000", "--out", str(out), "--no-progress"])
     assert rc == 0
     for name in ("table.csv", "table.json", "results.json", "provenance.json"):
         assert (out / name).is_file()
@@ -196,6 +196,6 @@ def test_cli_end_to_end(tmp_path) -> None:
     (["--d", "0"], "--d"),
 ])
 def test_bad_input_is_a_user_error(tmp_path, capsys, argv, needle) -> None:
-    rc = main(["theory", "gmm", *argv, "--out", str(tmp_path / "x"), "--quiet"])
+    rc = main(["theory", "gmm", *argv, "--out", str(tmp_path / "x"), "--no-progress"])
     assert rc == 2
     assert needle in capsys.readouterr().err
