@@ -101,6 +101,8 @@ CASES = [
     ("train-perturb", "train fmnist-dit-s --perturb cep-x --run-dir {root}/t", ["cep-x"], None),
     ("train-device", "train fmnist-dit-s --device gpu0 --run-dir {root}/t", ["--device", "'gpu0'"], None),
     ("train-not-a-run", "train fmnist-dit-s --run-dir {root}/manifests", ["{root}/manifests", "--force"], None),
+    ("train-dir-before-data", "train fmnist-dit-s data.source=imagefolder:{root}/no-images "
+     "--run-dir {root}/manifests", ["{root}/manifests", "--force"], None),
     ("train-existing", "train fmnist-dit-s --run-dir {root}/run", ["{root}/run", "--resume"], None),
     ("train-resume-none", "train fmnist-dit-s --resume --run-dir {root}/t", ["{root}/t", "--resume"], None),
     ("train-resume-changed", "train fmnist-dit-s --resume --run-dir {root}/run", ["{root}/run/config.yaml"], None),
@@ -124,6 +126,10 @@ CASES = [
     ("sample-step", SAMPLE + " --step 999", ["999"], None),
     ("sample-step-neg", SAMPLE + " --step -1", ["--step", "-1"], None),
     ("sample-device", SAMPLE + " --device cuda:x", ["--device", "'cuda:x'"], None),
+    # validated before the model is loaded: the broken checkpoint of run-wider is never read
+    ("sample-before-load", "sample {root}/run-wider --out {root}/gen --guidance abc", ["'abc'"], None),
+    ("sample-classes-before-load", "sample {root}/run-wider --out {root}/gen --classes zebra",
+     ["'zebra'"], None),
     ("sample-no-run", "sample {root}/nowhere --out {root}/gen", ["{root}/nowhere"], None),
     ("sample-not-a-run", "sample {root}/samples --out {root}/gen", ["{root}/samples"], None),
     ("sample-run-json", "sample {root}/run-json --out {root}/gen", ["{root}/run-json/run.json", "line 3 column 1"], None),
@@ -135,6 +141,7 @@ CASES = [
     ("sample-locked", SAMPLE.replace("{root}/gen", "{root}/manifests"), ["in use by"], "{root}/manifests"),
     # walk
     ("walk-class", "walk {root}/run --class zebra", ["'zebra'"], None),
+    ("walk-before-load", "walk {root}/run-wider --class zebra", ["'zebra'"], None),
     ("walk-frames", WALK + " --frames 1", ["--frames", "1"], None),
     ("walk-rows", WALK + " --rows 0", ["--rows", "0"], None),
     ("walk-guidance", WALK + " --guidance -1", ["--guidance", "-1"], None),
