@@ -50,11 +50,14 @@ def root(tmp_path_factory) -> Path:
     cfg.write_text(cfg.read_text().replace("hidden: 32", "hidden: 48"))
     (root / "manifests").mkdir()
     (root / "manifests" / "manifest.csv").write_text("index,original,corrupted\n")
+    (root / "manifests" / "provenance.json").write_text('{"config": {}}\n')  # not a run's
     (root / "in-the-way" / "summary.json").mkdir(parents=True)  # a folder where a file goes
     (root / "afile").write_text("not a folder")
     (root / "bad.yaml").write_text("model: [family: dit\n")
     (root / "study.yaml").write_text("name: x\nseeds: [0, 0]\n")
-    (root / "cache").mkdir()
+    (root / "cache").mkdir()  # the feature cache: a damaged fmnist-classifier, never trained here
+    (root / "cache" / "fmnist-classifier.safetensors").write_bytes(b"\x08\x00\x00\x00junk")
+    (root / "cache" / "fmnist-classifier.json").write_text('{"sha256": "0"}')
     return root
 
 
@@ -177,6 +180,7 @@ CASES = [
     ("evaluate-truncated", "evaluate {root}/broken/truncated", ["{root}/broken/truncated/samples.npz"], None),
     ("evaluate-meta", "evaluate {root}/broken/meta", ["{root}/broken/meta/meta.json", "line 2 column 9"], None),
     ("evaluate-labels", "evaluate {root}/broken/labels", ["{root}/broken/labels/samples.npz", "(5,)"], None),
+    ("evaluate-classifier", EVAL, ["{root}/cache", "fmnist-classifier"], None),
     ("evaluate-locked", EVAL, ["in use by", "{root}/samples/s1"], "{root}/samples/s1"),
     # theory
     ("gmm-d", GMM + " --d 0", ["--d", "0"], None),
@@ -233,6 +237,7 @@ def test_bad_input_exits_2_with_one_line(root, tiny_yaml, capsys, monkeypatch, a
     monkeypatch.setenv("CONDNOISE_CACHE", str(root / "cache"))
     monkeypatch.setenv("CONDNOISE_PROGRESS", "0")
     monkeypatch.chdir(root)  # a default output folder (runs/...) would show up in the snapshot
+    monkeypatch.setattr("condnoise.evaluation.evaluate._EXTRACTORS", {})  # built per case
     holder = Lock(Path(hold.format(root=root)) / LOCK_NAME, "another command").acquire() \
         if hold else None  # fmt: skip
     try:

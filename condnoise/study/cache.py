@@ -73,7 +73,7 @@ class CellLog:
             {"time_utc": now_utc(), "event": event, "cell": cell_id, "key": key, **extra}
         )
         # One short write per line with O_APPEND: lines from concurrent workers stay whole.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # umask applies
         try:
             os.write(fd, (line + "\n").encode())
         finally:

@@ -455,11 +455,11 @@ def train(
     path = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
     lock = folder_lock(path, "train") if dist.is_main else contextlib.nullcontext()
     with lock:
+        trainer = Trainer(cfg, run_dir=path, resume=resume, dist=dist, sample_hook=sample_hook,
+                          force=force, status=status)  # fmt: skip
         try:
-            trainer = Trainer(cfg, run_dir=path, resume=resume, dist=dist,
-                              sample_hook=sample_hook, force=force, status=status)  # fmt: skip
             return trainer.run()
         except BaseException:
-            if dist.is_main and not resume:
+            if dist.is_main and not resume:  # only files this call wrote
                 discard_unstarted(path)
             raise
