@@ -9,7 +9,6 @@ features are cached per (data, split, size limit, extractor fingerprint) as ``.n
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +20,14 @@ from condnoise.evaluation import metrics as M
 from condnoise.evaluation.classifier import cache_dir
 from condnoise.evaluation.features import (
     Extractor,
+    available_extractors,
     check_images,
     fit_resolution,
     get_extractor,
     round_trip,
 )
 from condnoise.evaluation.records import samples_hash, value_settings
-from condnoise.io import atomic_path
+from condnoise.io import atomic_path, read_json, read_npz
 
 SCHEMA = "condnoise.metrics/1"
 # metric option -> needs ("features": per extractor, "probs": classifier, "spatial": sFID net)
@@ -65,22 +65,20 @@ def find_sample_folders(path: str | Path) -> list[Path]:
 
 
 def load_samples(folder: Path) -> Samples:
+    """The images, labels and meta.json of a sample folder; UserError naming the file when
+    one is missing, damaged, truncated or of the wrong shape."""
     path = folder / "samples.npz"
-    try:
-        with np.load(path) as z:
-            missing = {"images", "labels"} - set(z.files)
-            if missing:
-                raise UserError(f"{path}: missing array(s) {sorted(missing)}")
-            images, labels = z["images"], z["labels"]
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    z = read_npz(path, ("images", "labels"))
+    images, labels = z["images"], z["labels"]
     if images.ndim == 3:
         images = images[..., None]
     check_images(images, str(path))
     if labels.shape != (len(images),):
         raise UserError(f"{path}: {len(images)} images but labels of shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: labels must be integers, got {labels.dtype}")
     meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_json(meta_path) if meta_path.exists() else {}
     return Samples(folder, images, labels.astype(np.int64), meta)
 
 
@@ -113,7 +111,9 @@ def load_reference(spec: str, limit: int | None = None) -> tuple[np.ndarray, np.
         x, y = ds.tensors()
         images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         images, labels = images.permute(0, 2, 3, 1).numpy(), y.numpy()
-    if limit:
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"reference size limit must be >= 1, got {limit}")
         images, labels = images[:limit], labels[:limit]
     return np.ascontiguousarray(images), np.asarray(labels, np.int64)
 
@@ -131,9 +131,11 @@ def reference_features(extractor: Extractor, spec: str, limit: int | None = None
     name = f"{safe}-n{limit or 'all'}{res}-{extractor.name}-{extractor.fingerprint()}.npz"
     path = cache_dir() / "features" / name
     if path.is_file():
-        with np.load(path) as z:
-            cached = {k: z[k] for k in z.files}
-        if not with_probs or "probs" in cached:
+        try:
+            cached = read_npz(path, ("features", "labels", "mu", "sigma"))
+        except UserError:  # a damaged cache entry (killed mid-write by an older version)
+            cached = {}
+        if cached and (not with_probs or "probs" in cached):
             return cached
     images, labels = load_reference(spec, limit)
     if resolution:
@@ -170,13 +172,38 @@ class EvalConfig:
     is_splits: int = 10
 
 
+#: EvalConfig fields with a natural range: (low, high, what)
+_RANGES = {
+    "k": (1, None, "--k"), "dc_k": (1, None, "--dc-k"), "shrinkage": (0.0, 1.0, "--shrinkage"),
+    "max_ref": (1, None, "--max-ref"), "max_train": (1, None, "--max-train"),
+    "memorization_threshold": (0.0, None, "--memorization-threshold"),
+    "memorization_percentile": (0.0, 100.0, "--memorization-percentile"),
+    "top_pr_seed": (0, None, "--seed"), "is_splits": (1, None, "is_splits"),
+}  # fmt: skip
+
+
 def validate_config(cfg: EvalConfig) -> None:
+    """Every setting of ``cfg`` (ranges, metric and extractor names), checked without
+    building an extractor or reading any data; UserError naming the first bad one."""
+    import math
+
+    for key, (lo, hi, flag) in _RANGES.items():
+        value = getattr(cfg, key)
+        if value is None and key in ("max_ref", "max_train", "memorization_threshold"):
+            continue
+        bad = not isinstance(value, int | float) or not math.isfinite(value) \
+            or value < lo or (hi is not None and value > hi)  # fmt: skip
+        if bad:
+            span = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise UserError(f"{flag} must be {span}, got {value}")
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown:
         raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from "
                         f"{', '.join(sorted(METRICS))}")
+    names = available_extractors()
     for name in cfg.extractors:
-        get_extractor_cached(name)  # raises UserError for unknown names
+        if name not in names:
+            raise UserError(f"unknown feature extractor {name!r}; choose from {', '.join(names)}")
 
 
 _EXTRACTORS: dict[str, Extractor] = {}
@@ -222,9 +249,12 @@ class _Collector:
         self.per_sample.setdefault(extractor, {})[name] = np.asarray(values, np.float64)
 
 
-def evaluate_samples(samples: Samples, cfg: EvalConfig) -> EvalResult:
+def evaluate_samples(samples: Samples, cfg: EvalConfig, *, progress: bool = False) -> EvalResult:
     """All requested metrics for one sample folder (``record`` = the metrics.json object)
-    plus the per-sample scores behind them."""
+    plus the per-sample scores behind them; ``progress``: bars over feature batches."""
+    validate_config(cfg)
+    for name in (*cfg.extractors, *(["inception-spatial"] if "sfid" in cfg.metrics else [])):
+        get_extractor_cached(name).progress = progress
     ref_size = reference_size(cfg.ref)
     images = fit_resolution(samples.images, ref_size, what=str(samples.folder / "samples.npz"))
     size = samples.images.shape[1]

@@ -96,6 +96,7 @@ class Extractor:
     dim: int = 0
     native_size: int | None = None  # centre-crop inputs to this size (None: any size)
     batch_size: int = 256
+    progress: bool = False  # a bar over batches (set by the caller, e.g. evaluate_samples)
 
     def fingerprint(self) -> str:
         """Identifies the weights (used in feature cache file names)."""
@@ -114,7 +115,8 @@ class Extractor:
             images = fit_resolution(images, self.native_size, what=f"{self.name} input")
         out = []
         n = len(images)
-        with tqdm(total=n, desc=desc, disable=n <= self.batch_size, leave=False) as bar:
+        quiet = not self.progress or n <= self.batch_size  # one batch: nothing to follow
+        with tqdm(total=n, desc=desc, disable=quiet, leave=False) as bar:
             for s in range(0, n, self.batch_size):
                 x = torch.from_numpy(np.array(images[s:s + self.batch_size]))
                 out.append(fn(x.permute(0, 3, 1, 2).float()).float().cpu())

@@ -9,13 +9,13 @@ the study's first feature extractor, so the report follows the evaluation stage'
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from condnoise.io import read_json, read_npz
 from condnoise.study.aggregate import Estimate, estimate, flatten
 from condnoise.study.cache import is_done
 from condnoise.study.grid import Cell, build_cells
@@ -127,7 +127,7 @@ def collect(spec: StudySpec, study_dir: Path) -> StudyResults:
             continue
         m = c.meta
         if c.stage == "evaluate":
-            raw = json.loads((d / "metrics.json").read_text())
+            raw = read_json(d / "metrics.json")
             if "schema" in raw:  # condnoise.metrics/1: {"metrics": {metric: {extractor: v}}}
                 raw = raw["metrics"]
             res.records.append({
@@ -136,7 +136,7 @@ def collect(spec: StudySpec, study_dir: Path) -> StudyResults:
             })  # fmt: skip
             res.eval_dirs[(m["arch"], m["variant"], m["seed"], float(m["scale"]))] = d
         elif c.stage == "train" and (d / "shift.json").is_file():
-            s = json.loads((d / "shift.json").read_text())["mean_l2_shift"]
+            s = read_json(d / "shift.json").get("mean_l2_shift", float("nan"))
             shifts.setdefault((m["arch"], m["variant"]), []).append(float(s))
         elif c.stage == "walk":
             res.images[(m["arch"], m["variant"])] = {
@@ -153,6 +153,6 @@ def load_rmd_scores(eval_dir: Path, extractor: str) -> np.ndarray | None:
     path = eval_dir / "per_sample.npz"
     if not path.is_file():
         return None
-    with np.load(path) as data:
-        key = f"rmd@{extractor}"
-        return np.asarray(data[key], dtype=np.float64) if key in data.files else None
+    data = read_npz(path)
+    key = f"rmd@{extractor}"
+    return np.asarray(data[key], dtype=np.float64) if key in data else None

@@ -15,7 +15,6 @@ Each function takes ``(cell, cell_dir, dep_dirs, ctx)``, writes its outputs unde
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,7 +126,7 @@ def run_sample(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContex
         grid_per_class=8,
         clip_x0=bool(s.get("clip_x0", False)),
     )
-    (folder,) = run_sweep(run, run_dir, cell_dir, cfg)
+    (folder,) = run_sweep(run, run_dir, cell_dir, cfg, progress=ctx.progress)
     return {"samples": str(folder.relative_to(cell_dir) / "samples.npz")}
 
 
@@ -152,7 +151,7 @@ def run_evaluate(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunCont
     scale = float(ctx.cells[cell.deps[0]].config["scale"])
     _runtime(ctx)
     result = evaluate_samples(load_samples(samples_path(deps["sample"], scale).parent),
-                              eval_config(cell.config))  # fmt: skip
+                              eval_config(cell.config), progress=ctx.progress)  # fmt: skip
     write_json(cell_dir / "metrics.json", result.record)
     with atomic_open(cell_dir / PER_SAMPLE_FILE, "wb") as f:
         np.savez(f, **result.score_arrays())
@@ -234,11 +233,9 @@ def run_theory(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContex
 
 
 def read_metrics(eval_dir: Path) -> dict[str, Any]:
-    path = eval_dir / "metrics.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    from condnoise.io import read_json
+
+    return read_json(eval_dir / "metrics.json")
 
 
 STAGE_FUNCTIONS = {

@@ -142,7 +142,7 @@ def _check_ranges(cfg: Config, origin: str) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"{origin}: {key} must be >= 1, got {value}")
-    nonneg = {"train.warmup": t.warmup, "train.sample_every": t.sample_every,
+    nonneg = {"train.warmup": t.warmup, "train.sample_every": t.sample_every, "train.seed": t.seed,
               "train.num_workers": t.num_workers, "train.weight_decay": t.weight_decay}  # fmt: skip
     for key, value in nonneg.items():
         if value < 0:
@@ -193,11 +193,18 @@ def _read_yaml(path: Path | Any, origin: str) -> dict[str, Any]:
     except OSError as e:
         raise UserError(f"cannot read config {origin}: {e}") from None
     except yaml.YAMLError as e:
-        msg = str(e).replace("\n", " ")
-        raise UserError(f"invalid YAML in {origin}: {msg}") from None
+        raise UserError(f"invalid YAML in {origin}: {_yaml_message(e)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{origin}: expected a mapping of sections at the top level")
     return raw
+
+
+def _yaml_message(e: yaml.YAMLError) -> str:
+    """One line: the problem and where (``line L column C``, 1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def resolve_source(preset_or_yaml: str) -> tuple[dict[str, Any], str, str]:
@@ -264,7 +271,9 @@ def config_from_yaml_text(text: str, origin: str) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"invalid YAML in {origin}: {e}") from None
+        raise UserError(f"invalid YAML in {origin}: {_yaml_message(e)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{origin}: expected a mapping of sections at the top level")
     cfg = Config.from_dict(raw, origin=origin)
     _check_ranges(cfg, origin)
     return cfg
