@@ -318,3 +318,24 @@ def test_student_config_refuses_what_breaks_the_copy(teacher):
 
     with pytest.raises(UserError, match="condnoise distill"):
         train(cfg)
+
+
+def test_a_cep_teacher_distils_as_is(teacher, tmp_path):
+    """A teacher pre-trained with CEP (here: the same weights under a cep-u config; CEP has no
+    parameters) is used in eval mode, unperturbed; the student's perturbation is its own."""
+    import shutil
+
+    from condnoise.training.runtime import load_run
+
+    cep = tmp_path / "cep-teacher"
+    shutil.copytree(teacher, cep)
+    text = (cep / "config.yaml").read_text()
+    (cep / "config.yaml").write_text(text.replace("perturbation:\n    name: none", "perturbation:\n    name: cep-u\n    gamma: 1.0"))
+    run, plain = load_run(cep), load_run(teacher)
+    assert run.model.perturbation.name == "cep-u" and not run.model.training
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(x, t, y), plain.model(x, t, y), rtol=0, atol=0)
+    assert _student(cep).model.perturbation == {"name": "none"}
+    both = _student(cep, {"name": "cep-u", "gamma": 0.5})
+    assert both.model.perturbation == {"name": "cep-u", "gamma": 0.5}

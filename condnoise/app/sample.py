@@ -185,9 +185,12 @@ def _run_facts(run_dir: Path) -> tuple[list[str], int, Any]:
     return [str(n) for n in names], config.diffusion.num_steps, config
 
 
-def _check_lcm(sampler: str, steps: list[int], config: Any) -> None:
-    """--sampler lcm needs an LCM student and at most its grid's N steps (checked before loading)."""
-    from condnoise.errors import UserError
+def _check_lcm(sampler: str, steps: list[int], config: Any, guidances: list[float]) -> None:
+    """--sampler lcm needs an LCM student and at most its grid's N steps (checked before
+    loading); a warning for a student sampled otherwise or outside its distilled guidance range."""
+    import warnings
+
+    from condnoise.errors import CondnoiseWarning, UserError
 
     lcm = getattr(config.model, "lcm", None)
     if sampler == "lcm" and lcm is None:
@@ -196,6 +199,14 @@ def _check_lcm(sampler: str, steps: list[int], config: Any) -> None:
     if sampler == "lcm" and max(steps) > lcm.solver_steps:
         raise UserError(f"--steps {max(steps)}: this LCM student was distilled on a {lcm.solver_steps}-step "
                         f"grid and samples in at most {lcm.solver_steps} steps")  # fmt: skip
+    if lcm is not None and sampler != "lcm":
+        warnings.warn(f"this run is an LCM student: --sampler {sampler} treats it as a diffusion model; "
+                      "--sampler lcm samples it as distilled", CondnoiseWarning, stacklevel=2)  # fmt: skip
+    d = getattr(config, "distill", None)
+    outside = [g for g in guidances if d is not None and not d.guidance_min <= g <= d.guidance_max]
+    if sampler == "lcm" and outside:
+        warnings.warn(f"--guidance {outside[0]:g} lies outside the range the student was distilled on "
+                      f"({d.guidance_min:g} to {d.guidance_max:g})", CondnoiseWarning, stacklevel=2)  # fmt: skip
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -225,7 +236,7 @@ def run_sample(args: argparse.Namespace) -> int:
     for n in steps if facts is not None else ():  # every setting checked before the model loads
         dataclasses.replace(cfg, steps=n).validate(facts[1])
     if facts is not None:
-        _check_lcm(args.sampler, steps, facts[2])
+        _check_lcm(args.sampler, steps, facts[2], guidances)
     info = init_distributed(args.device)
     lock = folder_lock(args.out, "sample") if info.is_main else contextlib.nullcontext()
     try:
