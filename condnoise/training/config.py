@@ -192,6 +192,10 @@ def _check_ranges(cfg: Config, origin: str) -> None:
     if t.sample_sampler == "lcm" and cfg.model.lcm is None:
         raise UserError(f"{origin}: train.sample_sampler lcm samples LCM students only (model.lcm); "
                         "choose ddpm, ddim or dpm++")  # fmt: skip
+    if t.sample_sampler == "lcm" and t.sample_steps > cfg.model.lcm.solver_steps:  # type: ignore[union-attr]
+        raise UserError(f"{origin}: train.sample_steps {t.sample_steps} > model.lcm.solver_steps "
+                        f"{cfg.model.lcm.solver_steps}: an LCM student samples in at most that many "  # type: ignore[union-attr]
+                        "steps")  # fmt: skip
     if cfg.model.lcm is not None and cfg.model.lcm.solver_steps > cfg.diffusion.num_steps:
         raise UserError(f"{origin}: model.lcm.solver_steps must be <= diffusion.num_steps "
                         f"{cfg.diffusion.num_steps}, got {cfg.model.lcm.solver_steps}")  # fmt: skip

@@ -44,8 +44,9 @@ LCD_TRAIN: dict[str, Any] = {
     "steps": 1000, "lr": 1e-4, "warmup": 0, "lr_schedule": "constant", "ema_decay": 0.95,
     "ema_warmup": False, "sample_sampler": "lcm", "sample_steps": 4,
 }  # fmt: skip
-#: model fields a student may change: everything else must be the teacher's architecture
-STUDENT_FIELDS = ("perturbation", "cfg_dropout", "lcm")
+#: model fields a student may change (checkpointing only trades memory for compute):
+#: everything else must be the teacher's architecture
+STUDENT_FIELDS = ("perturbation", "cfg_dropout", "lcm", "checkpointing")
 PERTURBATIONS = ("none", "cep-u", "cep-g")
 
 
@@ -80,6 +81,7 @@ def student_config(
     raw = teacher.to_dict()
     raw["model"].update(perturbation=pert, cfg_dropout=0.0, lcm=dict(lcm or {}))
     raw["train"].update(LCD_TRAIN)
+    raw["train"]["sample_steps"] = min(LCD_TRAIN["sample_steps"], int(raw["model"]["lcm"].get("solver_steps", 50)))
     steps = list_checkpoints(teacher_dir)
     if not steps:
         raise UserError(f"teacher {teacher_dir} has no checkpoint yet (train it longer)")
