@@ -13,8 +13,9 @@ two sub-keys), :func:`categorical` (inverse CDF), :func:`relabel` (symmetric lab
 :func:`derive_seed` (63 bits for a ``torch.Generator``) and :func:`generator`.
 
 Users: the sampler's per-sample seeds and random classes (``diffusion.seeding``), random
-label flips (``data.random_flip`` and the ``random-flip`` perturbation), fixed CEP
-(``conditioning.perturb``), the trainer's per-step and per-rank seeds (``training``).
+label flips and caption swaps (``data.random_flip`` and the ``random-flip`` perturbation),
+fixed CEP (``conditioning.perturb``), the per-epoch shard order of ``wds:`` training
+streams (``data.webdataset``), the trainer's per-step and per-rank seeds (``training``).
 :data:`VERSION` changes whenever any draw changes; checkpoints, sample folders and study
 cells record it, so a resume never mixes draws of two schemes.
 """

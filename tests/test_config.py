@@ -15,7 +15,8 @@ from condnoise.training.rundir import config_differences, default_run_dir
 
 
 def test_presets_ship_and_validate():
-    assert list_presets() == ["fmnist-dit-s", "fmnist-unet-s", "in1k-dit-xl2", "in1k-ldm4"]
+    assert list_presets() == ["fmnist-dit-s", "fmnist-unet-s", "in1k-dit-xl2", "in1k-ldm4", "scenes-dit-s",
+                              "scenes-unet-s"]  # fmt: skip
     for name in list_presets():
         cfg = load_config(name)
         assert cfg.run.name == name
@@ -25,6 +26,9 @@ def test_presets_ship_and_validate():
     assert xl.model.latent_shape == [4, 32, 32] and xl.train.precision == "bf16"
     fm = load_config("fmnist-dit-s")
     assert fm.data.source == "fashion-mnist" and fm.data.image_size == 32
+    sc = load_config("scenes-unet-s")
+    assert sc.data.source == "scenes" and sc.model.is_text and sc.model.encoder.name == "bert-embed"
+    assert sc.model.encoder.max_length == 48 and sc.model.cfg_dropout == 0.1
 
 
 def test_overrides_are_typed_and_dotted():

@@ -176,16 +176,16 @@ def test_cfg_null_class_and_perturbation_only_in_training():
     m = build_model(cfg, in_channels=1, image_size=16, num_classes=10)
     y = torch.randint(0, 10, (4000,))
     m.train()
-    c = m.embed(y)
+    c = m.embed(y).pooled
     is_null = torch.isclose(c, m.encoder.null_embedding()[None]).all(1)
     assert is_null.float().mean().item() == pytest.approx(0.5, abs=0.03)  # CFG dropout, unperturbed
     st = m.perturbation.stats()  # over the non-null rows, all of which are perturbed
     assert st["perturbed_fraction"] == 1.0
     assert st["mean_l2_shift"] == pytest.approx(5 / 3**0.5, rel=0.02)
     m.eval()
-    assert torch.equal(m.embed(y), m.encoder.encode(y))  # sampling: no dropout, no CEP
+    assert torch.equal(m.embed(y).pooled, m.encoder.encode(y))  # sampling: no dropout, no CEP
     null = torch.full((3,), m.null_index)
-    assert torch.equal(m.embed(null), m.encoder.null_embedding().expand(3, -1))
+    assert torch.equal(m.embed(null).pooled, m.encoder.null_embedding().expand(3, -1))
     assert m.null_index == 10 and m.num_classes == 10
 
 

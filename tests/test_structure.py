@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "theory": set(),
     "study": {"data", "conditioning", "models", "diffusion", "training", "evaluation", "theory"},
     "app": set(STAGES),
+    "cep": {"conditioning"},  # condnoise/cep.py: the public alias of conditioning/attach.py
 }
 
 

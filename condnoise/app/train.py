@@ -1,4 +1,4 @@
-"""``condnoise train``: train a class-conditional diffusion model from a preset or YAML file."""
+"""``condnoise train``: train a class- or text-conditional diffusion model from a preset or YAML file."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ examples:
   condnoise train fmnist-dit-s --perturb cep-g --gamma 0.5 train.steps=1000 train.lr=5e-4
   condnoise train fmnist-dit-s --corruption runs/corrupt-sym-5  # fixed label corruption (section 2)
   condnoise train fmnist-dit-s --perturb cep-u --resume         # continue after a crash / kill -9
+  condnoise train scenes-unet-s --perturb cep-u                # text: CEP-U on the caption tokens
+  condnoise train scenes-unet-s 'data.source=wds:shards/{000..009}.tar'   # streamed caption shards
   torchrun --nproc_per_node 2 -m condnoise train fmnist-dit-s   # DDP (gloo on CPU, NCCL on GPU)
 
 key=value overrides use dotted config keys (values parsed as YAML), e.g. train.batch_size=64,
-model.perturbation.gamma=0.5, data.max_samples=10000. Presets: fmnist-dit-s, fmnist-unet-s
-(CPU), in1k-dit-xl2, in1k-ldm4 (GPU, ImageNet via imagefolder:/wds:).
+model.perturbation.gamma=0.5, data.max_samples=10000. Presets: fmnist-dit-s, fmnist-unet-s,
+scenes-unet-s, scenes-dit-s (CPU; scenes: captions), in1k-dit-xl2, in1k-ldm4 (GPU, ImageNet
+via imagefolder:/wds:).
 """
 
 
@@ -24,13 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_parser(
         subparsers,
         "train",
-        help="train a class-conditional diffusion model (DiT / U-Net) with optional CEP",
+        help="train a class- or text-conditional diffusion model (DiT / U-Net) with optional CEP",
         description=__doc__,
         epilog=EPILOG,
     )
     p.__class__ = IntermixedParser
     p.add_argument("config", metavar="PRESET_OR_YAML", nargs="?",
-                   help="preset name (fmnist-dit-s, fmnist-unet-s, in1k-dit-xl2, in1k-ldm4) or YAML file")
+                   help="preset name (see --list-presets) or YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. train.lr=2e-4 model.perturbation.gamma=0.5")
     p.add_argument("--run-dir", default=None,

@@ -1,7 +1,8 @@
 """The conditional diffusion model: condition encoder -> perturbation -> denoiser.
 
 ``build_model(model_cfg, *, in_channels, image_size, num_classes)`` from the typed model
-config (:mod:`condnoise.models.config`, or a plain mapping of it).
+config (:mod:`condnoise.models.config`, or a plain mapping of it); the encoder is the
+class embedder or the text encoder of ``model.encoder``.
 """
 
 from __future__ import annotations
@@ -11,23 +12,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from condnoise.conditioning.embedding import CondEmbedding
 from condnoise.conditioning.encoders import ClassEmbedder, cfg_drop
 from condnoise.conditioning.perturb import Perturbation, build_perturbation
+from condnoise.conditioning.text import build_text_encoder
 from condnoise.errors import UserError
 from condnoise.models.config import ModelConfig
 
 
 class ConditionalDiffusionModel(nn.Module):
-    """``forward(x_t, t, labels, *, sample_index=None, step=None) -> eps``.
+    """``forward(x_t, t, cond, *, sample_index=None, step=None, **extra) -> model output``.
 
-    Training mode: labels go to the null class with probability ``cfg_dropout``, then the
-    embedding is perturbed (non-null rows only). Eval mode: neither (labels may hold
-    ``null_index`` for the unconditional branch of CFG).
+    ``cond``: class labels int64 ``[B]`` or token ids int64 ``[B, L]`` (text encoders), as
+    the encoder makes them (``encoder.as_cond`` / ``encoder.tokenize``). Training mode:
+    rows go to the null condition with probability ``cfg_dropout``, then the embedding is
+    perturbed (non-null rows, real tokens only). Eval mode: neither (``cond`` may hold null
+    rows, ``null_like(cond)``, for the unconditional branch of CFG). ``extra`` goes to the
+    denoiser (e.g. ``timestep_cond``, adapter residuals).
     """
 
     def __init__(
         self,
-        encoder: ClassEmbedder,
+        encoder: nn.Module,
         perturbation: Perturbation,
         denoiser: nn.Module,
         *,
@@ -40,11 +46,19 @@ class ConditionalDiffusionModel(nn.Module):
         self.config = config or {}
 
     @property
+    def condition_kind(self) -> str:
+        """``"class"`` or ``"text"`` (the encoder's kind)."""
+        return self.encoder.kind
+
+    @property
     def num_classes(self) -> int:
-        return self.encoder.num_classes
+        return int(getattr(self.encoder, "num_classes", 0))
 
     @property
     def null_index(self) -> int:
+        """The null class label (class models only)."""
+        if self.encoder.kind != "class":
+            raise UserError("a text model has no null class label; use model.null_like(cond)")
         return self.encoder.null_index
 
     @property
@@ -52,45 +66,69 @@ class ConditionalDiffusionModel(nn.Module):
         """xi of input perturbation (read by ``diffusion_loss``)."""
         return self.perturbation.input_perturbation
 
+    def null_like(self, cond: torch.Tensor) -> torch.Tensor:
+        """Null (unconditional) conditions of ``cond``'s shape: the null class / empty caption."""
+        return self.encoder.null_like(cond)
+
+    def is_null(self, cond: torch.Tensor) -> torch.Tensor:
+        """bool ``[B]``: rows holding the null condition."""
+        return self.encoder.is_null(cond)
+
     def embed(
-        self, labels: torch.Tensor, *, sample_index: torch.Tensor | None = None, step: int | None = None
-    ) -> torch.Tensor:
-        """Condition embedding ``[B, cond_dim]`` (CFG dropout and perturbation in training)."""
-        if labels.device.type == "cpu":
-            self.encoder.check_labels(labels)
+        self, cond: torch.Tensor, *, sample_index: torch.Tensor | None = None, step: int | None = None
+    ) -> CondEmbedding:
+        """The condition embedding (CFG dropout and perturbation in training mode)."""
+        if cond.device.type == "cpu":
+            self.encoder.check(cond)
         if self.training:
-            labels = cfg_drop(labels, self.cfg_dropout, self.null_index)
-        c = self.encoder.encode(labels)
-        return self.perturbation(c, labels, encoder=self.encoder, sample_index=sample_index, step=step)
+            cond = cfg_drop(cond, self.cfg_dropout, self.encoder.null_like(cond))
+        emb = self.encoder.embed(cond)
+        return self.perturbation(emb, cond, encoder=self.encoder, sample_index=sample_index, step=step)
 
     def forward(
         self,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        labels: torch.Tensor,
+        cond: torch.Tensor,
         *,
         sample_index: torch.Tensor | None = None,
         step: int | None = None,
+        **extra: Any,
     ) -> torch.Tensor:
-        if labels.shape[0] != x_t.shape[0]:
-            raise UserError(f"model input: {x_t.shape[0]} images but {labels.shape[0]} labels")
-        c = self.embed(labels, sample_index=sample_index, step=step)
-        return self.denoiser(x_t, t, c)
+        if cond.shape[0] != x_t.shape[0]:
+            raise UserError(f"model input: {x_t.shape[0]} images but {cond.shape[0]} conditions (labels or "
+                            "token-id rows)")
+        emb = self.embed(cond, sample_index=sample_index, step=step)
+        return self.denoiser(x_t, t, emb, **extra)
+
+
+def build_encoder(cfg: ModelConfig, resolved: dict[str, Any], num_classes: int) -> nn.Module:
+    """The condition encoder of a model config: the class embedder or a text encoder."""
+    enc = cfg.encoder
+    if not cfg.is_text:
+        if num_classes < 1:
+            raise UserError(f"build_model: a class model needs num_classes >= 1, got {num_classes} "
+                            "(captions need a text encoder: model.encoder.name bert-embed, minilm or clip)")  # fmt: skip
+        return ClassEmbedder(num_classes, resolved["cond_dim"], init_std=resolved["embed_init_std"])
+    assert enc is not None
+    return build_text_encoder(enc.name, path=enc.path, max_length=enc.max_length, dim=resolved["cond_dim"],
+                              depth=enc.depth, heads=enc.heads, cache_size=enc.cache_size)  # fmt: skip
 
 
 def build_model(
-    model_cfg: ModelConfig | dict[str, Any], *, in_channels: int, image_size: int, num_classes: int
+    model_cfg: ModelConfig | dict[str, Any], *, in_channels: int, image_size: int, num_classes: int = 0
 ) -> ConditionalDiffusionModel:
-    """Build encoder + perturbation + denoiser from a model config.
+    """Build encoder + perturbation + denoiser from a model config (``num_classes``: class
+    models only).
 
-    The resolved config (every default filled in) is kept as ``model.config``.
+    The resolved config (every default filled in; ``cond_dim`` = the encoder's token width)
+    is kept as ``model.config``.
     """
     cfg = ModelConfig.from_dict(model_cfg)
-    if num_classes < 1:
-        raise UserError(f"build_model: num_classes must be >= 1, got {num_classes}")
     resolved = cfg.resolved()
-    denoiser = cfg.build_denoiser(in_channels=in_channels, image_size=image_size)
-    encoder = ClassEmbedder(num_classes, resolved["cond_dim"], init_std=resolved["embed_init_std"])
+    encoder = build_encoder(cfg, resolved, num_classes)
+    resolved["cond_dim"] = encoder.dim
+    denoiser = cfg.build_denoiser(in_channels=in_channels, image_size=image_size, cond_dim=encoder.dim)
     perturbation = build_perturbation(**resolved["perturbation"])
     return ConditionalDiffusionModel(encoder, perturbation, denoiser,
                                      cfg_dropout=resolved["cfg_dropout"], config=resolved)  # fmt: skip

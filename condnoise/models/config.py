@@ -10,7 +10,9 @@ YAML stays flat (every key has a default; the run's ``config.yaml`` holds them a
     checkpointing: false    # activation checkpointing: true = every block, k = the first k blocks
     cond_dim: null          # embedding size; null = DiT hidden / U-Net preset context size
     embed_init_std: null    # null = 0.02 (DiT) / 1.0 (LDM's nn.Embedding default)
-    cfg_dropout: 0.1        # probability of the null class in training (CFG)
+    cfg_dropout: 0.1        # probability of the null condition in training (CFG)
+    encoder: null           # {name: class | bert-embed | minilm | clip, path, max_length, depth,
+                            #  heads, cache_size}; null = class labels
     perturbation: {name: none}   # plus that perturbation's fields (see perturbation_choices)
     autoencoder: null       # {kind: identity | kl | vq, path, scaling_factor}; null = pixels
     latent_shape: null      # [C, H, W] the denoiser sees (lets latent configs validate offline)
@@ -33,6 +35,7 @@ from torch import nn
 
 from condnoise import schema
 from condnoise.conditioning.perturb import build_perturbation, perturbation_choices
+from condnoise.conditioning.text import ENCODERS
 from condnoise.errors import UserError
 from condnoise.models.dit import DIT_CONFIGS, DiT, dit_sizes
 from condnoise.models.unet import UNET_PRESETS, UNet
@@ -58,6 +61,37 @@ class AutoencoderConfig:
 
 
 @dataclass
+class EncoderConfig:
+    """The condition encoder ``c_theta`` (paper Sec. 3): class labels or captions
+    (:mod:`condnoise.conditioning.text`)."""
+
+    name: str = "class"  # class | bert-embed | minilm | clip
+    path: str | None = None  # bert-embed: vocab.txt (or its folder); minilm / clip: model folder (clip: or hub id)
+    max_length: int = 77  # token ids per caption (LDM / CLIP: 77)
+    depth: int = 2  # bert-embed transformer layers (width = cond_dim)
+    heads: int = 4  # bert-embed attention heads
+    cache_size: int = 0  # minilm / clip: captions whose token states are kept (LRU)
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, origin: str = "encoder", prefix: str = "encoder.") -> EncoderConfig:
+        cfg = raw if isinstance(raw, cls) else schema.build(cls, raw, origin, prefix)
+        if cfg.name not in ENCODERS:
+            raise UserError(f"{origin}: {prefix}name: unknown encoder {cfg.name!r}; choose one of "
+                            f"{', '.join(ENCODERS)}")  # fmt: skip
+        for key in ("max_length", "depth", "heads"):
+            if getattr(cfg, key) < (2 if key == "max_length" else 1):
+                raise UserError(f"{origin}: {prefix}{key} must be >= {2 if key == 'max_length' else 1}, "
+                                f"got {getattr(cfg, key)}")  # fmt: skip
+        if cfg.cache_size < 0:
+            raise UserError(f"{origin}: {prefix}cache_size must be >= 0, got {cfg.cache_size}")
+        return cfg
+
+    @property
+    def is_text(self) -> bool:
+        return self.name != "class"
+
+
+@dataclass
 class ModelConfig:
     """Fields every family has; :meth:`from_dict` builds the family's subclass."""
 
@@ -68,6 +102,7 @@ class ModelConfig:
     cond_dim: int | None = None
     embed_init_std: float | None = None
     cfg_dropout: float = 0.1
+    encoder: EncoderConfig | None = None  # null: class labels
     perturbation: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     autoencoder: AutoencoderConfig | None = None
     latent_shape: list[int] | None = None
@@ -110,7 +145,8 @@ class ModelConfig:
     def default_cond_dim(self, arch: dict[str, Any]) -> int:
         raise NotImplementedError
 
-    def build_denoiser(self, *, in_channels: int, image_size: int) -> nn.Module:
+    def build_denoiser(self, *, in_channels: int, image_size: int, cond_dim: int | None = None) -> nn.Module:
+        """The denoiser; ``cond_dim`` overrides the width (a frozen text encoder's)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
@@ -139,6 +175,11 @@ class ModelConfig:
             raise bad("latent_shape", "[C, H, W] positive integers")
         if self.autoencoder is not None:
             AutoencoderConfig.from_dict(self.autoencoder, origin=origin, prefix=f"{prefix}autoencoder.")
+        if self.encoder is not None:
+            EncoderConfig.from_dict(self.encoder, origin=origin, prefix=f"{prefix}encoder.")
+        if self.is_text and self.perturbation["name"] == "label-smoothing":
+            raise UserError(f"{origin}: {prefix}perturbation label-smoothing needs class labels; "
+                            f"{prefix}encoder.name is {self.encoder.name}")  # fmt: skip
         for key, value in self.architecture().items():
             if key in ("hidden", "depth", "heads", "patch", "layers_per_block", "norm_groups") \
                     and value < 1:  # fmt: skip
@@ -164,6 +205,7 @@ class ModelConfig:
             "embed_init_std": float(self.DEFAULT_EMBED_STD if self.embed_init_std is None
                                     else self.embed_init_std),
             "cfg_dropout": float(self.cfg_dropout),
+            **({"encoder": dataclasses.asdict(self.encoder)} if self.encoder is not None else {}),
             "perturbation": {"name": pert["name"], **params},
             "autoencoder": None if self.autoencoder is None else dataclasses.asdict(self.autoencoder),
             "latent_shape": self.latent_shape,
@@ -172,16 +214,22 @@ class ModelConfig:
     def resolved_checkpointing(self) -> bool | int:
         return self.checkpointing
 
+    @property
+    def is_text(self) -> bool:
+        """Whether the model conditions on captions (a text encoder)."""
+        return self.encoder is not None and self.encoder.is_text
+
     def _common_kwargs(self, in_channels: int, image_size: int) -> dict[str, Any]:
         arch = self.architecture()
         return dict(in_channels=in_channels, image_size=image_size,
-                    cond_dim=self.cond_dim or self.default_cond_dim(arch),
+                    cond_dim=self.cond_dim or self.default_cond_dim(arch), text=self.is_text,
                     learn_sigma=self.learn_sigma, checkpointing=self.resolved_checkpointing())  # fmt: skip
 
 
 @dataclass
 class DiTConfig(ModelConfig):
-    """Own DiT (adaLN-Zero on the condition vector, Peebles & Xie 2023)."""
+    """Own DiT (adaLN-Zero on the condition vector, Peebles & Xie 2023; text models add a
+    cross-attention layer on the tokens to every block)."""
 
     family: str = "dit"
     hidden: int | None = None
@@ -207,13 +255,15 @@ class DiTConfig(ModelConfig):
     def default_cond_dim(self, arch: dict[str, Any]) -> int:
         return arch["hidden"]
 
-    def build_denoiser(self, *, in_channels: int, image_size: int) -> nn.Module:
-        return DiT(**self._common_kwargs(in_channels, image_size), **self.architecture())
+    def build_denoiser(self, *, in_channels: int, image_size: int, cond_dim: int | None = None) -> nn.Module:
+        kw = self._common_kwargs(in_channels, image_size) | ({"cond_dim": cond_dim} if cond_dim else {})
+        return DiT(**kw, **self.architecture())
 
 
 @dataclass
 class UNetConfig(ModelConfig):
-    """diffusers ``UNet2DConditionModel`` with the condition as a one-token context (LDM)."""
+    """diffusers ``UNet2DConditionModel`` cross-attending to the condition's tokens (LDM;
+    a class is a one-token context)."""
 
     family: str = "unet"
     channels: list[int] | None = None
@@ -246,8 +296,9 @@ class UNetConfig(ModelConfig):
     def default_cond_dim(self, arch: dict[str, Any]) -> int:
         return UNET_PRESETS[self.size_name]["cond_dim"]
 
-    def build_denoiser(self, *, in_channels: int, image_size: int) -> nn.Module:
-        return UNet(**self._common_kwargs(in_channels, image_size), **self.architecture())
+    def build_denoiser(self, *, in_channels: int, image_size: int, cond_dim: int | None = None) -> nn.Module:
+        kw = self._common_kwargs(in_channels, image_size) | ({"cond_dim": cond_dim} if cond_dim else {})
+        return UNet(**kw, **self.architecture())
 
 
 #: family name -> its config class (the one registry of denoiser families)
@@ -268,5 +319,6 @@ def model_choices() -> dict[str, Any]:
         "overrides": {name: [f.name for f in dataclasses.fields(cls) if f.name not in shared]
                       for name, cls in FAMILIES.items()},  # fmt: skip
         "perturbation": perturbation_choices(),
+        "encoder": list(ENCODERS),
         "autoencoder": ["identity", "kl", "vq"],
     }

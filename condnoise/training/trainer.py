@@ -144,11 +144,23 @@ class Trainer:
         return t.batch_size // (t.grad_accum * world)
 
     def _build_data(self, data: TrainData | None) -> None:
-        """The batch stream (``cfg.data`` unless given); labels must leave room for null."""
+        """The batch stream (``cfg.data`` unless given); labels must leave room for null,
+        captions need a text model (and class labels a class model)."""
         self.data = data if data is not None else TrainData(self.cfg.data, self.cfg.train.seed)
         meta = self.data.meta
         self.num_classes = meta.num_classes
         self.image_shape = tuple(meta.image_shape)
+        text = self.cfg.model.is_text
+        if (meta.condition_kind == "caption") != text:
+            model = f"a text model (encoder {self.cfg.model.encoder.name})" if text else "a class model"
+            raise UserError(
+                f"data.source {self.cfg.data.source!r} has {meta.condition_kind} conditions but the "
+                f"config trains {model}; set model.encoder.name to "
+                f"{'class' if not text else 'bert-embed, minilm or clip'} or use a "
+                f"{'captioned' if not text else 'class-labelled'} source"
+            )
+        if text:
+            return
         labels = np.asarray(self.data.dataset.conditions())
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise UserError(
@@ -166,6 +178,9 @@ class Trainer:
         self.schedule = build_schedule(cfg)
         self.model = build_model(cfg, self.latent_shape, self.num_classes).to(self.device)
         self.model.train()
+        table = self.data.attach_encoder(self.model.encoder)  # captions tokenized once
+        if hasattr(self.model.perturbation, "bind_conditions"):  # random caption swaps
+            self.model.perturbation.bind_conditions(table)
         self.ema = EMA(self.model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
 
     def _build_optimizer(self) -> None:
@@ -246,6 +261,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.position = Position(**state["position"])
+        self._check_stream_layout(state.get("stream_layout"))
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             ckpt.restore_rng(rngs[self.dist.rank])
@@ -253,6 +269,18 @@ class Trainer:
             ckpt.seed_everything(self.cfg.train.seed, self.dist.rank, step=self.step)
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.step)
+
+    def _stream_layout(self) -> list[int] | None:
+        """``[world size, data workers]`` of a streaming source (its shards' split)."""
+        return [self.dist.world_size, self.cfg.train.num_workers] if self.data.streaming else None
+
+    def _check_stream_layout(self, saved: list[int] | None) -> None:
+        if self.data.streaming and saved is not None and list(saved) != self._stream_layout():
+            raise UserError(
+                f"--resume: this wds: run streamed with world size x train.num_workers = "
+                f"{saved[0]} x {saved[1]}; resume it with the same (now {self.dist.world_size} x "
+                f"{self.cfg.train.num_workers}), which split the shards"
+            )
 
     def save(self) -> Path | None:
         """Checkpoint the current step (collective: every rank contributes its RNG state)."""
@@ -267,6 +295,7 @@ class Trainer:
                 "rng": rngs,
                 "rng_version": rng.VERSION,
                 "world_size": self.dist.world_size,
+                "stream_layout": self._stream_layout(),
             }
             path = ckpt.save_checkpoint(
                 self.run_dir, self.step, self.model, self.ema.module, state,
@@ -295,10 +324,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for m in range(t_cfg.grad_accum):
-            images, labels, index = next(micro_batches)
+            images, cond, index = next(micro_batches)
             rows = global_slice(self.micro, m, self.dist.world_size, self.dist.rank)
             images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            cond = cond.to(self.device, non_blocking=True)
             index = index.to(self.device, non_blocking=True)
             with torch.no_grad():
                 x0 = self.autoencoder.encode(images)
@@ -307,7 +336,7 @@ class Trainer:
             with ctx:
                 with self._autocast():
                     out = diffusion_loss(
-                        self.forward_model, self.schedule, x0, labels,
+                        self.forward_model, self.schedule, x0, cond,
                         t=t_all[rows], noise=noise_all[rows].to(x0.dtype),
                         ip_xi=self.model.input_perturbation,  # type: ignore[arg-type]
                         sample_index=index, step=step,
@@ -397,22 +426,29 @@ class Trainer:
 
 
 def write_sample_grid(trainer: Trainer, step: int) -> Path:
-    """``samples/step_{step}.png``: ``sample_per_class`` EMA samples per class (rows), with
-    classifier-free guidance ``train.sample_guidance`` (up to 10 classes, evenly spaced);
-    :func:`condnoise.diffusion.sampling.sample_grid` with the trainer's settings."""
+    """``samples/step_{step}.png``: ``sample_per_class`` EMA samples per row with
+    classifier-free guidance ``train.sample_guidance``; rows are up to 10 classes (evenly
+    spaced) or, for text models, the first 8 training captions, printed above their row
+    (:func:`condnoise.diffusion.sampling.sample_grid` with the trainer's settings)."""
     from condnoise.diffusion.sampling import sample_grid
 
     t = trainer.cfg.train
-    k = trainer.num_classes
-    classes = torch.linspace(0, k - 1, steps=min(k, 10)).round().long().unique().tolist()
+    if trainer.cfg.model.is_text:
+        table = trainer.data.cond_table
+        rows: Any = table[: min(8, len(table))]
+        labels = list(trainer.data.dataset.conditions()[: len(rows)])
+    else:
+        k = trainer.num_classes
+        rows = torch.linspace(0, k - 1, steps=min(k, 10)).round().long().unique().tolist()
+        labels = None
     path = trainer.run_dir / "samples" / f"step_{step:08d}.png"
     sample_grid(
-        trainer.ema.module, trainer.schedule, classes, t.sample_per_class, path,
+        trainer.ema.module, trainer.schedule, rows, t.sample_per_class, path,
         shape=trainer.latent_shape, guidance=t.sample_guidance,
         steps=min(t.sample_steps, trainer.schedule.num_steps), seed=t.seed,
         sampler=t.sample_sampler, autoencoder=trainer.autoencoder,
         clip_x0=trainer.latent_shape == trainer.image_shape,
-        precision="bf16" if trainer.autocast_dtype == torch.bfloat16 else "fp32",
+        precision="bf16" if trainer.autocast_dtype == torch.bfloat16 else "fp32", row_labels=labels,
     )  # fmt: skip
     return path
 
