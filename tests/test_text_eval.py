@@ -209,7 +209,11 @@ def test_features_train_help_and_list(capsys):
         main(["features", "train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "{fmnist-classifier,scenes-recognizer,scenes-clip}" in text
-    assert f"scenes-recognizer {R.EPOCHS}" in text and "(default: fmnist-classifier)" in text
+    from condnoise.evaluation import scenes_clip as C
+
+    assert f"scenes-recognizer {R.EPOCHS}" in text and f"scenes-clip {C.EPOCHS})" in text
+    assert f"scenes-recognizer {R.NUM_TRAIN}" in text and f"scenes-clip {C.NUM_TRAIN})" in text
+    assert "(default: fmnist-classifier)" in text
     assert main(["features", "list"]) == 0
     assert {"scenes-clip", "clip:PATH"} <= set(capsys.readouterr().out.split())
     with pytest.raises(SystemExit):

