@@ -308,7 +308,8 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig) -> EvalResult:
 
 
 def _check_conditions(samples: Samples, cfg: EvalConfig) -> None:
-    """Class metrics need class labels, prompt metrics need prompts (one line otherwise)."""
+    """Class metrics need class labels, prompt metrics need prompts, R-precision a captioned
+    reference (one line otherwise, before any work)."""
     need_labels = [m for m in cfg.metrics if m in LABEL_METRICS]
     if need_labels and not samples.has_labels:
         raise UserError(f"{samples.folder}: metric(s) {', '.join(need_labels)} need the requested "
@@ -318,6 +319,8 @@ def _check_conditions(samples: Samples, cfg: EvalConfig) -> None:
         raise UserError(f"{samples.folder}: metric(s) {', '.join(need_prompts)} need the prompts "
                         "the samples were generated from (captions, or source_split + "
                         "source_indices, in samples.npz or meta.json); none found")
+    if "r-precision" in cfg.metrics:
+        reference_captions(cfg.ref, 1)  # the distractor pool exists (UserError otherwise)
 
 
 def _check_extractors(cfg: EvalConfig) -> None:

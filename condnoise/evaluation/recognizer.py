@@ -212,7 +212,7 @@ def ceiling(model: SceneRecognizer, *, data_dir: str | None = None, seed: int = 
 
     out = {}
     for split in ("test", "test-novel"):
-        ds = Scenes(split, data_dir=data_dir)
+        ds = Scenes(split, data_dir=data_dir, num_samples=num)  # all: cached
         target = {k: v[:num] for k, v in layout_targets(ds.layout).items()}
         pred = predict(model, ds.images_uint8()[:num])
         out[split] = attribute_accuracy(pred, target)

@@ -139,7 +139,7 @@ def real_pair_scores(model: ScenesCLIP, *, data_dir: str | None = None, seed: in
 
     out = {}
     for split in ("test", "test-novel"):
-        ds = Scenes(split, data_dir=data_dir)
+        ds = Scenes(split, data_dir=data_dir, num_samples=num)  # all: cached
         caps = ds.conditions()[:num]
         img, txt = embed_images(model, ds.images_uint8()[:num]), embed_texts(model, caps)
         out[split] = {
