@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"conditioning"},
     "diffusion": {"models"},
     "training": {"data", "conditioning", "models", "diffusion"},
-    "evaluation": {"data"},
+    "evaluation": {"data", "conditioning"},
     "theory": set(),
     "study": {"data", "conditioning", "models", "diffusion", "training", "evaluation", "theory"},
     "app": set(STAGES),

@@ -23,19 +23,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_evaluate(subparsers)
 
 
+NETWORKS = ("fmnist-classifier", "scenes-recognizer", "scenes-clip")
+
+
 def _register_features(subparsers: argparse._SubParsersAction) -> None:
     _, fsub = add_group_parser(
         subparsers, "features", "ACTION",
-        help="feature extractors (train the fmnist-classifier, list extractors)")
-    tr = add_parser(fsub, "train", help="train and cache the fmnist-classifier",
-                    description="Train the Fashion-MNIST CNN used as feature extractor and "
-                                "classifier; fails if test accuracy < 90%.")
+        help="feature networks (train the cached ones, list extractors)")
+    tr = add_parser(fsub, "train", help="train and cache a feature network",
+                    description="Train one of the cached evaluation networks: fmnist-classifier "
+                                "(the Fashion-MNIST CNN; fails below 90% test accuracy), "
+                                "scenes-recognizer (caption accuracy; fails below 0.95 "
+                                "all-attributes accuracy on real scenes test renders), "
+                                "scenes-clip (CLIP score / R-precision; fails below 0.9 "
+                                "R-precision on real scenes test pairs). The scenes networks "
+                                "train on all-pairs renders of Fashion-MNIST train items.")
+    tr.add_argument("network", nargs="?", default="fmnist-classifier", choices=NETWORKS,
+                    help="which network")
     tr.add_argument("--out", default=None,
                     help="folder for the weights; None: $CONDNOISE_CACHE or ~/.cache/condnoise")
-    tr.add_argument("--epochs", type=positive_int, default=3, help="training epochs")
+    tr.add_argument("--epochs", type=positive_int, default=None,
+                    help="training epochs; None: the network's default (fmnist-classifier 3, "
+                         "scenes-recognizer 3, scenes-clip 2)")
+    tr.add_argument("--num-train", type=positive_int, default=None,
+                    help="training scenes (scenes networks); None: the network's default "
+                         "(scenes-recognizer 60000, scenes-clip 40000)")
     tr.add_argument("--seed", type=seed_int, default=0,
                     help="random seed (training is deterministic)")
-    tr.add_argument("--batch-size", type=positive_int, default=128, help="mini-batch size")
+    tr.add_argument("--batch-size", type=positive_int, default=None,
+                    help="mini-batch size; None: the network's default (128, 128, 256)")
     tr.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     add_progress_option(tr)
     tr.set_defaults(func=_train)
@@ -55,10 +71,14 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--train-ref", default=None,
                     help="training data for knn-l2 / memorization; None: the :train split of --ref")
     ev.add_argument("--features", default="fmnist-classifier",
-                    help="comma-separated extractors (fmnist-classifier, inception, or registered)")
+                    help="comma-separated extractors: fmnist-classifier, inception, scenes-clip, "
+                         "clip:PATH (a transformers CLIP folder, or a hub id with network), "
+                         "or registered ones")
     ev.add_argument("--metrics", default="fid,pr,dc,is,condition-accuracy,rmd",
                     help="comma-separated: fid, sfid, pr, dc, top-pr, is, condition-accuracy, "
-                         "rmd, knn-l2, memorization")
+                         "rmd, knn-l2, memorization; for text models' folders (prompts): "
+                         "clip-score, r-precision (a text-image extractor; distractor captions "
+                         "from --ref), caption-accuracy (scenes prompts)")
     ev.add_argument("--k", type=positive_int, default=3, help="k of improved precision/recall")
     ev.add_argument("--dc-k", type=positive_int, default=5, help="k of density/coverage")
     ev.add_argument("--shrinkage", type=float_range(0, 1), default=0.0,
@@ -72,7 +92,8 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
                          "nearest-neighbour distances")
     ev.add_argument("--memorization-percentile", type=float_range(0, 100), default=1.0,
                     help="percentile in [0, 100] used for the default memorization threshold")
-    ev.add_argument("--seed", type=seed_int, default=0, help="seed of TopP&R's bootstrap")
+    ev.add_argument("--seed", type=seed_int, default=0,
+                    help="seed of TopP&R's bootstrap and of R-precision's distractor draw")
     ev.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     ev.add_argument("--replace", action="store_true",
                     help="start each metrics.json afresh; by default values of an earlier call on "
@@ -87,23 +108,53 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from condnoise.evaluation.classifier import cache_dir, train_classifier
     from condnoise.locks import folder_lock
+    from condnoise.paths import cache_dir
 
     torch.set_num_threads(args.threads)
+    if args.num_train is not None and args.network == "fmnist-classifier":
+        raise UserError("--num-train applies to the scenes networks only")
     out = Path(args.out) if args.out else cache_dir()
+    kw = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                            ("num_train", args.num_train)) if v is not None}  # fmt: skip
+    kw["progress"] = show_progress(args)
     with folder_lock(out, "features train"):
-        card = train_classifier(out, epochs=args.epochs, seed=args.seed,
-                                batch_size=args.batch_size, progress=show_progress(args))
-    print(f"fmnist-classifier: test accuracy {card['test_accuracy']:.4f}, "
-          f"saved to {out} ({card['train_seconds']} s)")
+        _train_network(args.network, out, args.seed, kw)
     return 0
+
+
+def _train_network(network: str, out: Path, seed: int, kw: dict) -> None:
+    """Train one cached evaluation network and print its acceptance numbers."""
+    if network == "fmnist-classifier":
+        from condnoise.evaluation.classifier import train_classifier
+
+        card = train_classifier(out, seed=seed, **kw)
+        print(f"fmnist-classifier: test accuracy {card['test_accuracy']:.4f}, "
+              f"saved to {out} ({card['train_seconds']} s)")
+    elif network == "scenes-recognizer":
+        from condnoise.evaluation.recognizer import train_recognizer
+
+        card = train_recognizer(out, seed=seed, **kw)
+        acc = card["accuracy"]
+        print(f"scenes-recognizer: all-attributes accuracy test {acc['test']['all']:.4f}, "
+              f"test-novel {acc['test-novel']['all']:.4f}, random images "
+              f"{acc['random']['all']:.4f}; saved to {out} "
+              f"({card['train_cpu_seconds']} CPU-s to train)")
+    else:
+        from condnoise.evaluation.scenes_clip import train_scenes_clip
+
+        card = train_scenes_clip(out, seed=seed, **kw)
+        r = card["real_pairs"]
+        print(f"scenes-clip: R-precision test {r['test']['r_precision']:.4f}, test-novel "
+              f"{r['test-novel']['r_precision']:.4f}; CLIP score real {r['test']['clip_score']:.2f}"
+              f" vs shuffled {r['test']['clip_score_shuffled']:.2f}; saved to {out} "
+              f"({card['train_cpu_seconds']} CPU-s to train)")
 
 
 def _list(args: argparse.Namespace) -> int:
     from condnoise.evaluation.features import available_extractors
 
-    print("\n".join(available_extractors()))
+    print("\n".join([*available_extractors(), "clip:PATH"]))
     return 0
 
 
@@ -115,6 +166,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         evaluate_samples,
         find_sample_folders,
         load_samples,
+        parse_ref,
         validate_config,
     )
     from condnoise.evaluation.records import write_metrics
@@ -139,8 +191,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     combined = []
     with folder_locks(folders, "evaluate"):
+        data = parse_ref(cfg.ref)[0]
         for folder in folders:
-            result = evaluate_samples(load_samples(folder), cfg, progress=show_progress(args)).record
+            result = evaluate_samples(load_samples(folder, default_data=data), cfg,
+                                      progress=show_progress(args)).record
             result["provenance"] = {"config": vars(cfg) | {"extractors": list(cfg.extractors),
                                                              "metrics": list(cfg.metrics)},
                                     "seed": args.seed, **environment()}
@@ -149,6 +203,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             summary = ", ".join(f"{m}@{e}={v:.4g}" for m, d in result["metrics"].items()
                                 for e, v in d.items())
             print(f"{folder}: {summary}" + (f"\n  ({note})" if note else ""))
+            for name, ceiling in result.get("details", {}).get("caption_ceiling", {}).items():
+                print(f"  caption accuracy ceiling ({name}, all attributes): " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in ceiling.items()))
     table = markdown_table(combined)
     print("\n" + table, end="")
     if args.out:

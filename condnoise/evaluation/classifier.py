@@ -9,8 +9,6 @@ card (accuracy, seed, epochs, sha256) in the cache directory.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -19,14 +17,14 @@ import torch
 from torch import nn
 
 from condnoise.errors import UserError
-from condnoise.io import atomic_path, follow_umask, write_json
+from condnoise.evaluation.netcache import load_network, save_network
 from condnoise.paths import cache_dir
-from condnoise.provenance import environment
 
 MIN_ACCURACY = 0.90
 FEATURE_DIM = 128
-WEIGHTS_NAME = "fmnist-classifier.safetensors"
-CARD_NAME = "fmnist-classifier.json"
+NAME = "fmnist-classifier"
+WEIGHTS_NAME = f"{NAME}.safetensors"
+CARD_NAME = f"{NAME}.json"
 
 
 class FMNISTNet(nn.Module):
@@ -69,7 +67,6 @@ def train_classifier(out_dir: str | Path | None = None, *, epochs: int = 3, seed
                      batch_size: int = 128, lr: float = 3e-3, data_dir: str | None = None,
                      progress: bool = True) -> dict:
     """Train on the train split, check test accuracy >= 90%, save weights + card; return card."""
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from condnoise.data.fashion_mnist import load_fashion_mnist
@@ -103,44 +100,14 @@ def train_classifier(out_dir: str | Path | None = None, *, epochs: int = 3, seed
     if acc < MIN_ACCURACY:
         raise UserError(f"fmnist-classifier reached only {acc:.3f} test accuracy (< {MIN_ACCURACY});"
                         " train longer with --epochs")
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp))
-        follow_umask(tmp)  # safetensors writes 0600
-    card = {
+    return save_network(model, out, NAME, {
         "test_accuracy": acc, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
         "train_seconds": round(time.time() - start, 1), "feature_dim": FEATURE_DIM,
-        "sha256": _sha256(out / WEIGHTS_NAME), "environment": environment(),
-    }
-    write_json(out / CARD_NAME, card)
-    return card
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    })  # fmt: skip
 
 
 def load_classifier(folder: str | Path | None = None, *, train_if_missing: bool = True
                     ) -> tuple[FMNISTNet, dict]:
     """Load the cached classifier (training it first, with a message, if missing)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder) if folder else cache_dir()
-    weights, card_path = folder / WEIGHTS_NAME, folder / CARD_NAME
-    if not (weights.is_file() and card_path.is_file()):
-        if not train_if_missing:
-            raise UserError(f"no trained fmnist-classifier in {folder}; run "
-                            "`condnoise features train`")
-        print(f"condnoise: fmnist-classifier not found in {folder}; training it now "
-              "(about 1-2 minutes on 2 CPU cores)", flush=True)
-        train_classifier(folder, progress=False)  # the app decides about bars, not this
-    try:
-        card = json.loads(card_path.read_text())
-        model = FMNISTNet()
-        model.load_state_dict(load_file(str(weights)))
-    except Exception as e:  # OSError, JSON, safetensors, state-dict mismatch: one line
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot load fmnist-classifier from {folder}: {reason}; delete "
-                        f"{weights.name} and {card_path.name} and run `condnoise features "
-                        "train`") from None
-    return model.eval(), card
+    return load_network(FMNISTNet, folder, NAME, train_classifier,  # type: ignore[return-value]
+                        train_if_missing=train_if_missing)

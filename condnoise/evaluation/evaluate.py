@@ -1,7 +1,9 @@
 """Evaluate sample folders against a reference data set (paper §5) -> ``metrics.json``.
 
 A sample folder holds ``samples.npz`` (``images`` uint8 [N,H,W,C], ``labels`` int64 [N],
-the requested classes) and ``meta.json`` as written by ``condnoise sample``. Reference
+the requested classes) and ``meta.json`` as written by ``condnoise sample``; a text model's
+folder names its prompts instead (``captions`` or ``source_split`` + ``source_indices``,
+see ``prompts``; ``labels`` then optional). Reference
 features are cached per (data, split, size limit, extractor fingerprint) as ``.npz``
 (``mu, sigma, features, labels`` and ``probs`` for classifiers) under
 ``$CONDNOISE_CACHE/features/``.
@@ -30,12 +32,16 @@ from condnoise.evaluation.records import samples_hash, value_settings
 from condnoise.io import atomic_path, read_json, read_npz
 
 SCHEMA = "condnoise.metrics/1"
-# metric option -> needs ("features": per extractor, "probs": classifier, "spatial": sFID net)
+# metric option -> needs ("features": per extractor, "probs": classifier, "spatial": sFID net,
+# "text": an extractor with a text tower, "captions": the scenes-recognizer, no extractor)
 METRICS = {
     "fid": "features", "pr": "features", "dc": "features", "top-pr": "features",
     "rmd": "features", "knn-l2": "train", "memorization": "train",
     "sfid": "spatial", "is": "probs", "condition-accuracy": "probs",
+    "clip-score": "text", "r-precision": "text", "caption-accuracy": "captions",
 }
+LABEL_METRICS = ("condition-accuracy", "rmd")  # need the requested class of each sample
+PROMPT_METRICS = ("clip-score", "r-precision", "caption-accuracy")
 DEFAULT_METRICS = ("fid", "pr", "dc", "is", "condition-accuracy", "rmd")
 
 
@@ -43,8 +49,10 @@ DEFAULT_METRICS = ("fid", "pr", "dc", "is", "condition-accuracy", "rmd")
 class Samples:
     folder: Path
     images: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray  # requested classes; -1 where the folder has none (text models)
     meta: dict = field(default_factory=dict)
+    prompts: list[str] | None = None  # one per sample (text models), see ``prompts``
+    has_labels: bool = True
 
 
 def find_sample_folders(path: str | Path) -> list[Path]:
@@ -64,28 +72,47 @@ def find_sample_folders(path: str | Path) -> list[Path]:
     return found
 
 
-def load_samples(folder: Path) -> Samples:
-    """The images, labels and meta.json of a sample folder; UserError naming the file when
-    one is missing, damaged, truncated or of the wrong shape."""
+PROMPT_KEYS = ("captions", "source_split", "source_indices", "source_data")
+
+
+def load_samples(folder: Path, *, default_data: str = "scenes") -> Samples:
+    """A sample folder; ``default_data``: the source of ``source_split`` when meta.json
+    names no ``source_data`` (the evaluate command passes the data of ``--ref``)."""
+    from condnoise.evaluation.prompts import per_sample, prompt_list
+
     path = folder / "samples.npz"
-    z = read_npz(path, ("images", "labels"))
-    images, labels = z["images"], z["labels"]
+    z = read_npz(path, ("images",))  # one line for a missing, empty or truncated file
+    images, labels = z["images"], z.get("labels")
+    extra = {k: z[k] for k in PROMPT_KEYS if k in z}
     if images.ndim == 3:
         images = images[..., None]
     check_images(images, str(path))
-    if labels.shape != (len(images),):
-        raise UserError(f"{path}: {len(images)} images but labels of shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{path}: labels must be integers, got {labels.dtype}")
     meta_path = folder / "meta.json"
-    meta = read_json(meta_path) if meta_path.exists() else {}
-    return Samples(folder, images, labels.astype(np.int64), meta)
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    prompts = prompt_list(folder, meta, extra, default_data)
+    if labels is None and prompts is None:
+        raise UserError(f"{path}: missing array(s) ['labels'] (or the prompts of a text model: "
+                        "captions, or source_split + source_indices)")
+    if labels is not None and prompts is None and not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: labels must be integers, got {labels.dtype}")
+    if labels is not None and labels.shape != (len(images),):
+        if prompts is None:
+            raise UserError(f"{path}: {len(images)} images but labels of shape {labels.shape}")
+        labels = None
+    if prompts is not None:
+        prompts = per_sample(folder, prompts, labels, len(images))
+    if labels is None:
+        labels = np.full(len(images), -1, np.int64)
+    # a text model's labels (if any) index its prompts: never class labels
+    return Samples(folder, images, labels.astype(np.int64), meta, prompts,
+                   has_labels=prompts is None)  # fmt: skip
 
 
 def parse_ref(spec: str) -> tuple[str, str]:
     """``DATA[:split]`` -> (data, split); split defaults to ``test``."""
     data, _, split = spec.partition(":")
-    if data in ("imagefolder", "captions", "wds"):  # these specs carry a path after ':'
+    if data in ("imagefolder", "captions", "wds") or split.startswith("seed="):
+        # these specs carry a path or an option after ':' (scenes:seed=1:test)
         data, _, split = spec.rpartition(":") if spec.count(":") > 1 else (spec, "", "")
     if not data:
         raise UserError(f"--ref {spec!r}: expected DATA[:split], e.g. fashion-mnist:test")
@@ -106,11 +133,14 @@ def load_reference(spec: str, limit: int | None = None) -> tuple[np.ndarray, np.
         from condnoise.data.sources import open_source
 
         ds = open_source(data, split)
-        if not hasattr(ds, "tensors"):
+        if hasattr(ds, "images_uint8"):  # scenes: the renders themselves, caption indices
+            images, labels = ds.images_uint8(), np.arange(len(ds))
+        elif not hasattr(ds, "tensors"):
             raise UserError(f"--ref {spec}: only in-memory class-labelled sources are supported")
-        x, y = ds.tensors()
-        images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        images, labels = images.permute(0, 2, 3, 1).numpy(), y.numpy()
+        else:
+            x, y = ds.tensors()
+            images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            images, labels = images.permute(0, 2, 3, 1).numpy(), y.numpy()
     if limit is not None:
         if limit < 1:
             raise UserError(f"reference size limit must be >= 1, got {limit}")
@@ -125,11 +155,7 @@ def reference_features(extractor: Extractor, spec: str, limit: int | None = None
 
     ``resolution``: pass the images through a model of that size's pipeline first
     (:func:`~condnoise.evaluation.features.round_trip`); None keeps them as they are."""
-    data, split = parse_ref(spec)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{data}-{split}")
-    res = f"-r{resolution}" if resolution else ""
-    name = f"{safe}-n{limit or 'all'}{res}-{extractor.name}-{extractor.fingerprint()}.npz"
-    path = cache_dir() / "features" / name
+    path = _feature_cache_path(extractor, spec, limit, resolution=resolution)
     if path.is_file():
         try:
             cached = read_npz(path, ("features", "labels", "mu", "sigma"))
@@ -148,6 +174,43 @@ def reference_features(extractor: Extractor, spec: str, limit: int | None = None
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **out)
     return out
+
+
+def reference_captions(spec: str, limit: int | None = None) -> list[str]:
+    """The captions of a captioned reference split (the R-precision distractor pool)."""
+    data, split = parse_ref(spec)
+    from condnoise.data.sources import open_source
+
+    conds = open_source(data, split).conditions()
+    if not len(conds) or not isinstance(conds[0], str):
+        raise UserError(f"--ref {spec} has no captions; r-precision draws its distractor "
+                        "captions from the reference (e.g. --ref scenes:test)")
+    return list(conds[:limit] if limit else conds)
+
+
+def reference_text_features(extractor, spec: str, limit: int | None = None) -> np.ndarray:
+    """Text-tower embeddings of the reference captions, cached like :func:`reference_features`."""
+    path = _feature_cache_path(extractor, spec, limit, "captions-")
+    if path.is_file():
+        with np.load(path) as z:
+            return z["text"]
+    text = extractor.encode_text(reference_captions(spec, limit))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, text=text)
+    return text
+
+
+def _feature_cache_path(extractor: Extractor, spec: str, limit: int | None, kind: str = "",
+                        resolution: int | None = None) -> Path:  # fmt: skip
+    data, split = parse_ref(spec)
+    safe = _safe(f"{data}-{split}")
+    res = f"-r{resolution}" if resolution else ""
+    return cache_dir() / "features" / (
+        f"{safe}-n{limit or 'all'}{res}-{kind}{_safe(extractor.name)}-{extractor.fingerprint()}.npz")
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 def reference_size(spec: str) -> int:
@@ -253,6 +316,7 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig, *, progress: bool = Fals
     """All requested metrics for one sample folder (``record`` = the metrics.json object)
     plus the per-sample scores behind them; ``progress``: bars over feature batches."""
     validate_config(cfg)
+    _check_conditions(samples, cfg)
     for name in (*cfg.extractors, *(["inception-spatial"] if "sfid" in cfg.metrics else [])):
         get_extractor_cached(name).progress = progress
     ref_size = reference_size(cfg.ref)
@@ -260,18 +324,18 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig, *, progress: bool = Fals
     size = samples.images.shape[1]
     resolution = size if size < ref_size else None  # reference through the same pipeline
     train_ref = cfg.train_ref or f"{parse_ref(cfg.ref)[0]}:train"
+    _check_extractors(cfg)
     out = _Collector()
-    for name in cfg.extractors:
-        _evaluate_extractor(get_extractor_cached(name), images, samples, cfg, train_ref, out,
-                            resolution)  # fmt: skip
-    probs_wanted = [m for m in cfg.metrics if METRICS[m] == "probs"]
-    if probs_wanted and not any(hasattr(get_extractor_cached(n), "probs") for n in cfg.extractors):
-        raise UserError(f"metric(s) {', '.join(probs_wanted)} need a classifier extractor "
-                        "(--features fmnist-classifier)")
+    if any(METRICS[m] != "captions" for m in cfg.metrics):
+        for name in cfg.extractors:
+            _evaluate_extractor(get_extractor_cached(name), images, samples, cfg, train_ref, out,
+                                resolution)  # fmt: skip
     if "sfid" in cfg.metrics:
         ex = get_extractor_cached("inception-spatial")
         ref = reference_features(ex, cfg.ref, cfg.max_ref)
         out.put("sfid", ex.name, M.sfid(ref["features"], ex.extract(images), shrinkage=cfg.shrinkage))
+    if "caption-accuracy" in cfg.metrics:
+        _caption_accuracy(samples, out)
     record = {
         "schema": SCHEMA,
         "samples": str(samples.folder),
@@ -279,7 +343,7 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig, *, progress: bool = Fals
         "sample_shape": list(samples.images.shape[1:]),
         "evaluated_shape": list(images.shape[1:]),
         "sample_meta": samples.meta,
-        "samples_sha256": samples_hash(samples.images, samples.labels),
+        "samples_sha256": samples_hash(samples.images, samples.labels, samples.prompts),
         "settings": value_settings(cfg),
         "reference": {"spec": cfg.ref, "train_spec": train_ref, "max_ref": cfg.max_ref,
                       "resolution": resolution},
@@ -289,22 +353,117 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig, *, progress: bool = Fals
     return EvalResult(record, out.per_sample)
 
 
+def _check_conditions(samples: Samples, cfg: EvalConfig) -> None:
+    """Class metrics need class labels, prompt metrics need prompts, R-precision a captioned
+    reference (one line otherwise, before any work)."""
+    need_labels = [m for m in cfg.metrics if m in LABEL_METRICS]
+    if need_labels and not samples.has_labels:
+        raise UserError(f"{samples.folder}: metric(s) {', '.join(need_labels)} need the requested "
+                        "class of each sample; this folder holds prompts (drop them from --metrics)")
+    need_prompts = [m for m in cfg.metrics if m in PROMPT_METRICS]
+    if need_prompts and samples.prompts is None:
+        raise UserError(f"{samples.folder}: metric(s) {', '.join(need_prompts)} need the prompts "
+                        "the samples were generated from (captions, or source_split + "
+                        "source_indices, in samples.npz or meta.json); none found")
+    if "r-precision" in cfg.metrics:
+        reference_captions(cfg.ref, 1)  # the distractor pool exists (UserError otherwise)
+
+
+def _check_extractors(cfg: EvalConfig) -> None:
+    from condnoise.evaluation.text_features import TextImageExtractor
+
+    probs_wanted = [m for m in cfg.metrics if METRICS[m] == "probs"]
+    if probs_wanted and not any(hasattr(get_extractor_cached(n), "probs") for n in cfg.extractors):
+        raise UserError(f"metric(s) {', '.join(probs_wanted)} need a classifier extractor "
+                        "(--features fmnist-classifier)")
+    text_wanted = [m for m in cfg.metrics if METRICS[m] == "text"]
+    if text_wanted and not any(isinstance(get_extractor_cached(n), TextImageExtractor)
+                               for n in cfg.extractors):  # fmt: skip
+        raise UserError(f"metric(s) {', '.join(text_wanted)} need a text-image extractor "
+                        "(--features scenes-clip or clip:PATH)")
+
+
 def _evaluate_extractor(ex: Extractor, images: np.ndarray, samples: Samples, cfg: EvalConfig,
                         train_ref: str, out: _Collector, resolution: int | None = None) -> None:
     """Every requested metric of one extractor: features once, reference features cached
     (through the samples' resolution pipeline when ``resolution`` is set)."""
+    from condnoise.evaluation.text_features import TextImageExtractor
+
+    wants_text = isinstance(ex, TextImageExtractor) and bool({"clip-score", "r-precision"}
+                                                            & set(cfg.metrics))  # fmt: skip
+    wants_features = any(METRICS[m] in ("features", "train", "probs") for m in cfg.metrics)
+    if not (wants_text or wants_features):
+        return
     feats = ex.extract(images)
     has_probs = hasattr(ex, "probs")
     needs_probs = has_probs and any(METRICS[m] == "probs" for m in cfg.metrics)
-    ref = reference_features(ex, cfg.ref, cfg.max_ref, with_probs=needs_probs, resolution=resolution)
-    _feature_metrics(ex.name, feats, ref, samples, cfg, out)
-    if needs_probs:
-        native = ref if resolution is None else reference_features(ex, cfg.ref, cfg.max_ref,
-                                                                    with_probs=True)  # fmt: skip
-        _probability_metrics(ex.name, ex.probs(images), ref, samples.labels, cfg, out, native)
-    if {"knn-l2", "memorization"} & set(cfg.metrics):
-        train = reference_features(ex, train_ref, cfg.max_train, resolution=resolution)["features"]
-        _train_metrics(ex.name, feats, ref["features"], train, cfg, out)
+    if wants_features:
+        ref = reference_features(ex, cfg.ref, cfg.max_ref, with_probs=needs_probs,
+                                 resolution=resolution)  # fmt: skip
+        _feature_metrics(ex.name, feats, ref, samples, cfg, out)
+        if needs_probs:
+            native = ref if resolution is None else reference_features(
+                ex, cfg.ref, cfg.max_ref, with_probs=True)  # fmt: skip
+            _probability_metrics(ex.name, ex.probs(images), ref, samples.labels, cfg, out, native)
+        if {"knn-l2", "memorization"} & set(cfg.metrics):
+            train = reference_features(ex, train_ref, cfg.max_train, resolution=resolution)["features"]
+            _train_metrics(ex.name, feats, ref["features"], train, cfg, out)
+    if wants_text:
+        _text_metrics(ex, feats, samples, cfg, out)
+
+
+def _text_metrics(ex, feats: np.ndarray, samples: Samples, cfg: EvalConfig,
+                  out: _Collector) -> None:
+    """CLIP score and R-precision of the samples against their prompts (``text_metrics``)."""
+    from condnoise.evaluation import text_metrics as T
+
+    assert samples.prompts is not None  # _check_conditions
+    text = ex.encode_text(samples.prompts)
+    if "clip-score" in cfg.metrics:
+        out.put("clip_score", ex.name, T.clip_score(feats, text))
+        out.scores(ex.name, "clip_score", T.clip_scores(feats, text))
+    if "r-precision" in cfg.metrics:
+        pool = reference_captions(cfg.ref, cfg.max_ref)
+        idx = T.distractor_indices(samples.prompts, pool, seed=cfg.top_pr_seed)
+        pool_text = reference_text_features(ex, cfg.ref, cfg.max_ref)
+        out.put("r_precision", ex.name, T.r_precision(feats, text, pool_text, idx))
+
+
+def _caption_accuracy(samples: Samples, out: _Collector) -> None:
+    """The scenes-recognizer's reading of each sample against its prompt's record: every
+    attribute over all prompts, and separately over prompts of seen pairs (``_seen``, the
+    ``test`` kind) and of held-out pairs (``_novel``, the ``test-novel`` kind)."""
+    from condnoise.evaluation import recognizer as R
+    from condnoise.evaluation.prompts import novel_mask, prompt_records
+
+    assert samples.prompts is not None  # _check_conditions
+    records = prompt_records(samples.folder, samples.prompts)
+    model, card = load_recognizer_cached()
+    pred, target = R.predict(model, samples.images), R.record_targets(records)
+    novel = novel_mask(records)
+    for suffix, rows in (("", slice(None)), ("_seen", ~novel), ("_novel", novel)):
+        sel = np.arange(len(records))[rows]
+        if not len(sel):
+            continue
+        acc = R.attribute_accuracy({k: v[sel] for k, v in pred.items()},
+                                   {k: v[sel] for k, v in target.items()})  # fmt: skip
+        for attr, value in acc.items():
+            out.put(f"caption_{attr}{suffix}", R.NAME, value)
+    out.detail("caption_ceiling", R.NAME, {k: card["accuracy"][k]["all"] for k in card["accuracy"]})
+    out.detail("caption_prompts", R.NAME, {"seen": int((~novel).sum()), "novel": int(novel.sum())})
+
+
+_RECOGNIZERS: dict[str, tuple] = {}
+
+
+def load_recognizer_cached():
+    """The scenes-recognizer of the current cache directory, loaded once per process."""
+    from condnoise.evaluation.recognizer import load_recognizer
+
+    key = str(cache_dir())
+    if key not in _RECOGNIZERS:
+        _RECOGNIZERS[key] = load_recognizer()
+    return _RECOGNIZERS[key]
 
 
 def _feature_metrics(name: str, feats: np.ndarray, ref: dict, samples: Samples,

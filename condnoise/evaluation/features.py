@@ -12,6 +12,8 @@ classifiers also give ``probs``. Built in:
   ``mixed_6/conv`` (17 x 17 x 192), first 7 channels, flattened in NHWC order
   (17*17*7 = 2023-d), as in the reference sFID code (Nash et al. 2021).
 - ``fmnist-classifier``: see ``condnoise.evaluation.classifier``; 28 x 28 input.
+- ``scenes-clip`` and ``clip:PATH`` (a transformers CLIP folder or hub id): text-image
+  extractors with a text tower too, see ``condnoise.evaluation.text_features``.
 
 Resolution rule: an extractor with a native size (``fmnist-classifier``: 28) centre-crops
 larger inputs (e.g. 32 x 32 samples of a model trained on padded Fashion-MNIST) and
@@ -138,13 +140,7 @@ class ModuleExtractor(Extractor):
         self.size, self.batch_size = size, batch_size
 
     def fingerprint(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256()
-        for k, v in sorted(self.module.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:12]
+        return module_fingerprint(self.module)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels == 3 and x.shape[1] == 1:
@@ -154,6 +150,17 @@ class ModuleExtractor(Extractor):
             x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
                                           align_corners=False)
         return self.module(x).flatten(1)
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """12 hex digits of the SHA-256 of a module's state dict (names and bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def inception_path() -> Path:
@@ -240,11 +247,19 @@ class ClassifierExtractor(Extractor):
         return self._run(images, lambda x: self.model(self._gray(x)).softmax(1), f"{self.name} probs")
 
 
+def _scenes_clip() -> Extractor:
+    from condnoise.evaluation.text_features import ScenesClipExtractor
+
+    return ScenesClipExtractor()
+
+
 _REGISTRY: dict[str, Callable[[], Extractor]] = {
     "inception": lambda: InceptionExtractor(spatial=False),
     "inception-spatial": lambda: InceptionExtractor(spatial=True),
     "fmnist-classifier": ClassifierExtractor,
+    "scenes-clip": _scenes_clip,
 }
+CLIP_PREFIX = "clip:"  # ``clip:PATH``: a transformers CLIP folder or hub id (text_features)
 
 
 def register_extractor(name: str, factory: Callable[[], Extractor | nn.Module], *,
@@ -267,11 +282,18 @@ def register_extractor(name: str, factory: Callable[[], Extractor | nn.Module], 
 
 
 def available_extractors() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY)  # plus clip:PATH
 
 
 def get_extractor(name: str) -> Extractor:
-    """Build the extractor registered under ``name``."""
+    """Build the extractor registered under ``name``, or ``clip:PATH`` (a real CLIP)."""
+    if name.startswith(CLIP_PREFIX):
+        from condnoise.evaluation.text_features import ClipExtractor
+
+        if not name[len(CLIP_PREFIX):]:
+            raise UserError("--features clip: needs a CLIP folder or hub id, e.g. "
+                            "clip:/models/clip-vit-base-patch16")
+        return ClipExtractor(name[len(CLIP_PREFIX):])
     if name not in _REGISTRY:
         raise UserError(f"unknown feature extractor {name!r}; choose from "
                         f"{', '.join(available_extractors())}")

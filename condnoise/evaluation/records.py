@@ -24,13 +24,15 @@ VALUE_SETTINGS = ("ref", "train_ref", "max_ref", "max_train", "k", "dc_k", "shri
                   "memorization_threshold", "memorization_percentile", "top_pr_seed", "is_splits")
 
 
-def samples_hash(images: np.ndarray, labels: np.ndarray) -> str:
-    """SHA-256 of the evaluated arrays (shape, dtype and bytes), as hex."""
+def samples_hash(images: np.ndarray, labels: np.ndarray, prompts: list[str] | None = None) -> str:
+    """SHA-256 of the evaluated arrays (shape, dtype and bytes) and prompts, as hex."""
     h = hashlib.sha256()
     for a in (images, labels):
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
+    if prompts is not None:
+        h.update(json.dumps(prompts).encode())
     return h.hexdigest()
 
 

@@ -16,7 +16,7 @@ import torch
 from condnoise.data.base import ConditionalDataset, DatasetMeta
 from condnoise.data.fashion_mnist import load_fashion_mnist
 from condnoise.data.scenes.captions import N_CHOICES, make_record, render_caption
-from condnoise.data.scenes.render import N_DRAWS, Layout, draw_layout, item_pool, render
+from condnoise.data.scenes.render import N_DRAWS, PAIRS, Layout, draw_layout, item_pool, render
 from condnoise.data.scenes.vocab import BACKGROUNDS, COLOURS, POSITIONS, SIZES, vocabulary
 from condnoise.errors import UserError
 from condnoise.io import atomic_open
@@ -64,7 +64,8 @@ class SceneData:
     masks: np.ndarray | None = None  # uint8 [N, H, W]
 
 
-def _records(layout: Layout) -> list[dict]:
+def layout_records(layout: Layout) -> list[dict]:
+    """The canonical record (``captions.make_record``) of every scene of ``layout``."""
     out = []
     for i in range(len(layout)):
         items = [
@@ -89,15 +90,46 @@ def generate(
 ) -> SceneData:
     """Generate the first ``num`` scenes (default: all) of ``split`` from ``seed``."""
     fm_split, _ = SPLITS[split]
+    size = len(load_fashion_mnist(fm_split, data_dir)[1])
+    pairs = "held-out" if split == "test-novel" else "seen"
+    return generate_scenes(f"scenes/{split}", seed, image_size, fm_split=fm_split, pairs=pairs,
+                           data_dir=data_dir, num=size if num is None else min(num, size))  # fmt: skip
+
+
+def generate_scenes(
+    stream: str, seed: int, image_size: int, *, fm_split: str, pairs: str,
+    data_dir: str | None = None, num: int | None = None,
+) -> SceneData:  # fmt: skip
+    """The first ``num`` scenes (default: as many as ``fm_split`` has images) of the draw
+    stream ``stream`` (uniforms ``{stream}/layout`` and ``{stream}/caption``), items from
+    the Fashion-MNIST split ``fm_split``, (class, colour) pairs restricted by ``pairs``
+    (``render.PAIRS``). The named splits are ``generate(split, ...)``; other streams make
+    scenes outside them, e.g. the all-pairs renders that train the evaluation networks
+    (``pairs="any"``, ``fm_split="train"``: never a test item)."""
+    if pairs not in PAIRS:
+        raise UserError(f"scenes pairs must be one of {', '.join(PAIRS)}, got {pairs!r}")
     items_u8, labels = load_fashion_mnist(fm_split, data_dir)
-    n = len(labels) if num is None else min(num, len(labels))
-    u = _uniforms(seed, f"scenes/{split}/layout", n, N_DRAWS)
-    choices = _uniforms(seed, f"scenes/{split}/caption", n, N_CHOICES)
+    n = len(labels) if num is None else num
+    u = _uniforms(seed, f"{stream}/layout", n, N_DRAWS)
+    choices = _uniforms(seed, f"{stream}/caption", n, N_CHOICES)
     pool = item_pool(fm_split, data_dir)
-    layout = draw_layout(u, pool, labels[pool], novel=split == "test-novel")
+    layout = draw_layout(u, pool, labels[pool], pairs)
     images, masks = render(layout, items_u8, image_size)
-    captions = [render_caption(r, c) for r, c in zip(_records(layout), choices)]
+    captions = [render_caption(r, c) for r, c in zip(layout_records(layout), choices)]
     return SceneData(layout, captions, images, masks)
+
+
+EVAL_STREAM = "scenes/eval-train"
+
+
+def eval_train_scenes(num: int, seed: int = DEFAULT_SEED, image_size: int = 32,
+                      data_dir: str | None = None) -> SceneData:  # fmt: skip
+    """Clean renders that train the evaluation networks (``scenes-recognizer``,
+    ``scenes-clip``): items from Fashion-MNIST *train* (never a test item), every (class,
+    colour) pair allowed (``pairs="any"``) so the networks know the held-out pairs of
+    ``test-novel``; stream ``scenes/eval-train``, not cached (about 5 CPU-seconds per 60,000)."""
+    return generate_scenes(EVAL_STREAM, seed, image_size, fm_split="train", pairs="any",
+                           data_dir=data_dir, num=num)  # fmt: skip
 
 
 # -- cache ---------------------------------------------------------------------------------
@@ -230,7 +262,7 @@ class Scenes(ConditionalDataset):
         """Per sample: ``{"items": [{"class", "class_name", "colour", "size", "position"}],
         "background", "count"}`` (items in POSITIONS order); JSON-serialisable."""
         if self._records is None:
-            self._records = _records(self._data.layout)
+            self._records = layout_records(self._data.layout)
         return self._records
 
     @property

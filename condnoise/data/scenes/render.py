@@ -34,6 +34,10 @@ MASK_ALPHA = 0.1  # a pixel belongs to an item where its intensity exceeds this
 DUPLICATE_P = 0.25  # items 2 and 3 repeat item 1's class and colour with this probability
 BLACK_P = 0.5  # probability of the black background
 N_DRAWS = 14  # uniforms per scene: count, layout, 3 classes, 3 colours, 2 repeats, bg, 3 items
+# Which (class, colour) pairs a draw may use: "seen" (train / test: never a held-out pair),
+# "held-out" (test-novel: only held-out pairs), "any" (colour uniform over all 8, e.g. the
+# scenes that train evaluation networks, which must know every pair; never a named split).
+PAIRS = ("seen", "held-out", "any")
 
 # Layout table: positions / sizes per slot (-1 = empty), item count, number of large items.
 LAY_POS = np.full((len(LAYOUTS), MAX_ITEMS), -1, np.int8)
@@ -120,15 +124,20 @@ def _choose_layouts(count: np.ndarray, u: np.ndarray) -> np.ndarray:
     return out
 
 
-def draw_layout(u: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, novel: bool) -> Layout:
-    """Attributes from uniforms ``u [N, N_DRAWS]`` (see module docstring for the rules)."""
+def draw_layout(u: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, pairs: str) -> Layout:
+    """Attributes from uniforms ``u [N, N_DRAWS]`` (see module docstring for the rules);
+    ``pairs`` (one of PAIRS) restricts the (class, colour) pairs."""
+    if pairs not in PAIRS:
+        raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
     n, k = len(u), len(CLASSES)
     lay = _choose_layouts(1 + np.minimum((u[:, 0] * 3).astype(np.int64), 2), u[:, 1])
     position, size = LAY_POS[lay].astype(np.int64), LAY_SIZE[lay].astype(np.int64)
     cls = np.minimum((u[:, 2:5] * k).astype(np.int64), k - 1)
     held = np.asarray(HELD_OUT_COLOUR)[cls]
     others = np.minimum((u[:, 5:8] * (len(COLOURS) - 1)).astype(np.int64), len(COLOURS) - 2)
-    colour = held if novel else (held + 1 + others) % len(COLOURS)
+    colour = held if pairs == "held-out" else (held + 1 + others) % len(COLOURS)
+    if pairs == "any":
+        colour = np.minimum((u[:, 5:8] * len(COLOURS)).astype(np.int64), len(COLOURS) - 1)
     repeat = u[:, 8:10] < DUPLICATE_P
     for j in (1, 2):
         cls[:, j] = np.where(repeat[:, j - 1], cls[:, 0], cls[:, j])

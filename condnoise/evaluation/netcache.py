@@ -1,0 +1,64 @@
+"""Trained evaluation networks (fmnist-classifier, scenes-recognizer, scenes-clip) in the
+cache directory: ``{name}.safetensors`` weights beside a ``{name}.json`` card (accuracies,
+training settings, the weights' SHA-256, library versions)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from condnoise.errors import UserError
+from condnoise.io import atomic_path, follow_umask, write_json
+from condnoise.paths import cache_dir
+from condnoise.provenance import environment
+
+
+def network_dir(folder: str | Path | None) -> Path:
+    """``folder``, or the cache directory when None."""
+    return Path(folder) if folder else cache_dir()
+
+
+def save_network(model: nn.Module, folder: str | Path | None, name: str, card: dict) -> dict:
+    """Write the weights and the card (with ``sha256`` and ``environment`` added), atomically;
+    return the card."""
+    from safetensors.torch import save_file
+
+    out = network_dir(folder)
+    weights = out / f"{name}.safetensors"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+        follow_umask(tmp)  # safetensors writes 0600
+    card = {**card, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "environment": environment()}  # fmt: skip
+    write_json(out / f"{name}.json", card)
+    return card
+
+
+def load_network(build: Callable[[], nn.Module], folder: str | Path | None, name: str,
+                 train: Callable[..., object], *, train_if_missing: bool = True,
+                 cost: str = "about 1-2 minutes on 2 CPU cores") -> tuple[nn.Module, dict]:  # fmt: skip
+    """The cached network ``name`` in eval mode and its card; trained first with ``train``
+    (with a message saying so) when missing, or a UserError when ``train_if_missing`` is off."""
+    from safetensors.torch import load_file
+
+    folder = network_dir(folder)
+    weights, card_path = folder / f"{name}.safetensors", folder / f"{name}.json"
+    if not (weights.is_file() and card_path.is_file()):
+        if not train_if_missing:
+            raise UserError(f"no trained {name} in {folder}; run `condnoise features train {name}`")
+        print(f"condnoise: {name} not found in {folder}; training it now ({cost})", flush=True)
+        train(folder, progress=False)  # no bars: the app decides about them, not a library
+    try:
+        card = json.loads(card_path.read_text())
+        model = build()
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # OSError, JSON, safetensors, state-dict mismatch: one line
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load {name} from {folder}: {reason}; delete {weights.name} "
+                        f"and {card_path.name} and run `condnoise features train {name}`") from None
+    return model.eval(), card
