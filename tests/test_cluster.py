@@ -183,6 +183,27 @@ def test_a_killed_local_job_is_resumed_by_the_next_submission(tmp_path):
     assert len(logs) == 2  # one log per job, in the study folder
 
 
+@pytest.mark.slow
+def test_a_training_job_trains_over_all_its_tasks(tmp_path):
+    """gpus_per_node: 2 -> the train job runs 2 tasks (submitit's local executor) that join
+    one process group (gloo on CPU, as torchrun would set it up) and train the cell once."""
+    import torch
+
+    train = {"train": {**TINY["train"]["train"], "steps": 20}}
+    study = _study(tmp_path, train=train, slurm={"train": {"gpus_per_node": 2}})
+    out = tmp_path / "s"
+    cell, cell_dir = _train_cell(study, out)
+    run = _worker(study, out, "--stage", "train", "--submit", "local")
+    assert run.wait(timeout=300) == 0, _stderr(run)
+    state = torch.load(cell_dir / "run" / "checkpoints" / "step_00000020" / "state.pt",
+                       weights_only=False)  # fmt: skip
+    assert state["world_size"] == 2
+    logs = sorted(p.name for p in (out / "jobs" / "train" / cell.key).glob("*_log.out"))
+    assert [n.split("_")[1] for n in logs] == ["0", "1"]  # one log per task
+    events = [e["event"] for e in CellLog(out / "cells.jsonl").events()]
+    assert events == ["start", "end"]  # rank 0 alone runs the cell's bookkeeping
+
+
 def test_sbatch_plan_resources_dependencies_and_skips(tmp_path):
     """--dry-run --submit slurm: per-stage resources from the study's slurm section, training
     over nodes x GPUs tasks, afterok on the parents' jobs; done cells are left out."""

@@ -307,6 +307,7 @@ def _params(spec: StudySpec, stage: str) -> dict[str, Any]:
 def sbatch_plan(spec: StudySpec, study_dir: Path, plan: Plan) -> str:
     """``--dry-run --submit slurm``: one sbatch line per job (dependencies as $J<n> of the
     jobs above, or the id of a queued / running job) and each stage's sbatch script."""
+    submitit_module()
     from submitit.slurm.slurm import _make_sbatch_string  # the text submitit would submit
 
     ref = dict(plan.known_jobs)
@@ -426,8 +427,9 @@ def _submit_slurm(spec: StudySpec, study_dir: Path, plan: Plan, device: str | No
 
 def _submit_local(spec: StudySpec, study_dir: Path, plan: Plan, device: str | None, jobs: int,
                   result: Submission, log_fn: Callable[[str], None]) -> None:  # fmt: skip
-    """Waves: submit cells whose dependencies are done, ``jobs`` at a time; a failed cell
-    holds its dependants back; the report job runs last when every cell is done."""
+    """Waves: submit cells whose dependencies are done, ``jobs`` at a time; a cell whose
+    dependency failed (or ended unfinished elsewhere) is held back; the report job runs
+    last when every cell is done."""
     waiting, running = list(plan.submit), {}
     by_id = {c.id: c for c in build_cells(spec)}
     while waiting or running:
@@ -441,18 +443,27 @@ def _submit_local(spec: StudySpec, study_dir: Path, plan: Plan, device: str | No
         for c in list(waiting):
             if len(running) >= jobs:
                 break
-            blocked = [d for d in plan.waits[c.id] if d in result.failed or d in result.skipped]
+            open_deps = [d for d in c.deps if not is_done(by_id[d].dir(study_dir))]
+            blocked = [d for d in open_deps if d not in running and not any(
+                x.id == d for x in waiting) and not _alive(by_id[d], spec, study_dir)]  # fmt: skip
             if blocked:
                 waiting.remove(c)
                 result.skipped[c.id] = f"needs {', '.join(blocked)}, which did not finish"
-            elif all(is_done(by_id[d].dir(study_dir)) for d in c.deps):
+                log_fn(f"skip {c.id}: {result.skipped[c.id]}")
+            elif not open_deps:
                 waiting.remove(c)
                 running[c.id] = _submit_one("local", spec, study_dir, c, [], device)
                 result.jobs[c.id] = str(running[c.id].job_id)
                 log_fn(f"[{len(result.jobs)}/{len(plan.submit)}] {c.id}: local job "
                        f"{running[c.id].job_id}")  # fmt: skip
-        time.sleep(0.2)
+        time.sleep(0.3)
     _local_report(spec, study_dir, plan, device, result, log_fn)
+
+
+def _alive(cell: Cell, spec: StudySpec, study_dir: Path) -> bool:
+    """Whether a cell not run by this submission is running or queued elsewhere."""
+    state = cell_state(cell, study_dir, spec.lock_timeout, None, {})
+    return state.state in ("running", "queued")
 
 
 def _local_report(spec: StudySpec, study_dir: Path, plan: Plan, device: str | None,
