@@ -237,6 +237,41 @@ def test_sbatch_plan_resources_dependencies_and_skips(tmp_path):
     assert plan.waits["sample/dit/clean/seed0/s1"] == []  # its parent is done
 
 
+def test_a_second_submission_skips_running_and_queued_cells(tmp_path):
+    """A cell held by a live worker is `running` (skipped; its dependants wait for a later
+    submission, having no job to depend on); a cell whose job is still queued is skipped
+    and its dependants depend on that job; --status says so."""
+    import socket
+
+    from condnoise.io import write_json
+    from condnoise.locks import Lock
+    from condnoise.study.submit import JOB_FILE, job_dir, make_plan, sbatch_plan, status_text
+
+    spec = load_study(str(_study(tmp_path, seeds=[0, 1])))
+    out = tmp_path / "s"
+    cells = {c.id: c for c in build_cells(spec)}
+    held, queued = cells["train/dit/clean/seed0"], cells["train/dit/clean/seed1"]
+    folder = job_dir(out, queued.stage, queued.key)
+    folder.mkdir(parents=True)
+    write_json(folder / JOB_FILE, {"engine": "local", "job_id": str(os.getpid()),
+                                   "host": socket.gethostname(), "cell": queued.id})  # fmt: skip
+    lock = Lock(cell_lock_path(held.dir(out)), "study cell, local job 1", heartbeat=0.5,
+                stale_after=TIMEOUT)  # fmt: skip
+    with lock:
+        plan = make_plan(spec, out)
+        status = status_text(spec, out)
+        text = sbatch_plan(spec, out, plan)
+    assert plan.skipped[held.id].startswith("running:")
+    assert plan.skipped[queued.id].startswith("queued: local job")
+    assert "waits for train/dit/clean/seed0" in plan.skipped["sample/dit/clean/seed0/s1"]
+    assert plan.waits["sample/dit/clean/seed1/s1"] == [queued.id]
+    assert f"--dependency=afterok:{os.getpid()})  # sample/dit/clean/seed1/s1" in text
+    assert not plan.report  # a cell has no job: the report waits for a later submission
+    lines = {ln.split()[0]: ln for ln in status.splitlines()[2:-1]}
+    assert " running " in lines[held.id] and f"pid {os.getpid()}" in lines[held.id]
+    assert " queued " in lines[queued.id] and " todo" in lines["sample/dit/clean/seed0/s1"]
+
+
 @pytest.mark.parametrize("slurm, needle", [
     ({"train": {"gpus": 8}}, "slurm.train: unknown key(s) ['gpus']"),
     ({"bake": {"nodes": 1}}, "slurm.bake: unknown stage"),

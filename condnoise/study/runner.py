@@ -289,7 +289,8 @@ def run_cell(
 
     Its dependencies must be done (the job scheduler ensures that). A cell another worker
     holds is waited for: finished there, it is ``done``; its holder silent for the
-    study's ``lock_timeout``, it is taken over and resumed here. Still held by a live
+    study's ``lock_timeout``, it is taken over and resumed here; taken over from this call
+    (it was stopped past the timeout), it waits for the new owner. Still held by a live
     worker after twice the timeout: a UserError naming the holder. ``on_claimed`` runs
     once the cell is this call's (multi-task jobs start their process group there).
     """
@@ -311,9 +312,12 @@ def run_cell(
             if lock is not None and not is_done(cell_dir):
                 if on_claimed is not None:
                     on_claimed()
-                _run_cell(cell, cell_dir, ctx, stage_fns or stage_module.STAGE_FUNCTIONS, log,
-                          worker, lock)  # fmt: skip
-                return "ran"
+                try:
+                    _run_cell(cell, cell_dir, ctx, stage_fns or stage_module.STAGE_FUNCTIONS,
+                              log, worker, lock)  # fmt: skip
+                    return "ran"
+                except LockLost:  # stopped past the timeout: wait for the new owner
+                    give_up = time.monotonic() + 2 * spec.lock_timeout
         if time.monotonic() > give_up:
             holder = read_lock(cell_lock_path(cell_dir))
             raise UserError(f"cell {cell_id} is held by {holder.describe() if holder else '?'}, "
