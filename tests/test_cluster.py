@@ -151,6 +151,7 @@ def test_a_live_worker_with_a_slow_cell_keeps_its_lock(tmp_path):
     assert steps == list(range(10, 121, 10))  # trained once, never restarted
 
 
+@pytest.mark.slow
 def test_a_killed_local_job_is_resumed_by_the_next_submission(tmp_path):
     """`--submit local`: the train job is SIGKILLed after a checkpoint; the submission
     reports it failed, --status shows it with its log's last line, and a second
