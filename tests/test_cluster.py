@@ -273,6 +273,58 @@ def test_a_second_submission_skips_running_and_queued_cells(tmp_path):
     assert " queued " in lines[queued.id] and " todo" in lines["sample/dit/clean/seed0/s1"]
 
 
+FAKE_SBATCH = """#!/bin/sh
+# stands in for SLURM's sbatch: keeps the script submitit wrote, answers like sbatch
+n=$(( $(cat "$FAKE_SLURM/count" 2>/dev/null || echo 100) + 1 ))
+echo $n > "$FAKE_SLURM/count"
+for last; do :; done
+cp "$last" "$FAKE_SLURM/job_$n.sh"
+echo "Submitted batch job $n"
+"""
+FAKE_SQUEUE = """#!/bin/sh
+# every recorded job is still pending
+for f in "$FAKE_SLURM"/job_*.sh; do [ -e "$f" ] && basename "$f" .sh | sed 's/job_//; s/$/ PENDING/'; done
+"""
+
+
+def test_submit_slurm_chains_afterok_and_a_second_submission_skips_queued_jobs(
+        tmp_path, monkeypatch):  # fmt: skip
+    """The real submitit SlurmExecutor against stand-ins for sbatch / squeue / srun (no
+    SLURM here): one job per cell, each script's afterok naming its parents' job ids, the
+    report job last; submitting again finds every job queued and submits nothing."""
+    from condnoise.study.submit import status_text, submit
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("squeue", FAKE_SQUEUE), ("srun", "#!/bin/sh\n")):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(tmp_path))
+    spec = load_study(str(_study(tmp_path, slurm={"train": {"gpus_per_node": 4, "partition": "gpu"}})))
+    out = tmp_path / "s"
+    first = submit(spec, out, "slurm", log_fn=lambda s: None)
+    ids = first.jobs
+    assert list(ids) == ["train/dit/clean/seed0", "sample/dit/clean/seed0/s1",
+                         "evaluate/dit/clean/seed0/s1", "report"]  # fmt: skip
+    script = {cid: (tmp_path / f"job_{jid}.sh").read_text() for cid, jid in ids.items()}
+    assert "#SBATCH --ntasks-per-node=4" in script["train/dit/clean/seed0"]
+    assert "#SBATCH --partition=gpu" in script["train/dit/clean/seed0"]
+    assert "--dependency" not in script["train/dit/clean/seed0"]
+    assert f"#SBATCH --dependency=afterok:{ids['train/dit/clean/seed0']}\n" in script[
+        "sample/dit/clean/seed0/s1"]  # fmt: skip
+    assert f"afterok:{ids['sample/dit/clean/seed0/s1']}\n" in script["evaluate/dit/clean/seed0/s1"]
+    cells = [ids[c] for c in ids if c != "report"]
+    assert f"#SBATCH --dependency=afterok:{':'.join(cells)}\n" in script["report"]
+    assert f"{out}/jobs/train/" in script["train/dit/clean/seed0"]  # logs in the study folder
+
+    again = submit(spec, out, "slurm", log_fn=lambda s: None)
+    assert again.jobs == {}
+    assert set(again.skipped) == set(ids)
+    assert all(why.startswith("queued: slurm job") for why in again.skipped.values())
+    assert status_text(spec, out).count(" queued ") == 3
+
+
 @pytest.mark.parametrize("slurm, needle", [
     ({"train": {"gpus": 8}}, "slurm.train: unknown key(s) ['gpus']"),
     ({"bake": {"nodes": 1}}, "slurm.bake: unknown stage"),

@@ -296,6 +296,11 @@ def make_plan(spec: StudySpec, study_dir: Path, *, stages=None, only=None) -> Pl
     wanted = not stages or "report" in stages
     open_cells = [c.id for c in cells if found[c.id].state != "done"]
     plan.report = wanted and not (set(open_cells) - set(plan.known_jobs) - set(plan.waits))
+    record = _job_record(job_dir(study_dir, REPORT_ID, REPORT_ID))
+    active = _active(record, _slurm_queue()) if record and plan.report else None
+    if active and not plan.submit:  # the report job of an earlier submission still waits
+        plan.report = False
+        plan.skipped[REPORT_ID] = f"queued: {record['engine']} job {record['job_id']} ({active})"
     plan.pending_report = [c for c in open_cells if c in plan.known_jobs or c in plan.waits]
     return plan
 
