@@ -18,7 +18,9 @@ A stale lock is taken over with a :class:`LockTakeoverWarning`; a live one makes
 :meth:`Lock.acquire` raise :class:`LockHeld` (a one-line :class:`UserError`, exit code 2)
 naming the holder. Take-overs and heartbeats re-read the lock under a short ``flock`` on
 the folder, so two processes never both take one stale lock over, and a holder whose
-lock was taken over notices it (:attr:`Lock.lost`) instead of writing over the new one.
+lock was taken over notices it (:attr:`Lock.lost`, and the ``on_lost`` callback, called
+once from the heartbeat thread) instead of writing over the new one; :meth:`Lock.check`
+raises :class:`LockLost` then, for holders that verify before they write.
 
 Typical use, one line per command::
 
@@ -37,7 +39,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,8 +51,19 @@ DEFAULT_HEARTBEAT = 60.0  # seconds between beats
 DEFAULT_STALE_AFTER = 600.0  # a beat older than this marks the holder as gone
 
 
+def heartbeat_for(stale_after: float) -> float:
+    """The beat period for a timeout: every minute, more often for timeouts under 5 minutes
+    (five beats fit in one timeout, so a loaded machine's late beat is not taken for death)."""
+    return min(DEFAULT_HEARTBEAT, stale_after / 5)
+
+
 class LockHeld(UserError):
     """The folder is locked by a live process (the message names it)."""
+
+
+class LockLost(UserError):
+    """Another process took over a lock this process held (it looked stale: a stopped or
+    unreachable holder); the work under it must stop without writing further."""
 
 
 class LockTakeoverWarning(CondnoiseWarning):
@@ -171,18 +184,21 @@ class Lock:
 
     ``heartbeat``: seconds between beats of a background thread (None: no thread; then only
     the same-host pid rule can free a lock left by a killed holder). ``stale_after``: when
-    this process finds a lock whose last beat is older, it takes it over.
+    this process finds a lock whose last beat is older, it takes it over. ``on_lost``: called
+    (once, from the heartbeat thread) when a beat finds the lock taken over.
     """
 
     def __init__(self, path: str | os.PathLike, what: str, *,
                  heartbeat: float | None = DEFAULT_HEARTBEAT,
-                 stale_after: float = DEFAULT_STALE_AFTER) -> None:  # fmt: skip
+                 stale_after: float = DEFAULT_STALE_AFTER,
+                 on_lost: Callable[[], None] | None = None) -> None:  # fmt: skip
         if heartbeat is not None and not 0 < heartbeat < stale_after:
             raise ValueError(f"heartbeat must lie in (0, stale_after={stale_after}), got {heartbeat}")
         self.path, self.what = Path(path), what
         self.heartbeat, self.stale_after = heartbeat, stale_after
         self.info: LockInfo | None = None
         self.lost = False  # set when another process took the lock over
+        self.on_lost = on_lost
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -261,7 +277,16 @@ class Lock:
     def _beat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat):
             if not self.beat():
+                if self.lost and self.on_lost is not None and not self._stop.is_set():
+                    self.on_lost()
                 return
+
+    def check(self) -> None:
+        """Beat now and raise :class:`LockLost` if another process took the lock over
+        (call before writing results that only the holder may write)."""
+        if not self.beat():
+            raise LockLost(f"{self.path.parent} was taken over by another process "
+                           f"({self.path} now names it); this one stops")  # fmt: skip
 
     def beat(self) -> bool:
         """Refresh the heartbeat now; False (and :attr:`lost` set) if the lock is no longer ours."""

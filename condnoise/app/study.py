@@ -6,7 +6,13 @@ import argparse
 import time
 from pathlib import Path
 
-from condnoise.app.common import add_device_option, add_parser, add_progress_option, show_progress
+from condnoise.app.common import (
+    add_device_option,
+    add_parser,
+    add_progress_option,
+    positive_int,
+    show_progress,
+)
 
 DEMO_PRESET = "fmnist-quick"
 
@@ -24,7 +30,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "their dependencies; repeatable")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
                    help="override a study field, e.g. --set seeds=[0,1,2] --set "
-                        "sample.num_samples=500")  # fmt: skip
+                        "sample.num_samples=500 --set lock_timeout=1800 (seconds without a "
+                        "heartbeat before another worker takes a running cell over; the "
+                        "study's default is 600)")  # fmt: skip
     add_device_option(p, "torch device for every cell (None: cuda if present, else cpu; "
                          "under torchrun cuda:LOCAL_RANK)")
     add_progress_option(p)
@@ -46,6 +54,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a preset (micro, fmnist-quick, fmnist-full, in1k-dit-xl2, "
                         "in1k-ldm4) or a study YAML file")  # fmt: skip
     _add_common(p)
+    p.add_argument("--submit", choices=("slurm", "local"), default=None, metavar="ENGINE",
+                   help="hand the cells to a job engine through submitit instead of running "
+                        "them here: slurm (one sbatch job per cell, afterok dependencies, the "
+                        "report last; resources from the study's slurm section) or local "
+                        "(the same jobs as local processes, in waves; waits for them). A "
+                        "second --submit skips finished, running and queued cells; with "
+                        "--dry-run, print the sbatch plan")  # fmt: skip
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="--submit local: jobs running at once")
+    p.add_argument("--status", action="store_true",
+                   help="print every cell's state (done / running where / queued / failed "
+                        "with its log's last line / todo) and exit")  # fmt: skip
     p.set_defaults(func=run_study_command)
 
     d = add_parser(
@@ -66,6 +86,13 @@ def run_study_command(args: argparse.Namespace) -> int:
 
     spec = load_study(args.study, args.overrides)
     study_dir = Path(args.out) if args.out else default_study_dir(spec)
+    if getattr(args, "status", False):
+        from condnoise.study.submit import status_text
+
+        print(status_text(spec, study_dir, stages=args.stage, only=args.only))
+        return 0
+    if getattr(args, "submit", None):
+        return _submit_command(args, spec, study_dir)
     if args.dry_run:
         print(plan(spec, study_dir, stages=args.stage, only=args.only))
         return 0
@@ -81,6 +108,25 @@ def run_study_command(args: argparse.Namespace) -> int:
         print(f"        {result.report.with_suffix('.md').resolve()} (Markdown), "
               f"{(result.report.parent / 'results.csv').resolve()} (CSV)")  # fmt: skip
     return 0
+
+
+def _submit_command(args: argparse.Namespace, spec, study_dir: Path) -> int:
+    """``--submit ENGINE``: submit (or, with --dry-run, print) the plan; 1 if a local job failed."""
+    from condnoise.study.submit import make_plan, sbatch_plan, submit, submitit_module
+
+    submitit_module()
+    if args.dry_run:
+        print(sbatch_plan(spec, study_dir, make_plan(spec, study_dir, stages=args.stage,
+                                                     only=args.only)))  # fmt: skip
+        return 0
+    done = submit(spec, study_dir, args.submit, stages=args.stage, only=args.only,
+                  device=args.device, jobs=args.jobs)  # fmt: skip
+    print(f"study {spec.name}: {len(done.jobs)} job(s) submitted ({args.submit}), "
+          f"{len(done.skipped)} cell(s) skipped, {len(done.failed)} failed; job logs under "
+          f"{study_dir / 'jobs'}; `condnoise study {args.study} --status` shows each cell")  # fmt: skip
+    if done.report:
+        print(f"report: {done.report.resolve()}")
+    return 1 if done.failed else 0
 
 
 def run_demo_command(args: argparse.Namespace) -> int:

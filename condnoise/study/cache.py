@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from condnoise.io import read_json, write_json
-from condnoise.locks import DEFAULT_HEARTBEAT, DEFAULT_STALE_AFTER, Lock
+from condnoise.locks import DEFAULT_STALE_AFTER, Lock, heartbeat_for
 
 KEY_LENGTH = 16
 DONE_FILE = "done.json"
@@ -103,21 +104,28 @@ def cell_lock_path(cell_dir: Path) -> Path:
 
 
 @contextmanager
-def claim(cell_dir: Path, *, heartbeat: float | None = DEFAULT_HEARTBEAT,
-          stale_after: float = DEFAULT_STALE_AFTER) -> Iterator[bool]:  # fmt: skip
-    """Exclusive claim on a cell for one worker (several processes / torchrun ranks).
+def claim(cell_dir: Path, *, lock_timeout: float = DEFAULT_STALE_AFTER,
+          what: str = "study cell") -> Iterator[Lock | None]:  # fmt: skip
+    """Exclusive claim on a cell for one worker (several processes, torchrun ranks, jobs).
 
-    Yields ``True`` when this process owns the cell. The claim is a
-    :class:`condnoise.locks.Lock` that heartbeats every ``heartbeat`` seconds: another worker
-    takes it over (with a warning) when its holder on the same host is gone, or when its
-    last beat is older than ``stale_after`` seconds. The lock file is removed on exit.
+    Yields the held :class:`condnoise.locks.Lock`, or None when a live worker holds the
+    cell. The lock heartbeats every minute (``locks.heartbeat_for``); another worker takes
+    it over (with a warning) when its holder on the same host is gone, or when its last
+    beat is older than ``lock_timeout`` seconds (a stopped or unreachable worker). If that
+    happens to this worker while the cell runs, its heartbeat thread interrupts the main
+    thread (``KeyboardInterrupt``, when the claim was taken there) and ``lock.lost`` is set,
+    so the cell stops instead of writing next to its new owner. The lock file is removed
+    on exit.
     """
-    lock = Lock(cell_lock_path(cell_dir), "study cell", heartbeat=heartbeat,
-                stale_after=stale_after)  # fmt: skip
+    import _thread
+
+    main = threading.current_thread() is threading.main_thread()
+    lock = Lock(cell_lock_path(cell_dir), what, heartbeat=heartbeat_for(lock_timeout),
+                stale_after=lock_timeout, on_lost=_thread.interrupt_main if main else None)  # fmt: skip
     if not lock.try_acquire():
-        yield False
+        yield None
         return
     try:
-        yield True
+        yield lock
     finally:
         lock.release()

@@ -4,7 +4,11 @@ Single process: cells run one at a time in dependency order. Several processes (
 example ``torchrun --nproc_per_node=8 -m condnoise study fmnist-full``, or several
 ``condnoise study`` commands on machines sharing the study folder): each process acts as
 a worker that claims ready cells with a lock file and runs them on its own GPU; the
-rank-0 process writes the report once every cell is done.
+rank-0 process writes the report once every cell is done. A worker that stops (SIGSTOP, a
+lost node) loses its cells once their heartbeat is older than the study's ``lock_timeout``;
+the worker that takes one over resumes it from its last checkpoint (train) or shard
+(sample). Cluster jobs (:mod:`condnoise.study.submit`) run one cell each with
+:func:`run_cell`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import yaml
 
 from condnoise.errors import UserError
 from condnoise.io import write_text
+from condnoise.locks import DEFAULT_STALE_AFTER, Lock, LockLost
 from condnoise.provenance import write_provenance
 from condnoise.study.cache import CellLog, claim, is_done, mark_done, reset_cell
 from condnoise.study.grid import Cell, build_cells, plan_table, select
@@ -82,6 +87,7 @@ class RunContext:
     device: str | None
     progress: bool = True
     cells: dict[str, Cell] = field(default_factory=dict)
+    lock_timeout: float = DEFAULT_STALE_AFTER  # the study's; also the train run folder's lock
 
 
 def default_study_dir(spec: StudySpec) -> Path:
@@ -145,7 +151,8 @@ def run_study(
     chosen = select(all_cells, stages=stages, only=only)
     if worker.is_main:
         write_study_files(spec, study_dir)
-    ctx = RunContext(spec, study_dir, worker.device, progress, {c.id: c for c in all_cells})
+    ctx = RunContext(spec, study_dir, worker.device, progress, {c.id: c for c in all_cells},
+                     spec.lock_timeout)  # fmt: skip
     pending = [c for c in chosen if c.stage != "report"]
     _check_dependencies(pending, chosen, ctx)
     result = StudyRun(study_dir)
@@ -192,7 +199,7 @@ class _Worker:
                 continue
             if self.worker.world == 1 and not ready:
                 raise UserError(f"study {self.ctx.spec.name}: no runnable cell left (a dependency failed?)")
-            time.sleep(POLL_SECONDS)  # other workers hold the ready cells
+            time.sleep(poll_seconds(self.ctx.lock_timeout))  # other workers hold the ready cells
 
     def _step(self, ready: list[Cell], pending: list[Cell], result: StudyRun, total: int) -> bool:
         """Skip finished ready cells, run the first one this worker can claim; whether
@@ -206,21 +213,32 @@ class _Worker:
                 progressed = True
                 continue
             cell_dir = cell.dir(self.ctx.study_dir)
-            with claim(cell_dir) as mine:
-                if not mine or self._done(cell):
+            with claim(cell_dir, lock_timeout=self.ctx.lock_timeout) as lock:
+                if lock is None or self._done(cell):
                     continue
                 self.log_fn(f"[{len(result.ran) + 1}/{total}] {cell.id}")
-                _run_cell(cell, cell_dir, self.ctx, self.fns, self.log, self.worker)
+                try:
+                    _run_cell(cell, cell_dir, self.ctx, self.fns, self.log, self.worker, lock)
+                except LockLost as e:
+                    self.log_fn(f"{cell.id}: {e}")  # its new owner finishes it
+                    continue
             result.ran.append(cell.id)
             pending.remove(cell)
             return True
         return progressed
 
 
+def poll_seconds(lock_timeout: float) -> float:
+    """How often a waiting worker looks again: 5 s, sooner for short (test) timeouts."""
+    return min(POLL_SECONDS, lock_timeout / 4)
+
+
 def _run_cell(
     cell: Cell, cell_dir: Path, ctx: RunContext, fns: dict[str, StageFn], log: CellLog,
-    worker: Worker,
+    worker: Worker, lock: Lock,
 ) -> None:
+    """Run one claimed cell and write its done marker. Its lock taken over meanwhile (this
+    worker was stopped past the timeout): log ``lost`` and raise LockLost, writing nothing."""
     if cell.stage not in RESUMABLE:
         reset_cell(cell_dir)  # remove leftovers of an interrupted attempt
     cell_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +248,12 @@ def _run_cell(
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         info = fns[cell.stage](cell, cell_dir, dep_dirs, ctx) or {}
+        lock.check()  # still ours: only the owner marks the cell done
     except BaseException as e:
+        if lock.lost or isinstance(e, LockLost):  # noticed by the heartbeat or a check
+            log.append("lost", cell.id, cell.key, rank=worker.rank)
+            raise LockLost(f"its lock was taken over by another worker while it ran "
+                           f"({type(e).__name__}); that one resumes it") from None  # fmt: skip
         log.append("fail", cell.id, cell.key, rank=worker.rank, error=f"{type(e).__name__}: {e}",
                    seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
         if not isinstance(e, UserError | KeyboardInterrupt):
@@ -248,3 +271,57 @@ def _run_cell(
 def _wait_all(cells: list[Cell], study_dir: Path) -> None:
     while not all(is_done(c.dir(study_dir)) for c in cells):
         time.sleep(POLL_SECONDS)
+
+
+def run_cell(
+    spec: StudySpec,
+    study_dir: Path,
+    cell_id: str,
+    *,
+    device: str | None = None,
+    progress: bool = False,
+    what: str = "study cell",
+    on_claimed: Callable[[], None] | None = None,
+    stage_fns: dict[str, StageFn] | None = None,
+) -> str:
+    """Run one cell (the body of a cluster job): ``done`` when it was finished already,
+    ``ran`` when this call finished it.
+
+    Its dependencies must be done (the job scheduler ensures that). A cell another worker
+    holds is waited for: finished there, it is ``done``; its holder silent for the
+    study's ``lock_timeout``, it is taken over and resumed here; taken over from this call
+    (it was stopped past the timeout), it waits for the new owner. Still held by a live
+    worker after twice the timeout: a UserError naming the holder. ``on_claimed`` runs
+    once the cell is this call's (multi-task jobs start their process group there).
+    """
+    from condnoise.locks import read_lock
+    from condnoise.study import stages as stage_module
+    from condnoise.study.cache import cell_lock_path
+
+    study_dir = Path(study_dir)
+    cells = {c.id: c for c in build_cells(spec)}
+    if cell_id not in cells:
+        raise UserError(f"study {spec.name} has no cell {cell_id!r}")
+    cell, cell_dir = cells[cell_id], cells[cell_id].dir(study_dir)
+    ctx = RunContext(spec, study_dir, device, progress, cells, spec.lock_timeout)
+    _check_dependencies([cell], [cell], ctx)
+    log, worker = CellLog(study_dir / "cells.jsonl"), Worker()
+    give_up = time.monotonic() + 2 * spec.lock_timeout
+    while not is_done(cell_dir):
+        with claim(cell_dir, lock_timeout=spec.lock_timeout, what=what) as lock:
+            if lock is not None and not is_done(cell_dir):
+                if on_claimed is not None:
+                    on_claimed()
+                try:
+                    _run_cell(cell, cell_dir, ctx, stage_fns or stage_module.STAGE_FUNCTIONS,
+                              log, worker, lock)  # fmt: skip
+                    return "ran"
+                except LockLost:  # stopped past the timeout: wait for the new owner
+                    give_up = time.monotonic() + 2 * spec.lock_timeout
+        if time.monotonic() > give_up:
+            holder = read_lock(cell_lock_path(cell_dir))
+            raise UserError(f"cell {cell_id} is held by {holder.describe() if holder else '?'}, "
+                            "a live worker; submit it again once that one stops")  # fmt: skip
+        time.sleep(poll_seconds(spec.lock_timeout))
+    log.append("skip", cell.id, cell.key, rank=worker.rank)
+    return "done"

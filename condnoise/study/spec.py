@@ -20,12 +20,14 @@ from typing import Any
 import yaml
 
 from condnoise.errors import UserError
+from condnoise.locks import DEFAULT_STALE_AFTER
 from condnoise.training.config import apply_overrides
 
 CORRUPTION_KINDS = ("symmetric", "asymmetric")
 TOP_LEVEL = {
     "name", "description", "data", "seeds", "architectures", "variants", "corruption_grid",
-    "ablation", "train", "sample", "evaluate", "report", "cost", "out_dir",
+    "ablation", "train", "sample", "evaluate", "report", "cost", "out_dir", "slurm",
+    "lock_timeout",
 }  # fmt: skip
 SAMPLE_KEYS = {"sampler", "steps", "num_samples", "guidance", "batch_size", "clip_x0"}
 EVALUATE_KEYS = {
@@ -83,6 +85,10 @@ class StudySpec:
     raw: dict[str, Any] = field(default_factory=dict)
     #: architecture -> trainer sections of the training preset it names (may be empty)
     arch_train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: stage (or ``default``) -> SLURM resources (``study.slurm``); never part of cell keys
+    slurm: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: seconds without a heartbeat after which another worker takes a cell's lock over
+    lock_timeout: float = DEFAULT_STALE_AFTER
 
     def resolved(self) -> dict[str, Any]:
         """The fully expanded study, as written to ``STUDY_DIR/study.yaml``."""
@@ -102,6 +108,8 @@ class StudySpec:
             "evaluate": self.evaluate,
             "report": self.report,
             "cost": self.cost,
+            "slurm": self.slurm,
+            "lock_timeout": self.lock_timeout,
         }
 
 
@@ -361,9 +369,15 @@ def validate(raw: dict[str, Any], where: str) -> StudySpec:
         for a in v.architectures or ():
             _need(a in archs, where, f"variant {v.name!r} names unknown architecture {a!r}")
     evaluate, report, cost = _check_evaluate_report_cost(raw, where)
+    from condnoise.study.slurm import check_slurm
+
+    timeout = raw.get("lock_timeout", DEFAULT_STALE_AFTER)
+    _need(isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0,
+          where, f"lock_timeout {timeout!r} must be a number of seconds > 0 (default 600)")  # fmt: skip
     return StudySpec(
         name=name, description=str(raw.get("description", "")).strip(), data=data, seeds=seeds,
         architectures=archs, variants=variants, train=_mapping(raw, "train", where, {"diffusion", "train"}),
         sample=_check_sample(raw, where), evaluate=evaluate, report=report, cost=cost,
         source=where, out_dir=raw.get("out_dir"), raw=copy.deepcopy(raw), arch_train=arch_train,
+        slurm=check_slurm(raw.get("slurm"), where), lock_timeout=float(timeout),
     )  # fmt: skip

@@ -30,11 +30,13 @@ if TYPE_CHECKING:
 
 
 def _runtime(ctx: RunContext) -> str:
-    """The cell's device (``--device``, else cuda when present), all cores for torch."""
+    """The cell's device (``--device``, else cuda:LOCAL_RANK when present), all cores."""
+    import os
+
     from condnoise.training.runtime import pick_device, use_all_cores
 
     use_all_cores()
-    return str(pick_device(0, ctx.device))
+    return str(pick_device(int(os.environ.get("LOCAL_RANK", "0")), ctx.device))
 
 
 # --------------------------------------------------------------------------- corrupt
@@ -83,17 +85,29 @@ def _has_checkpoint(run_dir: Path) -> bool:
 
 
 def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
-    """Train one model (section 4 recipe at the study's scale), then measure its shift."""
+    """Train one model (section 4 recipe at the study's scale), then measure its shift.
+
+    Resumes from the run's last checkpoint when there is one (a cell taken over from a
+    stopped worker, or rerun after a kill). Inside a multi-task cluster job (the torchrun
+    variables set, :mod:`condnoise.study.submit`) every task trains in one process group
+    and rank 0 alone writes the cell's files."""
     from condnoise.training import train
     from condnoise.training.config import Config
+    from condnoise.training.runtime import barrier, init_distributed
 
     cfg = Config.from_dict(trainer_config(cell, cell_dir, deps), origin=f"study cell {cell.id}")
     cfg.run.progress = ctx.progress
     run_dir = cell_dir / "run"
+    device = _runtime(ctx)
+    dist = init_distributed(device)  # a no-op outside multi-task jobs
     resume = _has_checkpoint(run_dir)
-    if run_dir.exists() and not resume:
+    barrier(dist)  # every rank decided before rank 0 may clear the folder
+    if dist.is_main and run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # started but no checkpoint yet: start over
-    train(cfg, run_dir=run_dir, resume=resume, device=_runtime(ctx))
+    barrier(dist)
+    train(cfg, run_dir=run_dir, resume=resume, device=device, lock_timeout=ctx.lock_timeout)
+    if not dist.is_main:
+        return {}
     from condnoise.study.shift import embedding_shift
 
     shift = embedding_shift(cell_dir / "run", manifest_dir=deps.get("corrupt"),

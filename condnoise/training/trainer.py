@@ -29,6 +29,7 @@ from torch import nn
 
 from condnoise import rng
 from condnoise.errors import UserError
+from condnoise.locks import Lock
 from condnoise.training import checkpoint as ckpt
 from condnoise.training.builders import build_autoencoder, build_model, build_schedule
 from condnoise.training.config import Config
@@ -121,6 +122,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.resume, self.sample_hook = cfg, resume, sample_hook
         self.force, self.status = force, status
+        self.run_lock: Lock | None = None  # checked before each checkpoint when set
         self.dist = dist or init_distributed(device)
         self.device = self.dist.device
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
@@ -299,6 +301,8 @@ class Trainer:
         """Checkpoint the current step (collective: every rank contributes its RNG state)."""
         rngs = all_gather_object(self.dist, ckpt.capture_rng())
         path = None
+        if self.run_lock is not None:
+            self.run_lock.check()  # another process took the run over: stop, write nothing
         if self.dist.is_main:
             state = {
                 "step": self.step,
@@ -499,37 +503,46 @@ def train(
     sample_hook: SampleHook | None = write_sample_grid,
     force: bool = False,
     status: Callable[[str], None] | None = None,
+    lock_timeout: float | None = None,
 ) -> TrainResult:
     """Validate ``cfg`` and train (joins a torchrun process group when one is set up).
 
     Rank 0 holds the run folder's lock (:func:`condnoise.locks.folder_lock`) for the whole
-    run; a run that fails before its first step leaves no run files behind.
+    run, taken over from a holder silent for ``lock_timeout`` seconds (default: the locks'
+    10 minutes); before each checkpoint it checks the lock is still its own (else
+    :class:`condnoise.locks.LockLost`). A run that fails before its first step leaves no
+    run files behind.
     """
     if cfg.distill is not None:
         raise UserError(f"config of run {cfg.run.name or '(unnamed)'} has a distill section: it is a "
                         "distilled student's; continue it with `condnoise distill`")  # fmt: skip
     return run_locked(Trainer, "train", cfg, run_dir=run_dir, resume=resume, device=device,
-                      sample_hook=sample_hook, force=force, status=status)  # fmt: skip
+                      sample_hook=sample_hook, force=force, status=status,
+                      lock_timeout=lock_timeout)  # fmt: skip
 
 
 def run_locked(
     cls: type[Trainer], what: str, cfg: Config, *, run_dir: str | Path | None, resume: bool,
     device: str | None, sample_hook: SampleHook | None, force: bool,
-    status: Callable[[str], None] | None,
+    status: Callable[[str], None] | None, lock_timeout: float | None = None,
 ) -> TrainResult:  # fmt: skip
     """Validate ``cfg``, build ``cls`` (the trainer or a subclass) and run it under the run
-    folder's lock (rank 0, ``what`` names the holder); a fresh run that fails before step 1
+    folder's heartbeat lock (rank 0, ``what`` names the holder; stale after ``lock_timeout``
+    seconds of silence, default the locks' 10 minutes); a fresh run that fails before step 1
     leaves no run files."""
-    from condnoise.locks import folder_lock
+    from condnoise.locks import DEFAULT_STALE_AFTER, folder_lock, heartbeat_for
     from condnoise.training.rundir import discard_unstarted
 
     cfg.validate(f"config of run {cfg.run.name or '(unnamed)'}")
     dist = init_distributed(device)
     path = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
-    lock = folder_lock(path, what) if dist.is_main else contextlib.nullcontext()
-    with lock:
+    timeout = lock_timeout or DEFAULT_STALE_AFTER
+    lock = (folder_lock(path, what, heartbeat=heartbeat_for(timeout), stale_after=timeout)
+            if dist.is_main else contextlib.nullcontext())  # fmt: skip
+    with lock as held:
         trainer = cls(cfg, run_dir=path, resume=resume, dist=dist, sample_hook=sample_hook,
                       force=force, status=status)  # fmt: skip
+        trainer.run_lock = held
         try:
             return trainer.run()
         except BaseException:
