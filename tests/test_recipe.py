@@ -318,3 +318,26 @@ def test_recipe_benchmark_quick_form(tmp_path, eval_env):
     assert 0 <= e["accuracy"] <= 1 and e["fid"] > 0 and e["real_accuracy"] <= 1
     assert set(pts[-1]["ema"]) == {"ema0.99"} and set(pts[-1]["samplers"]) == {"ddim-4", "dpm++-4"}
     assert Image.open(tmp_path / "r.png").size[0] > 100
+
+
+# ---------------------------------------------------------------- the demo and medium presets
+
+
+def test_demo_and_medium_presets_keep_the_issue_12_grid():
+    from condnoise.study.grid import build_cells
+    from condnoise.study.spec import load_study
+
+    quick, medium = load_study("fmnist-quick"), load_study("fmnist-medium")
+    for spec, seeds, scales in ((quick, 3, 4), (medium, 5, 6)):
+        assert len(spec.seeds) >= seeds and len(spec.sample["guidance"]) >= scales, spec.name
+        assert spec.name == "fmnist-medium" or spec.sample["num_samples"] >= 400
+        (name, arch), = spec.architectures.items()
+        assert arch["family"] == "conv-unet" and spec.arch_train[name]["diffusion"]["prediction"] == "v"
+        assert all(c.est_seconds > 0 for c in build_cells(spec))
+    kinds = {(v.kind, v.eta) for v in quick.variants if v.corruption}
+    assert any(k == "symmetric" and 0.025 <= eta <= 0.075 for k, eta in kinds)
+    assert {"clean", "cep-u"} <= {v.name for v in quick.variants}
+    assert {(v.kind, v.eta) for v in medium.variants if v.corruption} == {
+        ("symmetric", e) for e in (0.025, 0.05, 0.075, 0.10, 0.20)} | {("asymmetric", 0.05)}  # fmt: skip
+    assert {v.perturbation["name"] for v in medium.variants} >= {
+        "none", "cep-u", "cep-g", "ip", "dropout", "label-smoothing"}  # fmt: skip
