@@ -102,6 +102,20 @@ def test_v_prediction_samples_the_same_ode_as_eps(sampler):
     assert (out["v"].mean((1, 2, 3)) - 2.0 * means[labels].mean((1, 2, 3))).abs().max() < 0.15
 
 
+def test_clipped_ddim_converges_with_more_steps():
+    """With clip_x0 the DDIM direction uses the eps of the clipped x0: 50 steps land where
+    DPM-Solver++ does (the guided means lie outside [-1, 1], so the clipping is active)."""
+    means = torch.linspace(-0.6, 0.6, 3).view(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous()
+    noise = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    s = NoiseSchedule("cosine", prediction="v")
+    oracle = Oracle(s, means, 0.1, "v")
+    ref = sample(oracle, s, labels, noise, guidance=2.0, sampler="dpm++", steps=50, clip_x0=True)
+    for steps in (10, 50):  # (before the fix, 50 steps gave means of +-0.72 instead of +-1)
+        got = sample(oracle, s, labels, noise, guidance=2.0, sampler="ddim", steps=steps, clip_x0=True)
+        torch.testing.assert_close(got.mean((1, 2, 3)), ref.mean((1, 2, 3)), atol=0.02, rtol=0)
+
+
 def test_loss_of_the_oracle_target_is_the_irreducible_part():
     """With the exact conditional expectation the v-loss equals its closed-form variance:
     checks the target, the weighting and that labels reach the model."""
@@ -307,3 +321,26 @@ def test_recipe_benchmark_quick_form(tmp_path, eval_env):
     assert 0 <= e["accuracy"] <= 1 and e["fid"] > 0 and e["real_accuracy"] <= 1
     assert set(pts[-1]["ema"]) == {"ema0.99"} and set(pts[-1]["samplers"]) == {"ddim-4", "dpm++-4"}
     assert Image.open(tmp_path / "r.png").size[0] > 100
+
+
+# ---------------------------------------------------------------- the demo and medium presets
+
+
+def test_demo_and_medium_presets_keep_the_issue_12_grid():
+    from condnoise.study.grid import build_cells
+    from condnoise.study.spec import load_study
+
+    quick, medium = load_study("fmnist-quick"), load_study("fmnist-medium")
+    for spec, seeds, scales in ((quick, 3, 4), (medium, 5, 6)):
+        assert len(spec.seeds) >= seeds and len(spec.sample["guidance"]) >= scales, spec.name
+        assert spec.name == "fmnist-medium" or spec.sample["num_samples"] >= 400
+        (name, arch), = spec.architectures.items()
+        assert arch["family"] == "conv-unet" and spec.arch_train[name]["diffusion"]["prediction"] == "v"
+        assert all(c.est_seconds > 0 for c in build_cells(spec))
+    kinds = {(v.kind, v.eta) for v in quick.variants if v.corruption}
+    assert any(k == "symmetric" and 0.025 <= eta <= 0.075 for k, eta in kinds)
+    assert {"clean", "cep-u"} <= {v.name for v in quick.variants}
+    assert {(v.kind, v.eta) for v in medium.variants if v.corruption} == {
+        ("symmetric", e) for e in (0.025, 0.05, 0.075, 0.10, 0.20)} | {("asymmetric", 0.05)}  # fmt: skip
+    assert {v.perturbation["name"] for v in medium.variants} >= {
+        "none", "cep-u", "cep-g", "ip", "dropout", "label-smoothing"}  # fmt: skip

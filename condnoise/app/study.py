@@ -51,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("study", metavar="PRESET_OR_YAML",
-                   help="a preset (micro, fmnist-quick, fmnist-full, in1k-dit-xl2, "
-                        "in1k-ldm4) or a study YAML file")  # fmt: skip
+                   help="a preset (micro, fmnist-quick, fmnist-medium, fmnist-full, "
+                        "in1k-dit-xl2, in1k-ldm4) or a study YAML file")  # fmt: skip
     _add_common(p)
     p.add_argument("--submit", choices=("slurm", "local"), default=None, metavar="ENGINE",
                    help="hand the cells to a job engine through submitit instead of running "
@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d = add_parser(
         subparsers,
         "demo",
-        help=f"run the {DEMO_PRESET} study (about 20 minutes on 2 CPU cores) and print the report path",
+        help=f"run the {DEMO_PRESET} study (about 23 minutes on 2 idle CPU cores) and print the report path",
         description=f"`make demo`: the {DEMO_PRESET} study end to end, then where its report is.",
     )
     d.add_argument("--preset", default=DEMO_PRESET, help="study preset or YAML file to run")

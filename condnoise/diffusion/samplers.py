@@ -230,6 +230,11 @@ def sample(
         from tqdm.auto import tqdm
 
         timesteps = tqdm(timesteps, desc=f"{sampler} s={guidance:g}", leave=False)
+    step_kwargs: dict[str, Any] = {"generator": generator} if sampler in ("ddpm", "lcm") else {}
+    if sampler == "ddim" and clip_x0:
+        # diffusers' DDIM keeps the unclipped eps in the direction term unless told, so the
+        # clipped x0 and the direction disagree and the error grows with the step count
+        step_kwargs["use_clipped_model_output"] = True
     for t in timesteps:
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         with _autocast(device, precision):
@@ -237,6 +242,5 @@ def sample(
                 eps = model(x, t_batch, cond, timestep_cond=w_cond)[:, : x.shape[1]]
             else:
                 eps = guided_eps(model, x, t_batch, cond, guidance=guidance)
-        kwargs = {"generator": generator} if sampler in ("ddpm", "lcm") else {}
-        x = scheduler.step(eps.float(), t, x, **kwargs).prev_sample
+        x = scheduler.step(eps.float(), t, x, **step_kwargs).prev_sample
     return x
