@@ -59,6 +59,9 @@ class DiffusersAutoencoder(nn.Module):
         if model is None:
             if path is None or not Path(path).is_dir():
                 raise UserError(f"autoencoder folder {path!r} not found (a local diffusers model folder)")
+            from condnoise.models.first_stage import check_folder_kind
+
+            check_folder_kind(path, kind)  # a VQModel read as kl (or back) would load silently
             try:
                 model = classes[kind].from_pretrained(path)
             except (OSError, ValueError) as e:
@@ -67,7 +70,9 @@ class DiffusersAutoencoder(nn.Module):
         cfg = model.config
         self.scale = float(scaling_factor if scaling_factor is not None else getattr(cfg, "scaling_factor", 1.0))
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
-        self.latent_channels = int(cfg.latent_channels)
+        from condnoise.models.first_stage import latent_channels_of
+
+        self.latent_channels = latent_channels_of(model)  # VQ: vq_embed_dim (after quant_conv)
 
     def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         _, h, w = image_shape
