@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="comma-separated extractors (fmnist-classifier, inception, or registered)")
     ev.add_argument("--metrics", default="fid,pr,dc,is,condition-accuracy,rmd",
                     help="comma-separated: fid, sfid, pr, dc, top-pr, is, condition-accuracy, "
-                         "rmd, knn-l2, memorization")
+                         "rmd, knn-l2, memorization, entropy (VQ latent runs)")
     ev.add_argument("--k", type=int, default=3, help="k of improved precision/recall")
     ev.add_argument("--dc-k", type=int, default=5, help="k of density/coverage")
     ev.add_argument("--shrinkage", type=float, default=0.0,
@@ -58,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "nearest-neighbour distances")
     ev.add_argument("--memorization-percentile", type=float, default=1.0,
                     help="percentile used for the default memorization threshold")
+    ev.add_argument("--entropy-tau", type=float, default=1.0,
+                    help="temperature tau of the sample entropy softmax(-||x - C_k||^2 / tau)")
+    ev.add_argument("--entropy-pool", type=int, default=32768,
+                    help="latent vectors in the code-usage histogram (fixed: comparable across runs)")
     ev.add_argument("--seed", type=int, default=0, help="seed of TopP&R's bootstrap")
     ev.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ev.add_argument("--replace", action="store_true",
@@ -120,6 +124,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         shrinkage=args.shrinkage, max_ref=args.max_ref, max_train=args.max_train,
         memorization_threshold=args.memorization_threshold,
         memorization_percentile=args.memorization_percentile, top_pr_seed=args.seed,
+        entropy_tau=args.entropy_tau, entropy_pool=args.entropy_pool,
     )
     validate_config(cfg)
     if args.out and Path(args.out).suffix in (".md", ".png"):

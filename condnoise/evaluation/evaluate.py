@@ -28,6 +28,7 @@ METRICS = {
     "fid": "features", "pr": "features", "dc": "features", "top-pr": "features",
     "rmd": "features", "knn-l2": "train", "memorization": "train",
     "sfid": "spatial", "is": "probs", "condition-accuracy": "probs",
+    "entropy": "latents",  # VQ runs only: sample entropy and code usage (entropy.py)
 }
 DEFAULT_METRICS = ("fid", "pr", "dc", "is", "condition-accuracy", "rmd")
 
@@ -38,6 +39,7 @@ class Samples:
     images: np.ndarray
     labels: np.ndarray
     meta: dict = field(default_factory=dict)
+    latents: np.ndarray | None = None  # sampler output [N, C, h, w] (scaled), when saved
 
 
 def find_sample_folders(path: str | Path) -> list[Path]:
@@ -65,6 +67,7 @@ def load_samples(folder: Path) -> Samples:
             if missing:
                 raise UserError(f"{path}: missing array(s) {sorted(missing)}")
             images, labels = z["images"], z["labels"]
+            latents = z["latents"] if "latents" in z.files else None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     if images.ndim == 3:
@@ -74,7 +77,7 @@ def load_samples(folder: Path) -> Samples:
         raise UserError(f"{path}: {len(images)} images but labels of shape {labels.shape}")
     meta_path = folder / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return Samples(folder, images, labels.astype(np.int64), meta)
+    return Samples(folder, images, labels.astype(np.int64), meta, latents)
 
 
 def parse_ref(spec: str) -> tuple[str, str]:
@@ -154,6 +157,8 @@ class EvalConfig:
     memorization_percentile: float = 1.0
     top_pr_seed: int = 0
     is_splits: int = 10
+    entropy_tau: float = 1.0  # softmax temperature of the sample entropy
+    entropy_pool: int = 32768  # latent vectors in the code-usage histogram
 
 
 def validate_config(cfg: EvalConfig) -> None:
@@ -234,6 +239,14 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig) -> dict:
     if probs_wanted and not any(hasattr(get_extractor_cached(n), "probs") for n in cfg.extractors):
         raise UserError(f"metric(s) {', '.join(probs_wanted)} need a classifier extractor "
                         "(--features fmnist-classifier)")
+    if "entropy" in cfg.metrics:
+        from condnoise.evaluation.entropy import entropy_of_samples
+
+        values, info = entropy_of_samples(samples.images, samples.latents, samples.meta.get("run_dir"),
+                                          tau=cfg.entropy_tau, pool=cfg.entropy_pool)
+        for key, v in values.items():
+            put(key, "vq-codebook", v)
+        details["entropy"] = {"vq-codebook": info}
     if "sfid" in cfg.metrics:
         ex = get_extractor_cached("inception-spatial")
         ref = reference_features(ex, cfg.ref, cfg.max_ref)
