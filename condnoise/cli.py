@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "condnoise.evaluation.commands",  # features, evaluate
     "condnoise.theory.commands",  # theory
     "condnoise.study.commands",  # study, demo
+    "condnoise.app.autoencoder",  # autoencoder train, autoencoder eval
 )
 
 

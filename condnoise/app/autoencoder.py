@@ -1,0 +1,195 @@
+"""``condnoise autoencoder train`` and ``condnoise autoencoder eval``: the latent-diffusion first stage."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from condnoise.errors import UserError
+
+TRAIN_EPILOG = """\
+examples:
+  condnoise autoencoder train fmnist-vq-f4 --run-dir runs/ae-fmnist     # ~10 min on 2 CPU cores
+  condnoise autoencoder train fmnist-vq-f4 --max-steps 5 --run-dir /tmp/ae-quick   # quick check
+  condnoise autoencoder train fmnist-vq-f4 --run-dir runs/ae-fmnist --resume      # after a kill
+  condnoise autoencoder train scenes-kl-f8 --source imagefolder:/data/pics loss.kl_weight=1e-6
+  condnoise autoencoder train in1k-vq-f4 --source wds:/data/in1k/train-{0000..1023}.tar --device cuda
+
+The diffusers folder is RUN/autoencoder (VQModel / AutoencoderKL.from_pretrained(RUN/autoencoder));
+use it in a diffusion config as model.autoencoder={kind: vq, path: RUN/autoencoder}.
+key=value overrides use dotted config keys (sections data, model, loss, train, run; values parsed
+as YAML), e.g. model.codebook_size=1024 loss.disc_start=500 train.lr=2e-4.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from condnoise.cli import HelpFormatter
+
+    p = subparsers.add_parser("autoencoder", formatter_class=HelpFormatter,
+                              help="train / evaluate VQ and KL autoencoders for latent diffusion")
+    sub = p.add_subparsers(dest="autoencoder_command", metavar="ACTION")
+    _register_train(sub, HelpFormatter)
+    _register_eval(sub, HelpFormatter)
+    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+
+
+def _register_train(sub: argparse._SubParsersAction, formatter: type) -> None:
+    from condnoise.training.commands import _IntermixedParser
+
+    t = sub.add_parser(
+        "train", formatter_class=formatter, epilog=TRAIN_EPILOG,
+        help="train a VQ-f4 / KL-f8 style autoencoder (resumable)",
+        description="Train a diffusers VQModel or AutoencoderKL with the LDM first-stage losses "
+                    "(L1, perceptual, PatchGAN with adaptive weight, VQ / KL term); writes a run "
+                    "directory with checkpoints, metrics.jsonl, reconstruction grids and the "
+                    "diffusers folder RUN/autoencoder.")
+    t.__class__ = _IntermixedParser
+    t.add_argument("config", metavar="PRESET_OR_YAML", nargs="?",
+                   help="preset (fmnist-vq-f4, scenes-vq-f4, scenes-kl-f8, in1k-vq-f4) or YAML file")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. model.codebook_size=1024 loss.disc_start=500")
+    t.add_argument("--run-dir", default=None, help="run directory; None: runs/ae-<preset>-s<seed>")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this step and save (train.steps, the schedule's length, is "
+                        "kept, so --resume continues); None: train to train.steps")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its latest checkpoint")
+    t.add_argument("--kind", default=None, help="vq (VQModel) or kl (AutoencoderKL); None: model.kind")
+    t.add_argument("--downsample", type=int, default=None,
+                   help="spatial downsampling factor 4 or 8; None: model.downsample")
+    t.add_argument("--source", default=None,
+                   help="data source spec (fashion-mnist, digits, imagefolder:PATH, wds:PATTERN, "
+                        "...); None: data.source")
+    t.add_argument("--seed", type=int, default=None, help="seed; None: train.seed")
+    t.add_argument("--device", default=None, help="torch device; None: cuda when available, else cpu")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
+    t.set_defaults(func=run_train)
+
+
+def _register_eval(sub: argparse._SubParsersAction, formatter: type) -> None:
+    e = sub.add_parser(
+        "eval", formatter_class=formatter, help="PSNR, SSIM, rFID and codebook usage on a split",
+        description="Reconstruct a data split with an autoencoder (VQ: quantised; KL: posterior "
+                    "mean) and write OUT/metrics.json (psnr, ssim, rfid per extractor, code usage), "
+                    "OUT/reconstructions.png and, for VQ models, OUT/code_usage.png.")
+    e.add_argument("path", metavar="RUN_OR_FOLDER",
+                   help="autoencoder run directory (uses RUN/autoencoder) or diffusers folder")
+    e.add_argument("--source", default="fashion-mnist", help="data source spec")
+    e.add_argument("--split", default="test", help="data split")
+    e.add_argument("--features", default="fmnist-classifier",
+                   help="comma-separated extractors for rFID (fmnist-classifier, inception, ...), "
+                        "or none")
+    e.add_argument("--out", default=None, help="output folder; None: <folder's parent>/eval-<split>")
+    e.add_argument("--kind", default="auto", help="auto (from config.json), vq or kl (checked)")
+    e.add_argument("--image-size", type=int, default=None,
+                   help="image size of the data; None: the autoencoder's sample_size")
+    e.add_argument("--max-samples", type=int, default=None, help="use only the first N images")
+    e.add_argument("--crop", type=int, default=None,
+                   help="also report PSNR / SSIM on the central NxN pixels (28: Fashion-MNIST "
+                        "padded to 32)")
+    e.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    e.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see condnoise corrupt)")
+    e.add_argument("--device", default="cpu", help="torch device")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads; None: torch's default")
+    e.set_defaults(func=run_eval)
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    """Positional overrides, then the flag shortcuts (flags win)."""
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise UserError(f"bad override {bad[0]!r}: expected section.key=value, e.g. train.lr=2e-4")
+    out = list(args.overrides)
+    for flag, key in (("kind", "model.kind"), ("downsample", "model.downsample"),
+                      ("seed", "train.seed")):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from condnoise.training.autoencoder_config import (
+        list_autoencoder_presets,
+        load_autoencoder_config,
+    )
+
+    presets = list_autoencoder_presets()
+    if args.list_presets:
+        print("\n".join(presets))
+        return 0
+    if not args.config:
+        raise UserError("autoencoder train: name a preset or YAML file (presets: " + ", ".join(presets) + ")")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
+    cfg = load_autoencoder_config(args.config, train_overrides(args))
+    if args.source is not None:  # set verbatim (a spec is not YAML)
+        cfg.data.source = args.source
+    if args.run_dir is not None:
+        cfg.run.dir = args.run_dir
+    if args.no_progress:
+        cfg.run.progress = False
+    from condnoise.training.autoencoder import train_autoencoder
+
+    bar, progress = _train_bar(cfg, args.max_steps)
+    try:
+        result = train_autoencoder(cfg, resume=args.resume, device=args.device,
+                                   max_steps=args.max_steps, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    last = result.last
+    summary = f"PSNR {last['psnr']:.2f} dB (last batch)" if "psnr" in last else "nothing to train"
+    if "usage" in last:
+        summary += f", {last['usage']:.0%} of the codes in the batch, perplexity {last['perplexity']:.0f}"
+    print(f"trained to step {result.step} ({result.cpu_seconds:.0f} CPU-s); {summary}\n"
+          f"diffusers folder: {result.folder}")
+    return 0
+
+
+def _train_bar(cfg, max_steps):  # type: ignore[no-untyped-def]
+    if not cfg.run.progress:
+        return None, None
+    from tqdm.auto import tqdm
+
+    total = min(cfg.train.steps, max_steps) if max_steps else cfg.train.steps
+    bar = tqdm(total=total, desc="autoencoder", unit="step", dynamic_ncols=True)
+
+    def update(record: dict) -> None:
+        bar.update(record["step"] - bar.n)
+        bar.set_postfix(psnr=f"{record['psnr']:.2f}", refresh=False)
+
+    return bar, update
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from condnoise.evaluation.reconstruction import evaluate_autoencoder, resolve_folder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for flag in ("max_samples", "batch_size", "image_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    features = tuple(f.strip() for f in args.features.split(",") if f.strip() and f.strip() != "none")
+    out = Path(args.out) if args.out else resolve_folder(args.path).parent / f"eval-{args.split}"
+    from tqdm.auto import tqdm
+
+    with tqdm(desc="reconstruct", unit="img", leave=False) as bar:
+        r = evaluate_autoencoder(args.path, source=args.source, split=args.split, out_dir=out,
+                                 features=features, kind=args.kind, image_size=args.image_size,
+                                 max_samples=args.max_samples, crop=args.crop,
+                                 batch_size=args.batch_size, device=args.device,
+                                 data_dir=args.data_dir, progress=bar)
+    parts = [f"PSNR {r['psnr']:.2f} dB", f"SSIM {r['ssim']:.4f}"]
+    if args.crop:
+        parts.append(f"PSNR {r[f'psnr_crop{args.crop}']:.2f} dB on the central {args.crop}x{args.crop}")
+    parts += [f"rFID@{k} {v:.3f}" for k, v in r.get("rfid", {}).items()]
+    if "code_usage" in r:
+        parts.append(f"codes used {r['code_usage']:.1%} of {len(r['code_counts'])} "
+                     f"(perplexity {r['code_perplexity']:.1f})")
+    print(f"{r['data']} ({r['num_images']} images): " + ", ".join(parts) + f"\nwrote {out}/metrics.json")
+    return 0
