@@ -59,30 +59,54 @@ def load_first_stage(path: str | Path, kind: str = "auto", device: str | torch.d
     return model.to(device).eval().requires_grad_(False), kind, folder
 
 
-@torch.no_grad()
-def reconstruct_split(model: Any, kind: str, images: torch.Tensor, *, batch_size: int = 64,
-                      progress: Any = None) -> tuple[torch.Tensor, np.ndarray | None]:
-    """Reconstructions float [N,C,H,W] in [-1,1] (clamped) and VQ codes [N, h*w] (else None)."""
-    device = next(model.parameters()).device
-    recs, codes = [], []
-    for s in range(0, len(images), batch_size):
-        x = images[s:s + batch_size].to(device)
-        if kind == "vq":
-            h = model.encode(x).latents
-            z_q, _, (_, _, idx) = model.quantize(h)
-            codes.append(idx.reshape(len(x), -1).cpu().numpy())
-            rec = model.decode(z_q, force_not_quantize=True).sample
-        else:
-            rec = model.decode(model.encode(x).latent_dist.mean).sample
-        recs.append(rec.float().clamp(-1, 1).cpu())
-        if progress is not None:
-            progress.update(len(x))
-    return torch.cat(recs), (np.concatenate(codes) if codes else None)
+class _Accumulator:
+    """Per-image quality values, features for rFID and VQ codes, gathered batch by batch."""
+
+    def __init__(self, extractors: list[str], crop: int | None) -> None:
+        from condnoise.evaluation.features import get_extractor
+
+        self.extractors = {name: get_extractor(name) for name in extractors}
+        self.crop = crop
+        self.values: dict[str, list[torch.Tensor]] = {}
+        self.feats: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {
+            name: ([], []) for name in extractors}
+        self.codes: list[np.ndarray] = []
+        self.shown: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # first 16 images
+        self.count = 0
+
+    def add(self, x: torch.Tensor, rec: torch.Tensor, codes: torch.Tensor | None) -> None:
+        from condnoise.diffusion.grids import to_uint8
+
+        for key, v in per_image_quality(x, rec).items():
+            self.values.setdefault(key, []).append(v)
+        if self.crop is not None:
+            for key, v in per_image_quality(x, rec, self.crop).items():
+                self.values.setdefault(f"{key}_crop{self.crop}", []).append(v)
+        real, fake = to_uint8(x), to_uint8(rec)
+        for name, ex in self.extractors.items():
+            self.feats[name][0].append(ex.extract(real))
+            self.feats[name][1].append(ex.extract(fake))
+        if codes is not None:
+            self.codes.append(codes.cpu().numpy())
+        if self.count < 16:
+            self.shown[0].append(x[:16 - self.count])
+            self.shown[1].append(rec[:16 - self.count])
+        self.count += len(x)
+
+    def results(self) -> dict[str, Any]:
+        from condnoise.evaluation.metrics import fid
+
+        out: dict[str, Any] = {k: float(torch.cat(v).mean()) for k, v in self.values.items()}
+        if self.feats:
+            out["rfid"] = {name: fid(np.concatenate(r), np.concatenate(f))
+                           for name, (r, f) in self.feats.items()}
+        return out
 
 
-def quality(originals: torch.Tensor, recs: torch.Tensor, crop: int | None = None,
-            batch_size: int = 256) -> dict[str, float]:
-    """Mean per-image PSNR (dB) and SSIM of float images in [-1, 1] (mapped to [0, 1])."""
+def per_image_quality(originals: torch.Tensor, recs: torch.Tensor, crop: int | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Per-image PSNR (dB) and SSIM of float images in [-1, 1] (mapped to [0, 1]),
+    optionally on the central ``crop x crop`` pixels."""
     from torchmetrics.functional.image import (
         peak_signal_noise_ratio,
         structural_similarity_index_measure,
@@ -95,13 +119,9 @@ def quality(originals: torch.Tensor, recs: torch.Tensor, crop: int | None = None
         t, left = (h - crop) // 2, (w - crop) // 2
         originals = originals[..., t:t + crop, left:left + crop]
         recs = recs[..., t:t + crop, left:left + crop]
-    psnr, ssim = [], []
-    for s in range(0, len(originals), batch_size):
-        a = (originals[s:s + batch_size].double() + 1) / 2
-        b = (recs[s:s + batch_size].double() + 1) / 2
-        psnr.append(peak_signal_noise_ratio(b, a, data_range=1.0, reduction="none", dim=(1, 2, 3)))
-        ssim.append(structural_similarity_index_measure(b, a, data_range=1.0, reduction="none"))
-    return {"psnr": float(torch.cat(psnr).mean()), "ssim": float(torch.cat(ssim).mean())}
+    a, b = (originals.double() + 1) / 2, (recs.double() + 1) / 2
+    return {"psnr": peak_signal_noise_ratio(b, a, data_range=1.0, reduction="none", dim=(1, 2, 3)),
+            "ssim": structural_similarity_index_measure(b, a, data_range=1.0, reduction="none")}
 
 
 def usage_figure(counts: np.ndarray, title: str) -> bytes:
@@ -128,31 +148,6 @@ def code_statistics(codes: np.ndarray, num_codes: int) -> dict[str, Any]:
             "code_entropy": stats["code_entropy"], "code_counts": counts.tolist()}
 
 
-def feature_rfid(originals: torch.Tensor, recs: torch.Tensor, extractors: list[str]) -> dict[str, float]:
-    """rFID per extractor: FID between reconstructions and originals (same images)."""
-    from condnoise.diffusion.grids import to_uint8
-    from condnoise.evaluation.features import get_extractor
-    from condnoise.evaluation.metrics import fid
-
-    real, fake = to_uint8(originals), to_uint8(recs)
-    out = {}
-    for name in extractors:
-        ex = get_extractor(name)
-        out[name] = fid(ex.extract(real), ex.extract(fake))
-    return out
-
-
-def load_images(source: str, split: str, image_size: int | None, max_samples: int | None,
-                data_dir: str | None = None) -> tuple[torch.Tensor, str]:
-    """The first ``max_samples`` images of a split (float [N,C,H,W] in [-1,1]) and its name."""
-    from condnoise.data.sources import open_source
-    from condnoise.training.image_stream import ImageBatches
-
-    src = open_source(source, split, data_dir=data_dir, image_size=image_size)
-    batches = ImageBatches(src, 0, max_samples=max_samples)
-    return batches.first(batches.num_samples), f"{src.meta.name}:{split}"
-
-
 def evaluate_autoencoder(
     path: str | Path, *, source: str, split: str = "test", out_dir: str | Path,
     features: tuple[str, ...] = ("fmnist-classifier",), kind: str = "auto",
@@ -160,32 +155,38 @@ def evaluate_autoencoder(
     batch_size: int = 64, device: str = "cpu", data_dir: str | None = None, progress: Any = None,
 ) -> dict[str, Any]:
     """Reconstruct ``source:split`` and write the metrics (see module docstring); return them."""
+    from condnoise.data.sources import open_source
     from condnoise.diffusion.grids import save_grid
+    from condnoise.models.first_stage import reconstruct
     from condnoise.provenance import write_provenance
+    from condnoise.training.image_stream import ImageBatches
 
     model, kind, folder = load_first_stage(path, kind, device)
     size = image_size or int(model.config.sample_size)
-    images, data_name = load_images(source, split, size, max_samples, data_dir)
-    if images.shape[1] != model.config.in_channels:
-        raise UserError(f"{data_name} has {images.shape[1]} channels but the autoencoder in "
-                        f"{folder} takes {model.config.in_channels}")
-    recs, codes = reconstruct_split(model, kind, images, batch_size=batch_size, progress=progress)
-    out = Path(out_dir)
+    src = open_source(source, split, data_dir=data_dir, image_size=size)
+    data_name = f"{src.meta.name}:{split}"
+    if src.meta.image_shape[0] != model.config.in_channels:
+        raise UserError(f"{data_name} has {src.meta.image_shape[0]} channels but the autoencoder "
+                        f"in {folder} takes {model.config.in_channels}")
+    acc = _Accumulator(list(features), crop)
+    with torch.no_grad():
+        for x in ImageBatches(src, 0, max_samples=max_samples).in_order(batch_size):
+            rec, codes = reconstruct(model, x.to(device))
+            acc.add(x, rec.float().clamp(-1, 1).cpu(), codes)
+            if progress is not None:
+                progress.update(len(x))
     result: dict[str, Any] = {"schema": "condnoise.autoencoder-eval/1", "autoencoder": str(folder),
-                              "kind": kind, "data": data_name, "num_images": len(images),
-                              "image_shape": list(images.shape[1:]), **quality(images, recs)}
-    if crop is not None:
-        result.update({f"{k}_crop{crop}": v for k, v in quality(images, recs, crop).items()})
-    if features:
-        result["rfid"] = feature_rfid(images, recs, list(features))
-    if codes is not None:
+                              "kind": kind, "data": data_name, "num_images": acc.count,
+                              "image_shape": list(src.meta.image_shape), **acc.results()}
+    out = Path(out_dir)
+    if acc.codes:
         k = int(model.config.num_vq_embeddings)
-        result.update(code_statistics(codes, k))
+        result.update(code_statistics(np.concatenate(acc.codes), k))
         title = (f"{folder.parent.name}/{folder.name}: {result['code_usage']:.1%} of {k} codes used, "
                  f"perplexity {result['code_perplexity']:.0f} ({data_name})")
         write_bytes(out / "code_usage.png", usage_figure(np.asarray(result["code_counts"]), title))
-    n = min(16, len(images))
-    save_grid(torch.cat([images[:n], recs[:n]]), out / "reconstructions.png", nrow=n)
+    shown = [torch.cat(acc.shown[0]), torch.cat(acc.shown[1])]
+    save_grid(torch.cat(shown), out / "reconstructions.png", nrow=len(shown[0]))
     write_json(out / "metrics.json", result)
     write_provenance(out, {"autoencoder": str(folder), "source": source, "split": split,
                            "features": list(features), "image_size": size,

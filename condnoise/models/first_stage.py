@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from condnoise.errors import UserError
@@ -122,3 +123,16 @@ def latent_channels_of(model: Any) -> int:
     """Channels of ``encode(x)``: ``vq_embed_dim`` for VQ models (after ``quant_conv``)."""
     cfg = model.config
     return int(getattr(cfg, "vq_embed_dim", None) or cfg.latent_channels)
+
+
+@torch.no_grad()
+def reconstruct(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Deterministic reconstruction and (VQ) code indices ``[B, h*w]`` of images ``x``.
+
+    VQ: ``decode(quantize(encode(x)))`` (what ``VQModel.decode`` does); KL: the posterior
+    mean is decoded (LDM's evaluation)."""
+    if hasattr(model, "quantize"):
+        h = model.encode(x).latents
+        z_q, _, (_, _, idx) = model.quantize(h)
+        return model.decode(z_q, force_not_quantize=True).sample, idx.reshape(len(x), -1)
+    return model.decode(model.encode(x).latent_dist.mean).sample, None

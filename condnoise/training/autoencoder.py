@@ -323,11 +323,12 @@ class AutoencoderTrainer:
     @torch.no_grad()
     def write_grid(self) -> Path:
         """``samples/step_{step}.png``: the first ``train.sample_count`` images and their
-        reconstructions (quantised for VQ, posterior mean for KL)."""
+        reconstructions (``first_stage.reconstruct``: quantised for VQ, posterior mean for KL)."""
         from condnoise.diffusion.grids import save_grid
+        from condnoise.models.first_stage import reconstruct
 
         x = self.data.first(self.cfg.train.sample_count).to(self.device)
-        rec = reconstruct(self.model, x, self.cfg.model.kind)
+        rec = reconstruct(self.model, x)[0]
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         save_grid(torch.cat([x, rec]).float().clamp(-1, 1).cpu(), path, nrow=len(x))
         return path
@@ -364,14 +365,6 @@ class AutoencoderTrainer:
             self.save_folder()
         result.step, result.cpu_seconds = self.step, time.process_time() - cpu0
         return result
-
-
-@torch.no_grad()
-def reconstruct(model: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Deterministic reconstruction: VQ ``decode(encode(x))`` (quantised), KL posterior mean."""
-    if kind == "vq":
-        return model.decode(model.encode(x).latents).sample
-    return model.decode(model.encode(x).latent_dist.mean).sample
 
 
 def train_autoencoder(cfg: AutoencoderConfig, *, run_dir: str | Path | None = None,

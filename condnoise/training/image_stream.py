@@ -65,17 +65,31 @@ class ImageBatches:
 
     def first(self, count: int) -> torch.Tensor:
         """The first ``count`` images in dataset order (reconstruction grids, scaling factor)."""
-        count = min(count, self.num_samples)
+        return torch.cat(list(self.in_order(count, min(count, self.num_samples))))
+
+    def in_order(self, batch: int, count: int | None = None) -> Iterator[torch.Tensor]:
+        """One pass over the first ``count`` (default: all) images in dataset order."""
+        n = self.num_samples if count is None else min(count, self.num_samples)
         if self._tensors is not None:
-            return self._tensors[:count]
+            for s in range(0, n, batch):
+                yield self._tensors[s:min(n, s + batch)]
+            return
         if self.streaming:
-            out = []
-            for image, _ in self.source:
-                out.append(image)
-                if len(out) == count:
+            buf: list[torch.Tensor] = []
+            for i, (image, _) in enumerate(self.source):
+                if i >= n:
                     break
-            return torch.stack(out)
-        return torch.stack([self.source[i][0] for i in range(count)])
+                buf.append(image)
+                if len(buf) == batch:
+                    yield torch.stack(buf)
+                    buf = []
+            if buf:
+                yield torch.stack(buf)
+            return
+        from torch.utils.data import Subset
+
+        yield from DataLoader(Subset(_Images(self.source), range(n)), batch_size=batch,
+                              num_workers=self.num_workers)
 
     def batches(self, start: Position, batch: int) -> Iterator[tuple[torch.Tensor, Position]]:
         if self.streaming:
