@@ -105,10 +105,13 @@ class AutoencoderTrainer:
             raise UserError(f"--resume: run directory {self.run_dir} does not exist or holds no run; "
                             "drop --resume to start a new run")
         saved = autoencoder_config_from_yaml(saved_path.read_text(encoding="utf-8"), str(saved_path))
-        diff = [k for k in config_differences(saved.to_dict(), self.cfg.to_dict()) if k not in RESUMABLE]
+        # a cosine schedule is shaped by train.steps: then the length is fixed too
+        free = [k for k in RESUMABLE if k != "train.steps" or saved.train.lr_schedule == "constant"]
+        diff = [k for k in config_differences(saved.to_dict(), self.cfg.to_dict()) if k not in free]
         if diff:
             raise UserError(f"--resume: the config differs from {saved_path} in {', '.join(diff[:5])}; "
-                            "resume with the same settings (only steps and cadences may change)")
+                            "resume with the same settings (only train.steps with a constant LR, "
+                            "and the checkpoint / sample / log cadence may change)")
         steps = ckpt.list_checkpoints(self.run_dir)
         if not steps:  # killed before its first checkpoint: start over in place
             truncate_metrics(self.run_dir, 0)
@@ -161,7 +164,7 @@ class AutoencoderTrainer:
                                                classifier_dir=lo.classifier_dir).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas))  # type: ignore[arg-type]
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup, t.steps, "constant"))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup, t.steps, t.lr_schedule))
         self.opt_d = None
         if self.disc is not None:
             self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=t.disc_lr or t.lr,

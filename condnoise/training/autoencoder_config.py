@@ -83,6 +83,7 @@ class AETrainConfig:
     disc_lr: float | None = None  # null: lr
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     warmup: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up; cosine decays to 0
     grad_clip: float | None = None
     seed: int = 0
     ckpt_every: int = 500
