@@ -190,7 +190,16 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig) -> dict:
     def put(metric: str, extractor: str, value: float) -> None:
         results.setdefault(metric, {})[extractor] = float(value)
 
-    for name in cfg.extractors:
+    if "entropy" in cfg.metrics:  # first: a KL / pixel run fails before any feature work
+        from condnoise.evaluation.entropy import entropy_of_samples
+
+        values, info = entropy_of_samples(samples.images, samples.latents, samples.meta.get("run_dir"),
+                                          tau=cfg.entropy_tau, pool=cfg.entropy_pool)
+        for key, v in values.items():
+            put(key, "vq-codebook", v)
+        details["entropy"] = {"vq-codebook": info}
+    per_extractor = any(METRICS[m] in ("features", "train", "probs") for m in cfg.metrics)
+    for name in cfg.extractors if per_extractor else ():
         ex = get_extractor_cached(name)
         feats = ex.extract(images)
         needs_probs = any(METRICS[m] == "probs" for m in cfg.metrics) and hasattr(ex, "probs")
@@ -239,14 +248,6 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig) -> dict:
     if probs_wanted and not any(hasattr(get_extractor_cached(n), "probs") for n in cfg.extractors):
         raise UserError(f"metric(s) {', '.join(probs_wanted)} need a classifier extractor "
                         "(--features fmnist-classifier)")
-    if "entropy" in cfg.metrics:
-        from condnoise.evaluation.entropy import entropy_of_samples
-
-        values, info = entropy_of_samples(samples.images, samples.latents, samples.meta.get("run_dir"),
-                                          tau=cfg.entropy_tau, pool=cfg.entropy_pool)
-        for key, v in values.items():
-            put(key, "vq-codebook", v)
-        details["entropy"] = {"vq-codebook": info}
     if "sfid" in cfg.metrics:
         ex = get_extractor_cached("inception-spatial")
         ref = reference_features(ex, cfg.ref, cfg.max_ref)
