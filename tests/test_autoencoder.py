@@ -340,3 +340,23 @@ def test_any_source_imagefolder_and_streamed_captions(tmp_path, one_thread):
     train_autoencoder(load_autoencoder_config(str(cfg_path), wds), run_dir=tmp_path / "b", max_steps=3)
     train_autoencoder(load_autoencoder_config(str(cfg_path), wds), run_dir=tmp_path / "b", resume=True)
     _same_run(tmp_path / "a", tmp_path / "b", 6)  # 6 x 16 images: the stream wraps around
+
+
+@pytest.mark.parametrize("action", ["train", "eval"])
+def test_help_documents_every_option_with_its_default_once(action):
+    import argparse
+
+    from condnoise.cli import build_parser
+
+    def sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+        acts = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return acts[0].choices[name]
+
+    parser = sub(sub(build_parser(), "autoencoder"), action)
+    text = parser.format_help()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= 8
+    for a in options:
+        assert a.help and "default" not in a.help.lower(), a.dest  # the formatter adds it, once
+    assert text.count("(default:") == len(options) + sum(
+        1 for a in parser._actions if not a.option_strings and a.nargs in ("?", "*"))

@@ -91,7 +91,7 @@ def _register_eval(sub: argparse._SubParsersAction, formatter: type) -> None:
     e.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     e.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see condnoise corrupt)")
     e.add_argument("--device", default="cpu", help="torch device")
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads; None: torch's default")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads; None: as torch chooses")
     e.set_defaults(func=run_eval)
 
 
