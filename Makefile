@@ -20,13 +20,13 @@ setup: $(STAMP) data
 
 # Fashion-MNIST comes from the Debian package dataset-fashion-mnist.
 data: $(STAMP)
-	@$(BIN)/python -m condnoise.data.fashion_mnist --check >/dev/null 2>&1 || { \
+	@$(BIN)/python -m condnoise data check >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing dataset-fashion-mnist with apt-get"; \
 	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	      { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
 	  fi; \
-	  $(BIN)/python -m condnoise.data.fashion_mnist --check; }
+	  $(BIN)/python -m condnoise data check; }
 
 demo: setup
 	$(BIN)/python -m condnoise demo

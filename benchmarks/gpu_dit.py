@@ -1,6 +1,6 @@
 """DiT training-step and CFG-sampling throughput, with correctness checks of every fast path.
 
-One invocation (issue #7): build a DiT (XL/2 on 32x32x4 latents and 1000 classes on CUDA, a
+One invocation: build a DiT (XL/2 on 32x32x4 latents and 1000 classes on CUDA, a
 tiny one on CPU) with CEP-U on (paper Sec. 3), measure the run's matrix-product ceiling,
 then for every mode
 

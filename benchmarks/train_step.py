@@ -104,8 +104,8 @@ def run_case(name: str, steps: int, warmup: int) -> dict[str, Any]:
         ]
         data = SyntheticLatents((4, 32, 32), 1000, 4096, seed=0)
     cfg = load_config(name, overrides)
-    cfg.model.pop("autoencoder", None)
-    cfg.model.pop("latent_shape", None)
+    cfg.model.autoencoder = None
+    cfg.model.latent_shape = None
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, run_dir=Path(tmp) / "run", device=str(device), data=data)
         stream = trainer.data.micro_batches(
@@ -128,7 +128,7 @@ def run_case(name: str, steps: int, warmup: int) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device)
         if gpu
         else f"cpu ({torch.get_num_threads()} threads)",
-        "model": f"{cfg.model['family']} {cfg.model['size']}",
+        "model": f"{cfg.model.family} {cfg.model.size}",
         "params_m": round(params / 1e6, 2),
         "batch": cfg.train.batch_size,
         "precision": "bf16" if trainer.autocast_dtype is not None else "fp32",

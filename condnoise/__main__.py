@@ -1,3 +1,3 @@
-from condnoise.cli import main
+from condnoise.app.cli import main
 
 raise SystemExit(main())

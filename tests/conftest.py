@@ -42,3 +42,16 @@ def eval_env(monkeypatch, eval_cache):
 
     monkeypatch.setenv("CONDNOISE_CACHE", str(eval_cache))
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def scenes_cache(tmp_path_factory):
+    """One cache folder per session: each full scenes split is generated once, on first use."""
+    return tmp_path_factory.getbasetemp() / "condnoise-scenes-cache"
+
+
+@pytest.fixture
+def scenes_env(monkeypatch, scenes_cache):
+    """Point CONDNOISE_CACHE at the session's scenes cache."""
+    monkeypatch.setenv("CONDNOISE_CACHE", str(scenes_cache))
+    return scenes_cache

@@ -128,7 +128,7 @@ def test_ema_codebook_update_and_dead_code_restart():
     (["model.codebok_size=4"], "unknown key 'model.codebok_size'"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, extra, message):
-    from condnoise.cli import main
+    from condnoise.app.cli import main
 
     cfg = _yaml(tmp_path, TINY)
     assert main(["autoencoder", "train", str(cfg), "--run-dir", str(tmp_path / "r"), *extra]) == 2
@@ -246,7 +246,7 @@ def test_kl_resume_in_process_and_max_steps(tmp_path):
 def test_quick_form_loads_in_diffusers_and_eval(tmp_path, capsys, eval_env):
     from diffusers import VQModel
 
-    from condnoise.cli import main
+    from condnoise.app.cli import main
     from condnoise.models.autoencoder import DiffusersAutoencoder
 
     run = tmp_path / "quick"
@@ -346,7 +346,7 @@ def test_any_source_imagefolder_and_streamed_captions(tmp_path, one_thread):
 def test_help_documents_every_option_with_its_default_once(action):
     import argparse
 
-    from condnoise.cli import build_parser
+    from condnoise.app.cli import build_parser
 
     def sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
         acts = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

@@ -6,25 +6,29 @@ import numpy as np
 import pytest
 import yaml
 
-from condnoise.cli import main
+from condnoise.app.cli import main
+from condnoise.app.train import build_overrides
 from condnoise.errors import UserError
-from condnoise.training.commands import build_overrides
 from condnoise.training.config import Config, list_presets, load_config
 from condnoise.training.data import EpochOrder, Position, rank_slices
 from condnoise.training.rundir import config_differences, default_run_dir
 
 
 def test_presets_ship_and_validate():
-    assert list_presets() == ["fmnist-dit-s", "fmnist-unet-s", "in1k-dit-xl2", "in1k-ldm4"]
+    assert list_presets() == ["fmnist-dit-s", "fmnist-unet-s", "in1k-dit-xl2", "in1k-ldm4", "scenes-dit-s",
+                              "scenes-unet-s"]  # fmt: skip
     for name in list_presets():
         cfg = load_config(name)
         assert cfg.run.name == name
         assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()  # round trip
     xl = load_config("in1k-dit-xl2")
-    assert xl.model["size"] == "XL/2" and xl.train.batch_size == 256 and xl.train.lr == 1e-4
-    assert xl.model["latent_shape"] == [4, 32, 32] and xl.train.precision == "bf16"
+    assert xl.model.size == "XL/2" and xl.train.batch_size == 256 and xl.train.lr == 1e-4
+    assert xl.model.latent_shape == [4, 32, 32] and xl.train.precision == "bf16"
     fm = load_config("fmnist-dit-s")
     assert fm.data.source == "fashion-mnist" and fm.data.image_size == 32
+    sc = load_config("scenes-unet-s")
+    assert sc.data.source == "scenes" and sc.model.is_text and sc.model.encoder.name == "bert-embed"
+    assert sc.model.encoder.max_length == 48 and sc.model.cfg_dropout == 0.1
 
 
 def test_overrides_are_typed_and_dotted():
@@ -33,7 +37,7 @@ def test_overrides_are_typed_and_dotted():
                                        "model.perturbation.gamma=0.25", "data.max_samples=100"])
     assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float)  # YAML reads 2e-4 as str
     assert cfg.train.steps == 10 and cfg.train.grad_clip is None
-    assert cfg.model["perturbation"] == {"name": "cep-u", "gamma": 0.25}
+    assert cfg.model.perturbation == {"name": "cep-u", "gamma": 0.25}
     assert cfg.perturbation_name == "cep-u" and cfg.data.max_samples == 100
     assert str(default_run_dir(cfg)) == "runs/fmnist-dit-s-cep-u-s0"
 
@@ -53,10 +57,10 @@ def test_overrides_are_typed_and_dotted():
         ("train.ema_decay=1.5", "train.ema_decay must be in [0, 1)"),
         ("train.grad_accum=3", "batch_size=128 is not divisible by train.grad_accum=3"),
         ("model.family=gan", "'family': 'gan' unknown; choose one of dit, unet"),
-        ("model.depthh=3", "unknown field(s) depthh"),
+        ("model.depthh=3", "unknown key 'model.depthh'; valid keys in model (family dit): family"),
         ("model.perturbation.name=cep-x", "unknown perturbation 'cep-x'"),
         ("model.perturbation.gamma=-1", "gamma"),
-        ("model.autoencoder={kind: gan}", "model.autoencoder must be a mapping with kind one of"),
+        ("model.autoencoder={kind: gan}", "model.autoencoder.kind: invalid value 'gan'; valid options: identity, kl, vq"),
         ("train=3", "section 'train' must be a mapping"),
         ("nonsense", "expected section.key=value"),
     ],
@@ -89,7 +93,7 @@ def test_cli_flags_map_to_overrides_and_errors_exit_2(capsys):
     ns = argparse.Namespace(overrides=["model.perturbation.gamma=0.5"], perturb="cep-g",
                             gamma=None, max_steps=7, ckpt_every=None, seed=3)
     cfg = load_config("fmnist-dit-s", build_overrides(ns))
-    assert cfg.model["perturbation"] == {"name": "cep-g", "gamma": 0.5}
+    assert cfg.model.perturbation == {"name": "cep-g", "gamma": 0.5}
     assert cfg.train.steps == 7 and cfg.train.seed == 3
     assert main(["train", "fmnist-dit-s", "--perturb", "cep-q"]) == 2
     assert "unknown perturbation 'cep-q'" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from condnoise.cli import main
+from condnoise.app.cli import main
 from condnoise.data import open_source
 from condnoise.data.corruption import CorruptedView
 from condnoise.data.fashion_mnist import load_fashion_mnist
@@ -27,7 +27,7 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 
 def test_acceptance_fashion_mnist_symmetric(tmp_path, capsys, fmnist):
     """Issue acceptance: 4,500 rows for the 60,000 training images, well under 10 s (timed
-    in-process, after the interpreter and torch are loaded; see docs/readme/data.md)."""
+    in-process, after the interpreter and torch are loaded; see README, condnoise corrupt)."""
     out = tmp_path / "m"
     load_fashion_mnist.cache_clear()  # time the IDX reading too
     start = time.perf_counter()
@@ -107,6 +107,38 @@ def test_caption_kinds_and_plugged_rewriter(tmp_path, capsys, monkeypatch):
     assert sum(summary["params"]["severity_counts"].values()) == 6
 
 
+def test_acceptance_scenes_swap_and_rewrite(tmp_path, capsys, scenes_env):
+    """Issue acceptance: swap at 5% writes exactly 3,000 rows of the 60,000 scenes; every
+    rewrite row differs from its original in 1-3 attributes of the record."""
+    from condnoise.data.scenes import parse_caption
+    from condnoise.data.scenes.captions import diff_size, record_diff
+
+    src = open_source("scenes")
+    for kind in ("swap", "rewrite"):
+        out = tmp_path / kind
+        rc, stdout, err = _run(capsys, "scenes", "--kind", kind, "--ratio", "0.05", "--out", out)
+        assert rc == 0, err
+        assert "corrupted 3,000 of 60,000 caption conditions of scenes" in stdout
+        assert "changes.jsonl" in stdout
+        with open(out / "manifest.csv", newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        assert len(rows) == 3000
+        assert all(r[1] == src.conditions()[int(r[0])] != r[2] for r in rows)
+        changes = [json.loads(line) for line in (out / "changes.jsonl").read_text().splitlines()]
+        assert [c["index"] for c in changes] == [int(r[0]) for r in rows]
+    records = src.records()
+    for r, c in zip(rows, changes):
+        n = diff_size(record_diff(records[int(r[0])], parse_caption(r[2])))
+        assert 1 <= n <= 3 and n == c["n_changes"]
+    summary = json.loads((tmp_path / "rewrite" / "summary.json").read_text())
+    assert summary["params"]["rewriter"] == "attributes" and summary["sidecars"] == ["changes.jsonl"]
+    rc, stdout, err = _run(capsys, "scenes", "--kind", "rewrite", "--rewriter", "paraphrase",
+                           "--ratio", "0.01", "--out", tmp_path / "para")  # fmt: skip
+    assert rc == 0 and "corrupted 600 of 60,000" in stdout, err
+    changes = (tmp_path / "para" / "changes.jsonl").read_text().splitlines()
+    assert len(changes) == 600 and all(json.loads(c)["n_changes"] == 0 for c in changes)
+
+
 def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     caps = _captions(tmp / "c", n=6)
     nofield = tmp / "nofield.jsonl"
@@ -139,10 +171,19 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["digits", "--kind", "rewrite", "--ratio", "0.1"], "needs captions but digits"),
         ([f"captions:{caps}", "--kind", "rewrite", "--ratio", "0.1", "--rewriter", "nope:X"],
          "cannot import rewriter 'nope:X'"),
+        ([f"captions:{caps}", "--kind", "rewrite", "--ratio", "0.1", "--rewriter", "paraphrase"],
+         "rewriter 'paraphrase' needs a source with attribute records (scenes)"),
+        ([f"captions:{caps}", "--kind", "rewrite", "--ratio", "0.1", "--rewriter", "bogus"],
+         "unknown rewriter 'bogus'"),
+        (["scenes:seed=x", "--kind", "swap", "--ratio", "0.1"],
+         "scenes seed must be a non-negative integer, got 'x'"),
+        (["scenes", "--split", "val", "--kind", "swap", "--ratio", "0.1"],
+         "unknown scenes split 'val'"),
+        (["scenes", "--kind", "symmetric", "--ratio", "0.1"], "needs class labels but scenes"),
     ]  # fmt: skip
 
 
-def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, scenes_env):
     for k, (argv, message) in enumerate(_bad_inputs(tmp_path)):
         out = tmp_path / f"out{k}"
         rc, stdout, err = _run(capsys, *argv, "--out", out)

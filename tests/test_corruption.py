@@ -27,7 +27,6 @@ from condnoise.data.corruption import (
     relabel,
 )
 from condnoise.data.fashion_mnist import CLASS_NAMES
-from condnoise.data.random_flip import splitmix64
 from condnoise.errors import UserError
 
 torch.set_num_threads(1)
@@ -252,22 +251,6 @@ def test_caption_manifest_quotes_survive(tmp_path):
 
 
 # -- random corruption (appendix E.4) -----------------------------------------------------
-def _splitmix_reference(x: int) -> int:
-    mask = (1 << 64) - 1
-    z = (x + 0x9E3779B97F4A7C15) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return z ^ (z >> 31)
-
-
-def test_splitmix64_matches_the_reference():
-    xs = [0, 1, 2, 12345, 2**40 + 7, 2**63 - 1]
-    got = splitmix64(torch.tensor(xs, dtype=torch.int64)).tolist()
-    assert [g & ((1 << 64) - 1) for g in got] == [_splitmix_reference(x) for x in xs]
-    # Known value of SplitMix64 seeded with 0 (first output): 0xE220A8397B1DCDAF.
-    assert got[0] & ((1 << 64) - 1) == 0xE220A8397B1DCDAF
-
-
 def test_relabel_rate_no_self_and_pure_function(fmnist):
     labels = torch.from_numpy(fmnist[1].copy())
     index = torch.arange(len(labels))
@@ -300,3 +283,108 @@ def test_random_flip_view_independent_of_workers():
     assert 0.15 < frac < 0.25
     view.set_epoch(3)
     assert view.conditions().tolist() != single
+
+
+# -- scenes: attribute-exact caption corruption -------------------------------------------
+FIELDS = ("class", "colour", "size", "position")
+
+
+def _attribute_difference(a: dict, b: dict) -> int:
+    """Fewest differing (item, field) pairs + background, over all item matchings
+    (independent of condnoise's record_diff; equal item counts)."""
+    from itertools import permutations
+
+    assert a["count"] == b["count"]
+    best = min(sum(x[f] != y[f] for x, y in zip(a["items"], [b["items"][j] for j in perm])
+                   for f in FIELDS) for perm in permutations(range(b["count"])))  # fmt: skip
+    return best + (a["background"] != b["background"])
+
+
+@pytest.fixture(scope="module")
+def scenes_slice():
+    from condnoise.data.scenes import Scenes
+
+    return Scenes("train", num_samples=3000)
+
+
+def _changes(m) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in m.sidecars["changes.jsonl"].splitlines()]
+
+
+def test_scenes_rewrite_changes_one_to_three_attributes(scenes_slice, tmp_path):
+    from condnoise.data.scenes import HELD_OUT, parse_caption
+    from condnoise.data.scenes.rewrite import CHANGES_BY_SEVERITY
+    from condnoise.data.scenes.vocab import is_valid_layout
+
+    m = corrupt(scenes_slice, "rewrite", 0.1, seed=5)
+    assert m.n_corrupted == 300 and m.params["rewriter"] == "attributes"
+    records = scenes_slice.records()
+    rows = _changes(m)
+    assert [r["index"] for r in rows] == m.index.tolist()
+    for j, (i, new, row) in enumerate(zip(m.index.tolist(), m.corrupted, rows)):
+        assert m.original[j] == scenes_slice.conditions()[i] and new != m.original[j]
+        rec = parse_caption(new)
+        d = _attribute_difference(records[i], rec)
+        assert 1 <= d <= 3 and d == row["n_changes"] == CHANGES_BY_SEVERITY[row["severity"]]
+        assert rec == row["record"] and len(row["changes"]) == d
+        assert is_valid_layout([(it["position"], it["size"]) for it in rec["items"]])
+        assert not {(it["class_name"], it["colour"]) for it in rec["items"]} & set(HELD_OUT)
+    counts = m.params["attribute_changes"]
+    assert set(counts) == {"1", "2", "3"} and sum(counts.values()) == 300
+    changed = {c["attribute"] for r in rows for c in r["changes"]}
+    assert changed == {"class", "colour", "size", "position", "background"}
+    again = corrupt(scenes_slice, "rewrite", 0.1, seed=5)
+    assert again.corrupted == m.corrupted and again.sidecars == m.sidecars
+    m.save(tmp_path, scenes_slice.conditions())
+    assert (tmp_path / "changes.jsonl").read_text() == m.sidecars["changes.jsonl"]
+    import json
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sidecars"] == ["changes.jsonl"] and summary["params"]["attribute_changes"]
+    # a later manifest without sidecars in the same folder removes the stale one
+    digits = open_source("digits")
+    corrupt(digits, "symmetric", 0.1, 0).save(tmp_path, digits.conditions(), force=True)
+    assert not (tmp_path / "changes.jsonl").exists()
+
+
+def test_scenes_paraphrase_changes_no_attribute(scenes_slice):
+    from condnoise.data.scenes import parse_caption
+
+    m = corrupt(scenes_slice, "rewrite", 0.05, seed=1, rewriter="paraphrase")
+    assert m.n_corrupted == 150 and m.params["rewriter"] == "paraphrase"
+    records = scenes_slice.records()
+    for i, old, new in zip(m.index.tolist(), m.original, m.corrupted):
+        assert new != old and parse_caption(new) == records[i]
+    assert {r["n_changes"] for r in _changes(m)} == {0}
+    assert m.params["attribute_changes"] == {"0": 150}
+
+
+def test_scenes_swap_and_the_view(scenes_slice):
+    m = corrupt(scenes_slice, "swap", 0.05, seed=2)
+    assert m.n_corrupted == 150 and all(a != b for a, b in zip(m.original, m.corrupted))
+    rows = _changes(m)
+    assert all(r["severity"] is None and r["n_changes"] is not None for r in rows)
+    assert np.mean([r["n_changes"] > 0 for r in rows]) > 0.95
+    view = CorruptedView(scenes_slice, m)
+    images, index = view.tensors()
+    assert images is scenes_slice.tensors()[0] and torch.equal(index, torch.arange(3000))
+    i = int(m.index[0])
+    assert view.conditions()[i] == m.corrupted[0] == view[i][1]
+
+
+def test_rewriter_names_are_checked(scenes_slice, tmp_path):
+    from PIL import Image
+
+    with pytest.raises(UserError, match="unknown rewriter 'bogus'; built-in: rule, attributes"):
+        corrupt(scenes_slice, "rewrite", 0.01, 0, rewriter="bogus")
+    lines = ["image,caption"]
+    for i in range(10):
+        Image.new("L", (8, 8), 20 * i).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,a gray square number {i}")
+    (tmp_path / "caps.csv").write_text("\n".join(lines) + "\n")
+    src = open_source(f"captions:{tmp_path / 'caps.csv'}")
+    with pytest.raises(UserError, match="rewriter 'paraphrase' needs a source with attribute"):
+        corrupt(src, "rewrite", 0.1, 0, rewriter="paraphrase")
+    assert corrupt(scenes_slice, "rewrite", 0.01, 0, rewriter="rule").params["rewriter"] == "rule"

@@ -109,12 +109,13 @@ def _samples(tmp_path, run, latents=None):
 
 def test_evaluate_entropy_of_a_vq_run(tmp_path, one_thread):
     from condnoise.evaluation.evaluate import EvalConfig, evaluate_samples, load_samples
+    from condnoise.training.runtime import load_vq_autoencoder
 
     run, ae = _vq_run(tmp_path)
     latents = np.random.default_rng(2).normal(size=(8, 3, 8, 8)).astype(np.float32)
     folder, images = _samples(tmp_path, run, latents)
     cfg = EvalConfig(extractors=(), metrics=("entropy",), entropy_tau=0.5, entropy_pool=512)
-    out = evaluate_samples(load_samples(folder), cfg)
+    out = evaluate_samples(load_samples(folder), cfg, autoencoder=load_vq_autoencoder(run)).record
     book = ae.quantize.embedding.weight.detach().numpy()
     expected = vq_entropy_metrics(latents / 2.0, book, tau=0.5, pool=512)  # unscaled latents
     for key in ("entropy", "code_entropy", "code_usage", "code_perplexity"):
@@ -125,13 +126,15 @@ def test_evaluate_entropy_of_a_vq_run(tmp_path, one_thread):
     # without saved latents the decoded images are encoded again (and said so)
     (folder / "samples.npz").unlink()
     np.savez(folder / "samples.npz", images=images, labels=np.arange(8) % 10)
-    again = evaluate_samples(load_samples(folder), cfg)
+    again = evaluate_samples(load_samples(folder), cfg, autoencoder=load_vq_autoencoder(run)).record
+    with pytest.raises(UserError, match="needs the samples' VQ autoencoder"):
+        evaluate_samples(load_samples(folder), cfg)
     assert again["details"]["entropy"]["vq-codebook"]["latents"] == "re-encoded images"
     assert 0 < again["metrics"]["entropy"]["vq-codebook"] <= math.log(32)
 
 
 def test_entropy_on_a_kl_or_pixel_run_is_a_user_error(tmp_path, capsys, eval_env):
-    from condnoise.cli import main
+    from condnoise.app.cli import main
 
     run, _ = _vq_run(tmp_path, "kl")
     folder, _ = _samples(tmp_path, run)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from condnoise.cli import main
+from condnoise.app.cli import main
 
 pytestmark = pytest.mark.usefixtures("eval_env")
 
@@ -210,3 +210,23 @@ def test_sweep_summary_reads_scale_from_meta_or_folder_name():
     assert lines[3] == "| s2.5 | 2.5 | 10 | 3 |  |"
     assert sweep_figure(recs[:1]) is None
     assert sweep_figure(recs)[:4] == b"\x89PNG"
+
+
+def test_evaluate_samples_returns_the_per_sample_scores_behind_its_metrics(sample_root):
+    from condnoise import stats
+    from condnoise.evaluation.evaluate import EvalConfig, evaluate_samples, load_samples
+
+    cfg = EvalConfig(metrics=("rmd", "knn-l2", "memorization", "pr", "dc"), max_ref=2000,
+                     max_train=3000)  # fmt: skip
+    result = evaluate_samples(load_samples(sample_root / "s3.0"), cfg)
+    name = "fmnist-classifier"
+    m, per = result.record["metrics"], result.per_sample[name]
+    assert set(per) == {"rmd", "train_l2_nearest", "train_l2_top5"}
+    assert all(v.shape == (600,) for v in per.values())
+    assert m["rmd_top1"][name] == pytest.approx(stats.top_fraction_mean(per["rmd"]))
+    assert m["avg_top5_l2"][name] == pytest.approx(per["train_l2_top5"].mean())
+    thr = result.record["details"]["memorization_threshold"][name]
+    assert m["memorization_ratio"][name] == pytest.approx((per["train_l2_nearest"] < thr).mean())
+    assert (per["train_l2_nearest"] <= per["train_l2_top5"]).all()
+    assert set(result.score_arrays()) == {f"{k}@{name}" for k in per}
+    assert {"precision", "recall", "density", "coverage"} <= set(m)

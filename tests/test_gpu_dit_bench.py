@@ -53,7 +53,7 @@ def test_quick_cpu_run_writes_json_and_passes_checks(tmp_path):
     for mode in ("bf16", "bf16+compile", "bf16+compile+ckpt1"):
         c = rows["train", mode]["check"]
         assert c["ok"] and c["loss_rel_err"] < 1e-2
-        # bf16 really ran (it differs from float32) and stays within the 1e-2
+        # bf16 really ran (it differs from float32) and stays within the 1e-2 tolerance
         assert 1e-5 < c["grad_rel_err"] < 1e-2
     for mode in ("bf16", "bf16+compile"):
         c = rows["sample", mode]["check"]
@@ -80,7 +80,7 @@ def test_flop_formula_gives_the_anchor_712_gflop_for_xl2():
     cfg = resolve_model_config({"family": "dit", "size": "XL/2"})
     flops = gpu_dit.dit_forward_flops(cfg, image_size=32, in_channels=4)
     assert flops["tokens"] == 256
-    assert flops["train_step"] / 1e9 == pytest.approx(712, abs=0.5)  # shared/anchors.md
+    assert flops["train_step"] / 1e9 == pytest.approx(712, abs=0.5)  # 3 x the 237.3 GFLOP forward (README)
 
 
 def test_out_of_memory_becomes_a_table_entry():

@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
+from condnoise import stats
 from condnoise.errors import UserError
 from condnoise.evaluation import metrics as M
 from condnoise.evaluation import neighbors
@@ -115,6 +116,22 @@ def test_prdc_equals_prdc_package(real_fake_features, k):
     for key in ("precision", "recall", "density", "coverage"):
         assert ours[key] == pytest.approx(ref[key], abs=1e-6), key
     assert 0.0 < ours["precision"] < 1.0 and 0.0 < ours["recall"] < 1.0
+
+
+def test_precision_recall_and_density_coverage_share_one_pass_at_two_k(real_fake_features):
+    """P/R at k=3 and D/C at k=5 from one call (the evaluate default) equal prdc at each k."""
+    import prdc
+
+    real, fake = real_fake_features
+    real, fake = real[:1200], fake[:1000]
+    both = M.manifold_metrics(real, fake, pr_k=3, dc_k=5)
+    at3, at5 = prdc.compute_prdc(real, fake, 3), prdc.compute_prdc(real, fake, 5)
+    for key, ref in (("precision", at3), ("recall", at3), ("density", at5), ("coverage", at5)):
+        assert both[key] == pytest.approx(ref[key], abs=1e-6), key
+    dc = M.density_coverage(real, fake, 5)
+    assert dc == {"density": both["density"], "coverage": both["coverage"]}
+    radii = neighbors.neighbour_radii(real, (3, 5))
+    np.testing.assert_array_equal(radii[5], neighbors.kth_neighbour_radii(real, 5))
 
 
 def test_chunked_neighbours_equal_full_float64_matrix():
@@ -225,7 +242,7 @@ def test_rmd_on_gaussians_with_known_answer():
     np.testing.assert_allclose(scores, [m**2 / (1 + m**2)] * 2 + [-(m**2)], atol=0.03)
     # rmd_scores without fit data fits on the features themselves
     assert M.rmd_scores(x[:1000], labels[:1000]).shape == (1000,)
-    assert M.top_fraction_mean(np.arange(1000.0)) == pytest.approx(np.mean(np.arange(990, 1000)))
+    assert stats.top_fraction_mean(np.arange(1000.0)) == pytest.approx(np.mean(np.arange(990, 1000)))
     with pytest.raises(UserError, match="label 7"):
         model.scores(x[:3], np.array([0, 7, 1]))
 

@@ -176,16 +176,16 @@ def test_cfg_null_class_and_perturbation_only_in_training():
     m = build_model(cfg, in_channels=1, image_size=16, num_classes=10)
     y = torch.randint(0, 10, (4000,))
     m.train()
-    c = m.embed(y)
+    c = m.embed(y).pooled
     is_null = torch.isclose(c, m.encoder.null_embedding()[None]).all(1)
     assert is_null.float().mean().item() == pytest.approx(0.5, abs=0.03)  # CFG dropout, unperturbed
     st = m.perturbation.stats()  # over the non-null rows, all of which are perturbed
     assert st["perturbed_fraction"] == 1.0
     assert st["mean_l2_shift"] == pytest.approx(5 / 3**0.5, rel=0.02)
     m.eval()
-    assert torch.equal(m.embed(y), m.encoder.encode(y))  # sampling: no dropout, no CEP
+    assert torch.equal(m.embed(y).pooled, m.encoder.encode(y))  # sampling: no dropout, no CEP
     null = torch.full((3,), m.null_index)
-    assert torch.equal(m.embed(null), m.encoder.null_embedding().expand(3, -1))
+    assert torch.equal(m.embed(null).pooled, m.encoder.null_embedding().expand(3, -1))
     assert m.null_index == 10 and m.num_classes == 10
 
 
@@ -236,3 +236,38 @@ def test_autoencoders():
         build_autoencoder({"kind": "kl", "path": "/nowhere"})
     with pytest.raises(UserError, match="kind"):
         build_autoencoder({"kind": "vqgan"})
+
+
+def test_typed_model_config_round_trips_and_names_bad_keys():
+    from condnoise.models import FAMILIES, DiTConfig, ModelConfig, UNetConfig
+
+    for family, cls in FAMILIES.items():
+        cfg = ModelConfig.from_dict({"family": family})
+        assert type(cfg) is cls and cfg.size_name == cls.DEFAULT_SIZE
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # to_dict round trip
+    cfg = ModelConfig.from_dict({"family": "dit", "size": "T/4", "depth": 3, "perturbation": "cep-u",
+                                 "autoencoder": {"kind": "kl", "path": "/x"},
+                                 "latent_shape": [4, 8, 8]})  # fmt: skip
+    assert isinstance(cfg, DiTConfig) and cfg.perturbation == {"name": "cep-u"}
+    assert cfg.autoencoder.kind == "kl" and cfg.autoencoder.scaling_factor is None
+    r = cfg.resolved()
+    assert (r["hidden"], r["depth"], r["patch"], r["cond_dim"]) == (128, 3, 4, 128)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    u = ModelConfig.from_dict({"family": "unet", "size": "tiny", "checkpointing": 2})
+    assert isinstance(u, UNetConfig) and u.resolved()["checkpointing"] is True
+    bad = [
+        ({"family": "dit", "channels": [8]}, "unknown key 'model.channels'; valid keys in model "
+                                             "(family dit): family, size"),
+        ({"family": "unet", "hidden": 8}, "valid keys in model (family unet)"),
+        ({"family": "dit", "depth": "six"}, "model.depth: expected int or null, got 'six'"),
+        ({"family": "dit", "size": "M/4"}, "model.size: 'M/4' unknown for dit; choose one of T/2"),
+        ({"family": "dit", "autoencoder": {"kind": "gan"}},
+         "model.autoencoder.kind: invalid value 'gan'; valid options: identity, kl, vq"),
+        ({"family": "dit", "latent_shape": [4, 8]}, "model.latent_shape must be [C, H, W]"),
+        ({"family": "dit", "cfg_dropout": 1.0}, "model.cfg_dropout must be in [0, 1)"),
+        ({"family": "gan"}, "'family': 'gan' unknown; choose one of dit, unet"),
+    ]
+    for raw, message in bad:
+        with pytest.raises(UserError) as e:
+            ModelConfig.from_dict(raw)
+        assert message in str(e.value), str(e.value)

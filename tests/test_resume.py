@@ -83,7 +83,7 @@ def test_existing_run_dir_needs_resume_and_same_config(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump({**CONFIG, "train": {**CONFIG["train"], "steps": 2}}))
     run = tmp_path / "run"
-    from condnoise.cli import main
+    from condnoise.app.cli import main
 
     assert main(["train", str(cfg), "--run-dir", str(run)]) == 0
     assert list_checkpoints(run) == [2]

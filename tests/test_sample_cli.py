@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from condnoise.cli import main
+from condnoise.app.cli import main
 from condnoise.diffusion.sampling import SweepConfig, run_sweep
 
 torch.set_num_threads(1)

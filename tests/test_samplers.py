@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from condnoise.diffusion.grids import make_grid, save_grid, to_uint8
-from condnoise.diffusion.samplers import guided_eps, make_scheduler, null_index_of, sample
+from condnoise.diffusion.samplers import guided_eps, make_scheduler, null_condition, sample
 from condnoise.diffusion.sampling import generate, parse_guidance, sample_grid, scale_dirname
 from condnoise.diffusion.schedule import NoiseSchedule
 from condnoise.diffusion.seeding import (
@@ -91,22 +91,24 @@ def test_guidance_algebra_on_trained_model(tiny):
     torch.manual_seed(1)
     x, t = torch.randn(6, 1, 8, 8), torch.randint(0, 1000, (6,))
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
-    null = torch.full_like(labels, null_index_of(model))
+    null = model.null_like(labels)
     with torch.no_grad():
         eps_c, eps_u = model(x, t, labels), model(x, t, null)
         assert (eps_c - eps_u).abs().max() > 1e-3  # the condition matters after training
-        g1 = guided_eps(model, x, t, labels, guidance=1.0, null_index=10)
-        g0 = guided_eps(model, x, t, labels, guidance=0.0, null_index=10)
-        g3 = guided_eps(model, x, t, labels, guidance=3.0, null_index=10)
+        g1 = guided_eps(model, x, t, labels, guidance=1.0)
+        g0 = guided_eps(model, x, t, labels, guidance=0.0)
+        g3 = guided_eps(model, x, t, labels, guidance=3.0)
     assert torch.equal(g1, eps_c)
     assert torch.equal(g0, eps_u)
     torch.testing.assert_close(g3, eps_u + 3.0 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)
 
 
-def test_null_index_comes_from_the_model(tiny):
-    assert null_index_of(tiny[0]) == 10
-    with pytest.raises(UserError, match="null class"):
-        null_index_of(torch.nn.Linear(2, 2))
+def test_null_condition_comes_from_the_model(tiny):
+    labels = torch.tensor([0, 4, 9])
+    assert null_condition(tiny[0], labels).tolist() == [10, 10, 10]
+    assert tiny[0].is_null(torch.tensor([10, 3])).tolist() == [True, False]
+    with pytest.raises(UserError, match="null condition"):
+        null_condition(torch.nn.Linear(2, 2), labels)
 
 
 def test_ddim_equals_hand_written_ddim(tiny):

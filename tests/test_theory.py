@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from condnoise.cli import main
+from condnoise.app.cli import main
+from condnoise.stats import gaussian_w2_squared
 from condnoise.theory import gmm
 from condnoise.theory import simulate as sim
 
@@ -118,16 +119,16 @@ def test_w2_gaussian_matches_independent_computations() -> None:
     m1, m2 = rng.standard_normal(d), rng.standard_normal(d)
     r1 = np.real(sqrtm(C1))
     ref = np.sum((m1 - m2) ** 2) + np.trace(C1 + C2 - 2 * np.real(sqrtm(r1 @ C2 @ r1)))
-    assert gmm.w2_squared_gaussian(m1, C1, m2, C2) == pytest.approx(ref, rel=1e-9)
+    assert gaussian_w2_squared(m1, C1, m2, C2) == pytest.approx(ref, rel=1e-9)
     # Commuting (diagonal) case: sum of squared differences of standard deviations.
     l1, l2 = rng.uniform(0.2, 3, d), rng.uniform(0.2, 3, d)
-    assert gmm.w2_squared_gaussian(m1, np.diag(l1), m2, np.diag(l2)) == pytest.approx(
+    assert gaussian_w2_squared(m1, np.diag(l1), m2, np.diag(l2)) == pytest.approx(
         np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(l1) - np.sqrt(l2)) ** 2), rel=1e-12)
     # 1-D: empirical W2^2 of equal-size samples is the mean squared gap of sorted values.
     a = np.sort(rng.normal(0.3, 1.5, 400_000))
     b = np.sort(rng.normal(-0.4, 0.6, 400_000))
     emp = np.mean((a - b) ** 2)
-    closed = gmm.w2_squared_gaussian([0.3], [[1.5**2]], [-0.4], [[0.6**2]])
+    closed = gaussian_w2_squared([0.3], [[1.5**2]], [-0.4], [[0.6**2]])
     assert closed == pytest.approx(0.7**2 + 0.9**2, rel=1e-12)
     assert emp == pytest.approx(closed, rel=0.01)
 
@@ -160,7 +161,7 @@ def test_w2_optimal_gamma_shrinks_as_n_grows() -> None:
             means, xs = _class_data(d, n, seed=100 + s)
             for j, g in enumerate(grid):
                 c, C = sim.ode_map(sim.fit_least_squares(xs[0], 0, 2, t, g), 0)
-                w2[s, j] = gmm.w2_squared_gaussian(means[0], np.eye(d), c, C)
+                w2[s, j] = gaussian_w2_squared(means[0], np.eye(d), c, C)
         curve = (w2 - w2[:, :1]).mean(0)
         assert curve.min() < 0  # slight corruption helps (Theorem 2)
         g_sim.append(grid[np.argmin(curve)])

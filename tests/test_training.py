@@ -12,10 +12,12 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from condnoise import rng
 from condnoise.errors import UserError
-from condnoise.training.checkpoint import list_checkpoints, load_run
+from condnoise.training.checkpoint import list_checkpoints
 from condnoise.training.config import Config
 from condnoise.training.rundir import read_metrics
+from condnoise.training.runtime import load_run
 from condnoise.training.trainer import Trainer, train, write_sample_grid
 
 
@@ -98,10 +100,23 @@ def test_load_run_without_checkpoint_is_a_user_error(tmp_path):
         load_run(tmp_path / "missing")
 
 
+def test_resume_refuses_a_checkpoint_of_another_random_scheme(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, steps=5, ckpt_every=5), sample_hook=None)
+    assert json.loads((run / "run.json").read_text())["rng_version"] == rng.VERSION
+    state_path = run / "checkpoints" / "step_00000005" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    assert state["rng_version"] == rng.VERSION
+    del state["rng_version"]  # as written before condnoise.rng
+    torch.save(state, state_path)
+    with pytest.raises(UserError, match="random scheme 1"):
+        train(tiny_config(run, steps=8, ckpt_every=5), resume=True, sample_hook=None)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_cfg_null_class_is_trained_only_with_dropout(tmp_path, dropout):
     cfg = tiny_config(tmp_path / f"run{dropout}", steps=8)
-    cfg.model["cfg_dropout"] = dropout
+    cfg.model.cfg_dropout = dropout
     trainer = Trainer(cfg)
     null = trainer.model.encoder.null_index
     before = trainer.model.encoder.embedding.weight[null].detach().clone()

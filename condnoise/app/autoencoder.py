@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from condnoise.app.common import HelpFormatter, IntermixedParser
 from condnoise.errors import UserError
 
 TRAIN_EPILOG = """\
@@ -23,8 +24,6 @@ as YAML), e.g. model.codebook_size=1024 loss.disc_start=500 train.lr=2e-4.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from condnoise.cli import HelpFormatter
-
     p = subparsers.add_parser("autoencoder", formatter_class=HelpFormatter,
                               help="train / evaluate VQ and KL autoencoders for latent diffusion")
     sub = p.add_subparsers(dest="autoencoder_command", metavar="ACTION")
@@ -34,8 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_train(sub: argparse._SubParsersAction, formatter: type) -> None:
-    from condnoise.training.commands import _IntermixedParser
-
     t = sub.add_parser(
         "train", formatter_class=formatter, epilog=TRAIN_EPILOG,
         help="train a VQ-f4 / KL-f8 style autoencoder (resumable)",
@@ -43,7 +40,7 @@ def _register_train(sub: argparse._SubParsersAction, formatter: type) -> None:
                     "(L1, perceptual, PatchGAN with adaptive weight, VQ / KL term); writes a run "
                     "directory with checkpoints, metrics.jsonl, reconstruction grids and the "
                     "diffusers folder RUN/autoencoder.")
-    t.__class__ = _IntermixedParser
+    t.__class__ = IntermixedParser
     t.add_argument("config", metavar="PRESET_OR_YAML", nargs="?",
                    help="preset (fmnist-vq-f4, scenes-vq-f4, scenes-kl-f8, in1k-vq-f4) or YAML file")
     t.add_argument("overrides", nargs="*", metavar="key=value",
@@ -135,7 +132,8 @@ def run_train(args: argparse.Namespace) -> int:
     bar, progress = _train_bar(cfg, args.max_steps)
     try:
         result = train_autoencoder(cfg, resume=args.resume, device=args.device,
-                                   max_steps=args.max_steps, progress=progress)
+                                   max_steps=args.max_steps, progress=progress,
+                                   classifier=perceptual_classifier(cfg))
     finally:
         if bar is not None:
             bar.close()
@@ -146,6 +144,16 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"trained to step {result.step} ({result.cpu_seconds:.0f} CPU-s); {summary}\n"
           f"diffusers folder: {result.folder}")
     return 0
+
+
+def perceptual_classifier(cfg):  # type: ignore[no-untyped-def]
+    """The fmnist-classifier network of ``loss.perceptual: classifier`` (else None)."""
+    lo = cfg.loss
+    if lo.perceptual != "classifier" or lo.perceptual_weight <= 0:
+        return None
+    from condnoise.evaluation.classifier import load_classifier
+
+    return load_classifier(lo.classifier_dir)[0]
 
 
 def _train_bar(cfg, max_steps):  # type: ignore[no-untyped-def]
@@ -166,7 +174,7 @@ def _train_bar(cfg, max_steps):  # type: ignore[no-untyped-def]
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from condnoise.evaluation.reconstruction import evaluate_autoencoder, resolve_folder
+    from condnoise.models.first_stage import resolve_folder
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,14 +184,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     features = tuple(f.strip() for f in args.features.split(",") if f.strip() and f.strip() != "none")
     out = Path(args.out) if args.out else resolve_folder(args.path).parent / f"eval-{args.split}"
-    from tqdm.auto import tqdm
-
-    with tqdm(desc="reconstruct", unit="img", leave=False) as bar:
-        r = evaluate_autoencoder(args.path, source=args.source, split=args.split, out_dir=out,
-                                 features=features, kind=args.kind, image_size=args.image_size,
-                                 max_samples=args.max_samples, crop=args.crop,
-                                 batch_size=args.batch_size, device=args.device,
-                                 data_dir=args.data_dir, progress=bar)
+    r = evaluate_autoencoder(args, features, out)
     parts = [f"PSNR {r['psnr']:.2f} dB", f"SSIM {r['ssim']:.4f}"]
     if args.crop:
         parts.append(f"PSNR {r[f'psnr_crop{args.crop}']:.2f} dB on the central {args.crop}x{args.crop}")
@@ -193,3 +194,40 @@ def run_eval(args: argparse.Namespace) -> int:
                      f"(perplexity {r['code_perplexity']:.1f})")
     print(f"{r['data']} ({r['num_images']} images): " + ", ".join(parts) + f"\nwrote {out}/metrics.json")
     return 0
+
+
+def evaluate_autoencoder(args: argparse.Namespace, features: tuple[str, ...], out: Path) -> dict:
+    """Reconstruct ``--source:--split`` deterministically (training.image_stream), measure it
+    (evaluation.reconstruction), write reconstructions.png and provenance.json."""
+    from tqdm.auto import tqdm
+
+    from condnoise.data.sources import open_source
+    from condnoise.evaluation.reconstruction import evaluate_reconstructions
+    from condnoise.models.first_stage import load_first_stage
+    from condnoise.provenance import write_provenance
+    from condnoise.training.image_stream import (
+        ImageBatches,
+        reconstructions,
+        save_reconstruction_grid,
+    )
+
+    model, kind, folder = load_first_stage(args.path, args.kind, args.device)
+    size = args.image_size or int(model.config.sample_size)
+    src = open_source(args.source, args.split, data_dir=args.data_dir, image_size=size)
+    data_name = f"{src.meta.name}:{args.split}"
+    if src.meta.image_shape[0] != model.config.in_channels:
+        raise UserError(f"{data_name} has {src.meta.image_shape[0]} channels but the autoencoder "
+                        f"in {folder} takes {model.config.in_channels}")
+    images = ImageBatches(src, 0, max_samples=args.max_samples)
+    info = {"autoencoder": str(folder), "kind": kind, "data": data_name,
+            "image_shape": list(src.meta.image_shape)}
+    with tqdm(desc="reconstruct", unit="img", leave=False) as bar:
+        r = evaluate_reconstructions(
+            reconstructions(model, images, args.batch_size, args.device), out_dir=out,
+            features=features, crop=args.crop, info=info, progress=bar,
+            codebook_size=int(model.config.num_vq_embeddings) if kind == "vq" else None)
+    save_reconstruction_grid(model, images, out / "reconstructions.png", 16, args.device)
+    write_provenance(out, {"autoencoder": str(folder), "source": args.source, "split": args.split,
+                           "features": list(features), "image_size": size,
+                           "max_samples": args.max_samples, "crop": args.crop}, None)
+    return r

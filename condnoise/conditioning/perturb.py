@@ -1,19 +1,27 @@
 """Condition-embedding perturbations: CEP (paper Sec. 3) and the baselines it is compared to.
 
-Every perturbation maps the clean embedding ``c = c_theta(y)`` ``[B, d]`` to ``c + delta`` in
-training mode only (eval mode returns ``c`` unchanged, so sampling is never perturbed).
-Rows whose label is the null class (classifier-free-guidance dropout) are never perturbed:
-the null embedding is the unconditional anchor of CFG, not a condition, and CEP targets the
-conditions (paper Sec. 3 leaves this open; this is our choice).
+Every perturbation maps the clean embedding ``c = c_theta(y)`` (a
+:class:`~condnoise.conditioning.embedding.CondEmbedding`: class vectors as one token, or a
+caption's token embeddings ``[B, L, D]``) to ``c + delta`` in training mode only (eval mode
+returns ``c`` unchanged, so sampling is never perturbed). Padding tokens and rows holding
+the null condition (classifier-free-guidance dropout: the null class, the empty caption)
+are never perturbed: the null embedding is the unconditional anchor of CFG, not a
+condition, and CEP targets the conditions (paper Sec. 3 leaves this open; this is our
+choice). The scale uses the token width D: ``gamma / sqrt(D)`` per coordinate of every
+real token. ``pooled`` is recomputed from the perturbed tokens.
 
 Randomness: fresh noise comes from ``self.generator`` when set, else from the global torch
 RNG of the embedding's device, so a trainer that checkpoints the RNG states resumes bitwise.
 ``cep-fixed`` draws nothing: its membership and noise are a pure counter-based hash of
-``(seed, sample_index)``, identical across steps, resumes, workers and ranks; ``random-flip``
-hashes ``(seed, step, sample_index)`` (the data stage's ``RandomRelabeler``).
+``(seed, sample_index)`` (:mod:`condnoise.rng`), identical across steps, resumes, workers
+and ranks; ``random-flip`` (a label re-drawn, or a caption swapped with another sample's)
+hashes ``(seed, step, sample_index)`` (random data corruption, paper appendix E.4).
 
 Any perturbation also accepts ``ip`` (xi of input perturbation, Ning et al. 2023): stored as
 ``input_perturbation`` and applied to ``x_t`` by :func:`condnoise.diffusion.loss.diffusion_loss`.
+
+``forward(c, cond, *, encoder, sample_index=None, step=None)`` takes a CondEmbedding (and
+returns one) or, for class models, the class vectors ``[B, D]`` (and returns ``[B, D]``).
 """
 
 from __future__ import annotations
@@ -24,26 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from condnoise.data.random_flip import splitmix64
+from condnoise import rng
+from condnoise.conditioning.embedding import CondEmbedding, token_shift
+from condnoise.conditioning.noise import cep_delta, cep_sigma
 from condnoise.errors import UserError
-
-# ----------------------------------------------------------------------------- hashing
-# SplitMix64 (the data stage's counter-based hash) keys the fixed-CEP draws.
-_STRIDE = 0x3C6EF372FE94F82B  # odd int64 constant separating the columns of one key
-_MEMBER = 0x2545F4914F6CDD1D  # stream constant of the membership draw
-
-
-def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` uniforms in (0, 1) per int64 key ``[B]`` -> float32 ``[B, n]``, a pure function."""
-    cols = torch.arange(n, device=key.device, dtype=torch.int64)
-    h = splitmix64(key[:, None] + cols * _STRIDE)
-    return (((h >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)
 
 
 # ----------------------------------------------------------------------------- base class
 class Perturbation(nn.Module):
     """Base class: subclasses implement :meth:`perturb`; the base handles eval mode, the
-    null-row mask and the ``mean_l2_shift`` statistic (paper Fig. 8a x-axis)."""
+    null-row and padding masks and the ``mean_l2_shift`` statistic (paper Fig. 8a x-axis)."""
 
     name = "none"
 
@@ -66,42 +64,48 @@ class Perturbation(nn.Module):
 
     def perturb(
         self,
-        c: torch.Tensor,
-        labels: torch.Tensor,
+        emb: CondEmbedding,
+        cond: torch.Tensor,
         encoder: nn.Module,
         sample_index: torch.Tensor | None,
         step: int | None = None,
-    ) -> torch.Tensor:
-        return c
+    ) -> CondEmbedding:
+        return emb
 
     def forward(
         self,
-        c: torch.Tensor,
-        labels: torch.Tensor,
+        c: CondEmbedding | torch.Tensor,
+        cond: torch.Tensor,
         *,
         encoder: nn.Module,
         sample_index: torch.Tensor | None = None,
         step: int | None = None,
-    ) -> torch.Tensor:
-        """Return the (training-mode) perturbed embedding; null-class rows stay untouched.
+    ) -> CondEmbedding | torch.Tensor:
+        """Return the (training-mode) perturbed embedding; null rows and padding untouched.
 
         ``step`` (the optimiser step) keys the counter-based draws of ``random-flip``.
         """
+        if isinstance(c, torch.Tensor):  # class vectors [B, D] -> [B, D]
+            emb = CondEmbedding.from_vectors(c, encoder.is_null(cond))
+            return self.forward(emb, cond, encoder=encoder, sample_index=sample_index, step=step).pooled
         if not self.training or type(self).perturb is Perturbation.perturb:
             return c
-        out = self.perturb(c, labels, encoder, sample_index, step)
-        keep = (labels != encoder.null_index)[:, None]
-        out = torch.where(keep, out, c)
+        out = self.perturb(c, cond, encoder, sample_index, step)
+        real = ~c.null
+        keep = (c.mask | out.mask) & real[:, None]
+        tokens = torch.where(keep[..., None], out.tokens, c.tokens)
+        result = c.with_tokens(tokens, torch.where(real[:, None], out.mask, c.mask))
         with torch.no_grad():
-            shift = (out.float() - c.float()).norm(dim=1)
+            shift = token_shift(c, result)
             self._l2_sum += shift.sum()
             self._changed += (shift > 0).sum()
-            self._rows += keep.sum()
-        return out
+            self._rows += real.sum()
+        return result
 
     def stats(self, reset: bool = True) -> dict[str, float]:
-        """``mean_l2_shift`` = mean ||c' - c|| over perturbable (non-null) training rows since
-        the last reset, ``perturbed_fraction`` = share of those rows that changed."""
+        """``mean_l2_shift`` = mean over perturbable (non-null) training rows since the last
+        reset of the row's mean per-token ``||c' - c||`` (for classes: the vector's shift),
+        ``perturbed_fraction`` = share of those rows that changed."""
         rows = float(self._rows)
         out = {
             "mean_l2_shift": float(self._l2_sum) / rows if rows else 0.0,
@@ -114,9 +118,6 @@ class Perturbation(nn.Module):
 
     def _rand(self, c: torch.Tensor) -> torch.Tensor:
         return torch.rand(c.shape, device=c.device, dtype=c.dtype, generator=self.generator)
-
-    def _randn(self, c: torch.Tensor) -> torch.Tensor:
-        return torch.randn(c.shape, device=c.device, dtype=c.dtype, generator=self.generator)
 
 
 class NoPerturbation(Perturbation):
@@ -142,9 +143,9 @@ class UniformCEP(Perturbation):
     def params(self) -> dict[str, Any]:
         return {"gamma": self.gamma, **super().params()}
 
-    def perturb(self, c, labels, encoder, sample_index, step=None):
-        bound = self.gamma / math.sqrt(c.shape[-1])
-        return c + (2 * self._rand(c) - 1) * bound
+    def perturb(self, emb, cond, encoder, sample_index, step=None):
+        return emb.with_tokens(emb.tokens + cep_delta(emb.tokens, self.gamma, "uniform",
+                                                      generator=self.generator))  # fmt: skip
 
 
 class GaussianCEP(Perturbation):
@@ -167,11 +168,11 @@ class GaussianCEP(Perturbation):
         return {"gamma": self.gamma, "scale": self.scale, **super().params()}
 
     def sigma(self, d: int) -> float:
-        s = self.gamma / math.sqrt(d)
-        return s if self.scale == "std" else math.sqrt(s)
+        return cep_sigma(self.gamma, d, self.scale)
 
-    def perturb(self, c, labels, encoder, sample_index, step=None):
-        return c + self._randn(c) * self.sigma(c.shape[-1])
+    def perturb(self, emb, cond, encoder, sample_index, step=None):
+        delta = cep_delta(emb.tokens, self.gamma, "gaussian", scale=self.scale, generator=self.generator)
+        return emb.with_tokens(emb.tokens + delta)
 
 
 class FixedCEP(Perturbation):
@@ -206,26 +207,29 @@ class FixedCEP(Perturbation):
         p = {"gamma": self.gamma, "noise": self.noise, "fraction": self.fraction, "seed": self.seed}
         return {**p, **super().params()}
 
-    def fixed_delta(self, sample_index: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(member bool [B], delta float32 [B, d])`` for dataset indices int64 [B]."""
+    def fixed_delta(self, sample_index: torch.Tensor, d: int, length: int = 1
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``(member bool [B], delta float32 [B, length, d])`` for dataset indices int64 [B];
+        coordinate j of token position p is keyed by ``(index, p * d + j)`` (one token:
+        ``(index, j)``)."""
         idx = sample_index.long()
-        key = splitmix64(idx ^ splitmix64(torch.full_like(idx, self.seed)))
-        member = hash_uniform(splitmix64(key ^ _MEMBER), 1)[:, 0] < self.fraction
+        member = rng.uniform(self.seed, "cep-fixed/member", idx) < self.fraction
+        cols = torch.arange(length, device=idx.device)[:, None] * d + torch.arange(d, device=idx.device)
         if self.noise == "uniform":
-            delta = (2 * hash_uniform(key, d) - 1) * (self.gamma / math.sqrt(d))
-        else:  # Box-Muller
-            u = hash_uniform(key, 2 * d)
-            z = torch.sqrt(-2 * torch.log(u[:, :d])) * torch.cos(2 * math.pi * u[:, d:])
-            delta = z * (self.gamma / math.sqrt(d))
-        return member, delta
+            z = 2 * rng.uniform(self.seed, "cep-fixed/delta", idx[:, None, None], cols) - 1
+        else:
+            z = rng.normal(self.seed, "cep-fixed/delta", idx[:, None, None], cols)
+        return member, (z * (self.gamma / math.sqrt(d))).float()
 
-    def perturb(self, c, labels, encoder, sample_index, step=None):
+    def perturb(self, emb, cond, encoder, sample_index, step=None):
         if sample_index is None:
             raise UserError("perturbation cep-fixed needs the dataset sample_index of every row")
-        if sample_index.shape != labels.shape:
-            raise UserError(f"sample_index shape {tuple(sample_index.shape)} != labels {tuple(labels.shape)}")
-        member, delta = self.fixed_delta(sample_index.to(c.device), c.shape[-1])
-        return c + delta.to(c.dtype) * member[:, None].to(c.dtype)
+        if sample_index.shape != cond.shape[:1]:
+            raise UserError(f"sample_index shape {tuple(sample_index.shape)} != conditions "
+                            f"{tuple(cond.shape[:1])}")  # fmt: skip
+        c = emb.tokens
+        member, delta = self.fixed_delta(sample_index.to(c.device), c.shape[-1], c.shape[1])
+        return emb.with_tokens(c + delta.to(c.dtype) * member[:, None, None].to(c.dtype))
 
 
 class EmbeddingDropout(Perturbation):
@@ -242,9 +246,9 @@ class EmbeddingDropout(Perturbation):
     def params(self) -> dict[str, Any]:
         return {"p": self.p, **super().params()}
 
-    def perturb(self, c, labels, encoder, sample_index, step=None):
-        keep = self._rand(c) >= self.p
-        return c * keep / (1 - self.p)
+    def perturb(self, emb, cond, encoder, sample_index, step=None):
+        keep = self._rand(emb.tokens) >= self.p
+        return emb.with_tokens(emb.tokens * keep / (1 - self.p))
 
 
 def _class_table(encoder: nn.Module, name: str) -> torch.Tensor:
@@ -268,22 +272,28 @@ class LabelSmoothing(Perturbation):
     def params(self) -> dict[str, Any]:
         return {"eps": self.eps, **super().params()}
 
-    def perturb(self, c, labels, encoder, sample_index, step=None):
+    def perturb(self, emb, cond, encoder, sample_index, step=None):
         table = _class_table(encoder, self.name)
         k = table.shape[0]
         if k < 2:
             raise UserError("label-smoothing needs at least 2 classes")
+        c = emb.tokens[:, 0]
         others = (table.sum(0, keepdim=True) - c) / (k - 1)
-        return (1 - self.eps) * c + self.eps * others.to(c.dtype)
+        return emb.with_tokens(((1 - self.eps) * c + self.eps * others.to(c.dtype))[:, None])
 
 
 class RandomFlip(Perturbation):
-    """Random data corruption (paper Sec. 2 and appendix E.4): at every step each label is
-    re-drawn with probability ``eta`` to a *different* class (from ``prior``, uniform when
-    None) and the new label's embedding replaces the clean one.
+    """Random data corruption (paper Sec. 2 and appendix E.4), re-drawn at every step.
 
-    The draws are the data stage's counter-based ``RandomRelabeler``: a pure function of
-    ``(seed, step, sample_index)``, so they need both ``sample_index`` and ``step``.
+    Class labels: each label is re-drawn with probability ``eta`` to a *different* class
+    (from ``prior``, uniform when None) and the new label's embedding replaces the clean one;
+    the draws are :func:`condnoise.rng.relabel` (the data stage's random corruption).
+    Captions (text models): each caption is replaced with probability ``eta`` by the caption
+    of another training sample ``j != i`` (the paper's text swap, made random per step);
+    draws from streams ``swap/flip`` and ``swap/partner``, and the training conditions come
+    from :meth:`bind_conditions` (the trainer calls it).
+
+    Every draw is a pure function of ``(seed, step, sample_index)``, so it needs both.
     """
 
     name = "random-flip"
@@ -300,31 +310,55 @@ class RandomFlip(Perturbation):
                 raise UserError("random-flip field 'prior' must list >= 2 non-negative class weights")
             prior = [float(x) for x in pr / pr.sum()]
         self.eta, self.prior, self.seed = float(eta), prior, int(seed)
-        self._relabelers: dict[int, Any] = {}
+        self.table: torch.Tensor | None = None
 
     def params(self) -> dict[str, Any]:
         return {"eta": self.eta, "prior": self.prior, "seed": self.seed, **super().params()}
 
-    def relabeler(self, num_classes: int):
-        """The data stage's ``RandomRelabeler`` for ``num_classes`` classes."""
-        from condnoise.data.random_flip import RandomRelabeler
+    def class_prior(self, num_classes: int) -> list[float]:
+        """``prior`` (checked against the model's class count), uniform when None."""
+        if self.prior is not None and len(self.prior) != num_classes:
+            raise UserError(
+                f"random-flip prior has {len(self.prior)} entries but the model has {num_classes} classes"
+            )
+        return self.prior or [1.0 / num_classes] * num_classes
 
-        if num_classes not in self._relabelers:
-            if self.prior is not None and len(self.prior) != num_classes:
-                raise UserError(
-                    f"random-flip prior has {len(self.prior)} entries but the model has {num_classes} classes"
-                )
-            prior = self.prior or [1.0 / num_classes] * num_classes
-            self._relabelers[num_classes] = RandomRelabeler(prior, self.eta, self.seed)
-        return self._relabelers[num_classes]
+    def bind_conditions(self, table: torch.Tensor) -> None:
+        """The training set's conditions in dataset-index order (token ids ``[N, L]``)."""
+        self.table = table
 
-    def perturb(self, c, labels, encoder, sample_index, step=None):
+    def swap_partners(self, sample_index: torch.Tensor, step: int, n: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``(swapped bool [B], partner index int64 [B])``; a partner is never the row itself."""
+        idx = sample_index.long()
+        swap = (rng.uniform(self.seed, "swap/flip", step, idx) < self.eta) & (n > 1)
+        j = (rng.uniform(self.seed, "swap/partner", step, idx) * (n - 1)).floor().long()
+        return swap, j + (j >= idx).long()
+
+    def perturb(self, emb, cond, encoder, sample_index, step=None):
         if sample_index is None or step is None:
             raise UserError("perturbation random-flip needs the sample_index and step of every batch")
+        if getattr(encoder, "kind", "class") == "text":
+            return self._swap(emb, cond, encoder, sample_index, step)
         k = encoder.num_classes
-        real = labels.clamp(max=k - 1)  # null rows are restored by the caller
-        new = self.relabeler(k)(real, sample_index.to(labels.device), step)
-        return encoder.encode(new).to(c.dtype)
+        real = cond.clamp(max=k - 1)  # null rows are restored by the caller
+        new = rng.relabel(real, sample_index.to(cond.device), step, prior=self.class_prior(k),
+                          ratio=self.eta, seed=self.seed)
+        return emb.with_tokens(encoder.encode(new).to(emb.tokens.dtype)[:, None])
+
+    def _swap(self, emb: CondEmbedding, cond: torch.Tensor, encoder: nn.Module,
+              sample_index: torch.Tensor, step: int) -> CondEmbedding:  # fmt: skip
+        if self.prior is not None:
+            raise UserError("random-flip field 'prior' is for class labels; captions are swapped")
+        if self.table is None:
+            raise UserError("random-flip on captions needs the training captions (bind_conditions)")
+        swap, partner = self.swap_partners(sample_index.to(cond.device), step, len(self.table))
+        if not bool(swap.any()):
+            return emb
+        new = encoder.embed(self.table[partner[swap].cpu()].to(cond.device))
+        tokens, mask = emb.tokens.clone(), emb.mask.clone()
+        tokens[swap], mask[swap] = new.tokens.to(tokens.dtype), new.mask
+        return emb.with_tokens(tokens, mask)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -16,7 +16,11 @@ identical on every machine.
   of pairwise-different captions when k is odd; k = 1 gives one sample another
   sample's caption), so every counted sample really carries a foreign caption.
 - ``rewrite``: k samples; each caption rewritten by a ``Rewriter`` at a severity drawn
-  uniformly from 1..5 (default ``RuleRewriter`` fitted on the dataset's captions).
+  uniformly from 1..5. Built-in rewriters by name (``resolve_rewriter``): ``rule``
+  (``RuleRewriter`` fitted on the dataset's captions, the default) and, for sources with
+  attribute records (``scenes``, where ``attributes`` is the default), ``attributes`` /
+  ``paraphrase``. A source with ``annotate_manifest`` adds sidecar files to caption
+  manifests (scenes: the attribute changes of every row).
 
 ``random`` (appendix E.4, labels re-drawn on every read) is not a manifest: see
 ``views.RandomFlipView`` and ``random_flip.relabel``.
@@ -46,6 +50,7 @@ CLASS_KINDS = ("symmetric", "asymmetric")
 CAPTION_KINDS = ("swap", "rewrite")
 FMNIST_ASYMMETRIC_DEFAULT = ("T-shirt/top", "Pullover", "Coat", "Shirt")
 REWRITE_MAX_TRIES = 10
+BUILTIN_REWRITERS = ("rule", "attributes", "paraphrase")
 
 
 def num_to_corrupt(ratio: float, n: int) -> int:
@@ -229,6 +234,22 @@ def corrupt_rewrite(
     return idx.astype(np.int64), [captions[i] for i in idx], new, severities
 
 
+def resolve_rewriter(rewriter: Rewriter | str | None, source, captions) -> Rewriter:
+    """A Rewriter as given, or the built-in one named (None: the source's default)."""
+    if rewriter is not None and not isinstance(rewriter, str):
+        return rewriter
+    name = rewriter or getattr(source, "default_rewriter", "rule")
+    if name not in BUILTIN_REWRITERS:
+        raise UserError(f"unknown rewriter {name!r}; built-in: {', '.join(BUILTIN_REWRITERS)} "
+                        "(or module:name)")  # fmt: skip
+    if name == "rule":
+        return RuleRewriter(captions)
+    if not hasattr(source, "rewriter"):
+        raise UserError(f"rewriter {name!r} needs a source with attribute records (scenes); "
+                        f"use rule for {source.meta.name}")  # fmt: skip
+    return source.rewriter(name)
+
+
 def default_classes(meta) -> tuple[str, ...] | None:
     """The documented default asymmetric subset of a source, if it has one."""
     return FMNIST_ASYMMETRIC_DEFAULT if meta.name == "fashion-mnist" else None
@@ -241,10 +262,46 @@ def corrupt(
     seed: int,
     *,
     classes: Sequence[str] | None = None,
-    rewriter: Rewriter | None = None,
+    rewriter: Rewriter | str | None = None,
 ) -> Manifest:
-    """Corrupt ``source`` (a ConditionalDataset) and return the Manifest (not yet saved)."""
+    """Corrupt ``source`` (a ConditionalDataset) and return the Manifest (not yet saved).
+
+    ``rewriter``: a Rewriter or a built-in name (see ``resolve_rewriter``)."""
     meta = source.meta
+    _check_kind(meta, kind, classes)
+    conds = source.conditions()
+    params: dict = {}
+    sev = None
+    if kind == "symmetric":
+        idx, orig, new = corrupt_symmetric(np.asarray(conds), meta.class_prior, ratio, seed)
+    elif kind == "asymmetric":
+        names = classes if classes is not None else default_classes(meta)
+        if names is None:
+            raise UserError(f"asymmetric corruption of {meta.name} needs --classes NAME,NAME,...")
+        subset = resolve_classes(names, meta.class_names)
+        params["classes"] = [meta.class_names[i] for i in subset]
+        idx, orig, new = corrupt_asymmetric(
+            np.asarray(conds), meta.class_prior, ratio, seed, subset
+        )
+    elif kind == "swap":
+        idx, orig, new = corrupt_swap(conds, ratio, seed)
+    else:
+        rw = resolve_rewriter(rewriter, source, conds)
+        idx, orig, new, sev = corrupt_rewrite(conds, ratio, seed, rw)
+        params["rewriter"] = getattr(rw, "name", type(rw).__name__)
+        params["severity_counts"] = {str(s): int((sev == s).sum()) for s in SEVERITIES}
+    manifest = Manifest(
+        source=meta.name, split=meta.split, kind=kind, ratio=float(ratio), seed=int(seed),
+        n=meta.num_samples, condition_kind=meta.condition_kind, index=idx, original=orig,
+        corrupted=new, class_names=tuple(meta.class_names), params=params,
+    )  # fmt: skip
+    if kind in CAPTION_KINDS and hasattr(source, "annotate_manifest"):
+        source.annotate_manifest(manifest, sev)
+    return manifest
+
+
+def _check_kind(meta, kind: str, classes: Sequence[str] | None) -> None:
+    """The kind exists, matches the condition type, and the source is not empty."""
     if kind == "random":
         raise UserError(
             "kind 'random' re-draws labels on every read and has no manifest; use "
@@ -263,37 +320,3 @@ def corrupt(
         raise UserError(f"data source {meta.name} ({meta.split}) is empty")
     if classes is not None and kind != "asymmetric":
         raise UserError("--classes applies only to --kind asymmetric")
-    conds = source.conditions()
-    params: dict = {}
-    if kind == "symmetric":
-        idx, orig, new = corrupt_symmetric(np.asarray(conds), meta.class_prior, ratio, seed)
-    elif kind == "asymmetric":
-        names = classes if classes is not None else default_classes(meta)
-        if names is None:
-            raise UserError(f"asymmetric corruption of {meta.name} needs --classes NAME,NAME,...")
-        subset = resolve_classes(names, meta.class_names)
-        params["classes"] = [meta.class_names[i] for i in subset]
-        idx, orig, new = corrupt_asymmetric(
-            np.asarray(conds), meta.class_prior, ratio, seed, subset
-        )
-    elif kind == "swap":
-        idx, orig, new = corrupt_swap(conds, ratio, seed)
-    else:
-        rw = rewriter if rewriter is not None else RuleRewriter(conds)
-        idx, orig, new, sev = corrupt_rewrite(conds, ratio, seed, rw)
-        params["rewriter"] = getattr(rw, "name", type(rw).__name__)
-        params["severity_counts"] = {str(s): int((sev == s).sum()) for s in SEVERITIES}
-    return Manifest(
-        source=meta.name,
-        split=meta.split,
-        kind=kind,
-        ratio=float(ratio),
-        seed=int(seed),
-        n=meta.num_samples,
-        condition_kind=ck,
-        index=idx,
-        original=orig,
-        corrupted=new,
-        class_names=tuple(meta.class_names),
-        params=params,
-    )

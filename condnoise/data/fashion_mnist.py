@@ -8,7 +8,6 @@ or its ``fashion-mnist/`` sub-folder), the Debian package's file list (``dpkg -L
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import os
@@ -100,20 +99,3 @@ def load_fashion_mnist(
     labels.flags.writeable = False
     return images, labels
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Check that Fashion-MNIST is available.")
-    parser.add_argument("--check", action="store_true", help="exit 0 when the data is found")
-    parser.add_argument("--data-dir", default=None, help="folder holding the IDX files")
-    args = parser.parse_args(argv)
-    try:
-        folder = find_data_dir(args.data_dir)
-    except UserError as e:
-        print(f"condnoise: error: {e}")
-        return 2
-    print(f"Fashion-MNIST found in {folder}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,9 +6,11 @@ A corrupted dataset is a *view* = source + manifest; images are never copied. On
   sorted by index (class indices, or CSV-quoted caption strings);
 - ``summary.json``: source, split, kind, ratio, seed, n, n_corrupted, class counts before
   and after, condnoise version, plus the condition kind and kind-specific parameters;
-- ``provenance.json``: resolved config, seed, library versions.
+- ``provenance.json``: resolved config, seed, library versions;
+- optional sidecar files a source adds (``Manifest.sidecars``, listed in the summary's
+  ``sidecars``), e.g. the per-row attribute changes of ``scenes`` (``changes.jsonl``).
 
-All three are written atomically; an existing manifest is kept unless ``force``.
+All are written atomically; an existing manifest is kept unless ``force``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from condnoise import __version__
 from condnoise.errors import UserError
-from condnoise.io import atomic_path, write_json
+from condnoise.io import atomic_path, write_json, write_text
 from condnoise.provenance import write_provenance
 
 HEADER = ("index", "original", "corrupted")
@@ -50,6 +52,7 @@ class Manifest:
     corrupted: Any
     class_names: tuple[str, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
+    sidecars: dict[str, str] = field(default_factory=dict)  # file name -> text
 
     @property
     def n_corrupted(self) -> int:
@@ -120,6 +123,7 @@ class Manifest:
             "class_counts_before": before,
             "class_counts_after": after,
             "params": params,
+            "sidecars": sorted(self.sidecars),
             "condnoise_version": __version__,
         }
 
@@ -155,11 +159,16 @@ class Manifest:
             raise UserError(f"{out / MANIFEST} already exists; pass --force to overwrite it")
         summary = self.summary(conditions)
         text = self.csv_text()
+        stale = _sidecars_of(out / SUMMARY) - set(self.sidecars)
         out.mkdir(parents=True, exist_ok=True)
         # All content is computed above; the renames below happen back to back.
         with atomic_path(out / MANIFEST) as tmp:
             tmp.write_text(text, encoding="utf-8")
+            for name, body in self.sidecars.items():
+                write_text(out / name, body)
             write_json(out / SUMMARY, summary)
+        for name in stale:  # left by an earlier manifest in this folder (--force)
+            (out / name).unlink(missing_ok=True)
         write_provenance(out, config or summary, self.seed)
         return summary
 
@@ -197,6 +206,15 @@ class Manifest:
             class_names=tuple(s.get("class_names") or ()),
             params={**(s.get("params") or {}), "_dir": str(d)},
         )
+
+
+def _sidecars_of(summary_path: Path) -> set[str]:
+    """Sidecar names an existing summary lists (plain file names only)."""
+    try:
+        names = json.loads(summary_path.read_text(encoding="utf-8")).get("sidecars") or []
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n == Path(n).name}
 
 
 def _read_rows(path: Path, kind: str, n: int) -> tuple[np.ndarray, Any, Any]:

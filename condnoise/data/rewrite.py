@@ -7,7 +7,7 @@ callable ``(caption, severity, rng) -> caption`` with severity in 1..5 and ``rng
 
 ``RuleRewriter`` (built in) swaps entity / attribute words for others from the dataset's
 own vocabulary; severity s replaces ``ceil(s / 5 * m)`` of the caption's ``m`` content
-words (at least one). An LLM-backed rewriter plugs in the same way (see docs/readme/data.md).
+words (at least one). An LLM-backed rewriter plugs in the same way (README: "Plugging in an LLM rewriter").
 """
 
 from __future__ import annotations

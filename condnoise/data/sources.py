@@ -1,7 +1,8 @@
 """``open_source(spec)``: the one entry point to every data source.
 
-Specs: ``fashion-mnist``, ``digits``, ``imagefolder:PATH``, ``captions:PATH``,
-``wds:PATTERN``. The first two are in-memory sources with a fast ``.tensors()``.
+Specs: ``fashion-mnist``, ``digits``, ``scenes`` (or ``scenes:seed=N``),
+``imagefolder:PATH``, ``captions:PATH``, ``wds:PATTERN``. The first three are in-memory
+sources with a fast ``.tensors()``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from condnoise.data.fashion_mnist import load_fashion_mnist
 from condnoise.data.transforms import pad_to, resize_center_crop, uint8_to_unit
 from condnoise.errors import UserError
 
-BUILTIN = ("fashion-mnist", "digits")
+BUILTIN = ("fashion-mnist", "digits", "scenes")
 PATH_KINDS = ("imagefolder", "captions", "wds")
-SPEC_HELP = "fashion-mnist, digits, imagefolder:PATH, captions:PATH, wds:PATTERN"
+OPTION_KINDS = ("scenes",)  # built-in sources that also take options after a colon
+SPEC_HELP = "fashion-mnist, digits, scenes[:seed=N], imagefolder:PATH, captions:PATH, wds:PATTERN"
 
 # Digits (scikit-learn) has no official split: every 5th sample (index % 5 == 4) is test.
 DIGITS_SPLITS = ("train", "test", "all")
@@ -42,17 +44,8 @@ class FashionMNIST(InMemoryDataset):
         if len(labels) == 0:
             raise UserError(f"Fashion-MNIST split {split!r} is empty")
         self._images_u8 = images
-        size = image_size or 28
-        meta = DatasetMeta(
-            name="fashion-mnist",
-            split=split,
-            class_names=FMNIST_CLASSES,
-            class_prior=class_prior(labels, len(FMNIST_CLASSES)),
-            num_samples=len(labels),
-            image_shape=(1, size, size),
-            condition_kind="class",
-        )
-        super().__init__(meta, labels)
+        super().__init__(_gray_class_meta("fashion-mnist", split, FMNIST_CLASSES, labels,
+                                          image_size or 28), labels)  # fmt: skip
 
     def _build_images(self) -> torch.Tensor:
         x = uint8_to_unit(self._images_u8).unsqueeze(1)
@@ -60,6 +53,14 @@ class FashionMNIST(InMemoryDataset):
         if size > 28:
             return pad_to(x, size)
         return resize_center_crop(x, size) if size < 28 else x
+
+
+def _gray_class_meta(name: str, split: str, class_names: tuple[str, ...], labels: np.ndarray,
+                     size: int) -> DatasetMeta:  # fmt: skip
+    """The metadata of an in-memory, one-channel, class-labelled source."""
+    return DatasetMeta(name=name, split=split, class_names=class_names,
+                       class_prior=class_prior(labels, len(class_names)), num_samples=len(labels),
+                       image_shape=(1, size, size), condition_kind="class")  # fmt: skip
 
 
 class Digits(InMemoryDataset):
@@ -81,17 +82,7 @@ class Digits(InMemoryDataset):
         self._pixels = d.images[keep].astype(np.float32)
         labels = d.target[keep].astype(np.int64)
         names = tuple(str(n) for n in d.target_names)
-        size = image_size or 8
-        meta = DatasetMeta(
-            name="digits",
-            split=split,
-            class_names=names,
-            class_prior=class_prior(labels, len(names)),
-            num_samples=len(labels),
-            image_shape=(1, size, size),
-            condition_kind="class",
-        )
-        super().__init__(meta, labels)
+        super().__init__(_gray_class_meta("digits", split, names, labels, image_size or 8), labels)
 
     def _build_images(self) -> torch.Tensor:
         x = torch.from_numpy(self._pixels).unsqueeze(1).div_(8.0).sub_(1.0)
@@ -106,6 +97,8 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     if spec in BUILTIN:
         return spec, None
     kind, sep, arg = spec.partition(":")
+    if sep and kind in OPTION_KINDS:
+        return kind, arg
     if sep and kind in PATH_KINDS:
         if not arg:
             raise UserError(f"data source {spec!r} needs a path after '{kind}:'")
@@ -122,14 +115,21 @@ def open_source(
 ) -> ConditionalDataset:
     """Open the data source named by ``spec`` (see module docstring) for ``split``.
 
-    ``data_dir`` locates Fashion-MNIST's IDX files; ``image_size`` pads (Fashion-MNIST
-    28 -> 32 with the background value) or resizes + centre-crops to a square.
+    ``data_dir`` locates Fashion-MNIST's IDX files (also those scenes are built from);
+    ``image_size`` pads (Fashion-MNIST 28 -> 32 with the background value), renders scenes
+    at 32 or 64, or resizes + centre-crops to a square.
     """
     kind, arg = parse_spec(spec)
     if kind == "fashion-mnist":
         return FashionMNIST(split, str(data_dir) if data_dir else None, image_size)
     if kind == "digits":
         return Digits(split, image_size)
+    if kind == "scenes":
+        from condnoise.data.scenes import Scenes, parse_options
+
+        seed = parse_options(arg)["seed"]
+        return Scenes(split, seed=seed, image_size=image_size,
+                      data_dir=str(data_dir) if data_dir else None)  # fmt: skip
     _check_image_size(image_size)
     assert arg is not None
     if kind == "imagefolder":

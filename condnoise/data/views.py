@@ -52,10 +52,13 @@ class CorruptedView(ConditionalDataset):
         return self._conditions
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The source's images with the corrupted labels (in-memory class sources only)."""
+        """The source's images with the corrupted labels (in-memory sources only); caption
+        sources keep their caption indices, which point into the corrupted conditions()."""
         if not hasattr(self.source, "tensors"):
             raise UserError(f"{self.meta.name} is not an in-memory source (no tensors())")
-        images, _ = self.source.tensors()
+        images, labels = self.source.tensors()
+        if self.meta.condition_kind == "caption":
+            return images, labels
         return images, torch.from_numpy(np.array(self._conditions, dtype=np.int64))
 
     def __getitem__(self, index: int):

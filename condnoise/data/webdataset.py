@@ -14,7 +14,9 @@ variables); with fewer shards than consumers every consumer reads all shards and
 every k-th sample instead. Plain Python ``tarfile``, no ``webdataset`` dependency.
 
 ``meta`` / ``conditions()`` / indexed iteration need one pass over the tar headers
-(image bytes are skipped, not decoded); it is done lazily and cached.
+(image bytes are skipped, not decoded); it is done lazily and cached. Training reads
+:meth:`WebDataset.stream`: shards reshuffled per epoch, split over ranks and workers,
+resumable from a sample count.
 """
 
 from __future__ import annotations
@@ -254,6 +256,59 @@ class WebDataset(ConditionalDataset, IterableDataset):
                 image = pil_to_tensor(open_image(data, f"{shard}:{name}"), c, (h, w))
                 index = int(offsets[si]) + pos if offsets is not None else -1
                 yield index, image, cond
+
+    # -- resumable training stream ----------------------------------------------------------
+    def epoch_shards(self, epoch: int, seed: int) -> list[int]:
+        """Shard order of ``epoch``: a permutation keyed by ``(seed, epoch)`` (stream
+        ``wds/shards`` of :mod:`condnoise.rng`), so shards are reshuffled every epoch."""
+        from condnoise import rng
+
+        keys = rng.uniform(seed, "wds/shards", epoch, torch.arange(len(self.shards)))
+        return torch.argsort(keys, stable=True).tolist()
+
+    def _slot_plan(self, epoch: int, seed: int, slot: int, slots: int) -> tuple[list[int], bool, int]:
+        """``(shard ids, by_shard, samples of the slot)`` of one epoch."""
+        counts = np.diff(self._scan[1])
+        order = self.epoch_shards(epoch, seed)
+        if len(self.shards) >= slots:
+            mine = order[slot::slots]
+            return mine, True, int(sum(counts[i] for i in mine))
+        total = int(counts.sum())
+        return order, False, max(0, (total - slot + slots - 1) // slots)
+
+    def stream(self, slot: int, slots: int, *, seed: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """Endless ``(global index, image)`` of consumer ``slot`` of ``slots`` (DDP ranks x
+        DataLoader workers), epoch after epoch, skipping its first ``start`` samples.
+
+        Each epoch the shards are reshuffled (:meth:`epoch_shards`); with at least as many
+        shards as consumers, slot s reads shards ``order[s::slots]`` in full, otherwise every
+        slot reads all shards and keeps every ``slots``-th sample. A slot's position is its
+        sample count alone, so a trainer resumes it from the number of samples it consumed.
+        Samples within a shard keep their order (no shuffle buffer).
+        """
+        _, (c, h, w) = self._probe
+        offsets, epoch = self._scan[1], 0
+        while True:
+            shards, by_shard, size = self._slot_plan(epoch, seed, slot, slots)
+            if size == 0:
+                raise UserError(f"WebDataset {self.pattern}: consumer {slot} of {slots} gets no samples")
+            if start >= size:
+                start, epoch = start - size, epoch + 1
+                continue
+            counter = 0
+            for si in shards:
+                for pos, sample in enumerate(_iter_samples(self.shards[si], read_images=True)):
+                    keep = by_shard or counter % slots == slot
+                    counter += 1
+                    if not keep:
+                        continue
+                    if start:
+                        start -= 1
+                        continue
+                    name, data = sample.image
+                    image = pil_to_tensor(open_image(data, f"{self.shards[si]}:{name}"), c, (h, w))
+                    yield int(offsets[si]) + pos, image
+            epoch += 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int | str]]:
         for _, image, cond in self.iter_indexed(with_index=False):

@@ -82,3 +82,55 @@ def safe_name(name: str) -> str:
     """A file-name-safe form of a class name (``T-shirt/top`` -> ``T-shirt_top``)."""
     out = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
     return out or "class"
+
+
+def _wrap(text: str, width: float, measure: Any) -> list[str]:
+    """Greedy word wrap of ``text`` to lines no wider than ``width`` pixels."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and measure(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def save_labelled_grid(
+    images: Any, row_labels: list[str], path: str | os.PathLike, nrow: int, *, padding: int = 2,
+    scale: int = 1,
+) -> None:
+    """A grid with a text label above each row of ``nrow`` images (a class name, or a prompt
+    wrapped to the grid width), in Pillow's default font; ``scale`` enlarges the images
+    (nearest neighbour). Atomic PNG write; gray images are written as RGB."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    arr = np.asarray(images) if not hasattr(images, "detach") else to_uint8(images)
+    if arr.dtype != np.uint8:
+        arr = to_uint8(arr)
+    if arr.ndim != 4 or arr.shape[0] == 0:
+        raise ValueError(f"expected a non-empty image batch [N,H,W,C], got shape {arr.shape}")
+    if scale > 1:
+        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
+    rows = math.ceil(arr.shape[0] / nrow)
+    if len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} labels for {rows} rows of {nrow} images")
+    arr = np.repeat(arr, 3, axis=3) if arr.shape[3] == 1 else arr[..., :3]
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = min(nrow, arr.shape[0]) * (arr.shape[2] + padding) + padding
+    line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 2
+    strips = []
+    for r, label in enumerate(row_labels):
+        lines = _wrap(str(label), width - 2 * padding, lambda t: probe.textlength(t, font=font))
+        band = Image.new("RGB", (width, line_h * len(lines) + padding), "white")
+        draw = ImageDraw.Draw(band)
+        for k, line in enumerate(lines):
+            draw.text((padding, padding + k * line_h), line, fill="black", font=font)
+        strips += [np.asarray(band), make_grid(arr[r * nrow : (r + 1) * nrow], nrow, padding=padding)]
+    canvas = np.full((sum(s.shape[0] for s in strips), width, 3), 255, np.uint8)
+    y = 0
+    for s in strips:
+        canvas[y : y + s.shape[0], : s.shape[1]] = s
+        y += s.shape[0]
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(canvas).save(f, format="PNG")

@@ -25,7 +25,7 @@ def diffusion_loss(
     model: Callable[..., torch.Tensor],
     schedule: NoiseSchedule,
     x0: torch.Tensor,
-    labels: torch.Tensor,
+    cond: torch.Tensor,
     *,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
@@ -35,14 +35,15 @@ def diffusion_loss(
 ) -> DiffusionLoss:
     """Sample ``t`` and ``eps``, build ``x_t`` and return the eps-prediction MSE.
 
-    ``model(x_t, t, labels, **model_kwargs) -> eps`` (e.g. a ``ConditionalDiffusionModel``;
-    pass ``sample_index=...`` through ``model_kwargs``). ``ip_xi`` defaults to the model's
+    ``model(x_t, t, cond, **model_kwargs) -> eps`` (``cond``: labels ``[B]`` or token ids
+    ``[B, L]``; e.g. a ``ConditionalDiffusionModel``; pass ``sample_index=...`` through
+    ``model_kwargs``). ``ip_xi`` defaults to the model's
     ``input_perturbation`` attribute (0 when absent); IP is applied in training mode only.
     Random draws use ``generator`` or the global RNG of ``x0``'s device (checkpointable).
     """
     b = x0.shape[0]
-    if labels.shape[0] != b:
-        raise UserError(f"diffusion_loss: {b} images but {labels.shape[0]} labels")
+    if cond.shape[0] != b:
+        raise UserError(f"diffusion_loss: {b} images but {cond.shape[0]} conditions")
     if t is None:
         t = schedule.sample_timesteps(b, x0.device, generator)
     if noise is None:
@@ -54,7 +55,7 @@ def diffusion_loss(
         x_t = schedule.q_sample(x0, t, noise + xi * extra)
     else:
         x_t = schedule.q_sample(x0, t, noise)
-    pred = model(x_t, t, labels, **model_kwargs)
+    pred = model(x_t, t, cond, **model_kwargs)
     per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
     return DiffusionLoss(per_sample.mean(), per_sample.detach(), t)
 

@@ -7,7 +7,7 @@ trained on. All use "trailing" timestep spacing: the first step starts at t = T-
 pure-noise end) and the last one lands on the data (alpha_bar = 1).
 
 Classifier-free guidance (Ho & Salimans 2022), one batched forward on ``[x, x]`` with
-``[labels, null]``::
+``[cond, null]`` (``model.null_like(cond)``: the null class or the empty caption)::
 
     eps = eps_u + s * (eps_c - eps_u)
 
@@ -37,16 +37,15 @@ DETERMINISTIC_SAMPLERS = ("ddim", "dpm++")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def null_index_of(model: torch.nn.Module) -> int:
-    """The label meaning "no condition" (``num_classes``) of a ConditionalDiffusionModel."""
-    for owner in (model, getattr(model, "encoder", None)):
-        value = getattr(owner, "null_index", None)
-        if value is not None:
-            return int(value)
-    raise UserError(
-        f"{type(model).__name__} has no null class (null_index): it was not trained with "
-        "classifier-free guidance, so it cannot be sampled with guidance"
-    )
+def null_condition(model: torch.nn.Module, cond: torch.Tensor) -> torch.Tensor:
+    """``model.null_like(cond)``: the null rows CFG's unconditional branch uses."""
+    null_like = getattr(model, "null_like", None)
+    if null_like is None:
+        raise UserError(
+            f"{type(model).__name__} has no null condition (null_like): it was not trained with "
+            "classifier-free guidance, so it cannot be sampled with guidance"
+        )
+    return null_like(cond)
 
 
 def check_sampler(sampler: str, steps: int, num_train_steps: int) -> None:
@@ -101,25 +100,27 @@ def guided_eps(
     model: torch.nn.Module,
     x: torch.Tensor,
     t: torch.Tensor,
-    labels: torch.Tensor,
+    cond: torch.Tensor,
     *,
     guidance: float,
-    null_index: int,
+    **extra: Any,
 ) -> torch.Tensor:
     """Classifier-free guided noise prediction, ``eps_u + s (eps_c - eps_u)``.
 
-    One forward on the concatenated batch ``[x, x]`` with ``[labels, null]``; s = 1 runs
-    only the conditional half, s = 0 only the unconditional half. A model with a learned
-    variance (2C output channels, DiT's ``learn_sigma``) contributes its first C channels
-    (eps); the samplers use fixed variances.
+    One forward on the concatenated batch ``[x, x]`` with ``[cond, model.null_like(cond)]``
+    (labels ``[B]`` or token ids ``[B, L]``); s = 1 runs only the conditional half, s = 0
+    only the unconditional half. A model with a learned variance (2C output channels, DiT's
+    ``learn_sigma``) contributes its first C channels (eps); the samplers use fixed
+    variances. ``extra`` tensors (batch-first) go to the model, doubled with the batch.
     """
     channels = x.shape[1]
     if guidance == 1.0:
-        return model(x, t, labels)[:, :channels]
-    null = torch.full_like(labels, null_index)
+        return model(x, t, cond, **extra)[:, :channels]
+    null = null_condition(model, cond)
     if guidance == 0.0:
-        return model(x, t, null)[:, :channels]
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))[:, :channels]
+        return model(x, t, null, **extra)[:, :channels]
+    twice = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]), **twice)[:, :channels]
     eps_c, eps_u = out.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
 
@@ -137,7 +138,7 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def sample(
     model: torch.nn.Module,
     schedule: Any,
-    labels: torch.Tensor,
+    cond: torch.Tensor,
     noise: torch.Tensor,
     *,
     guidance: float,
@@ -151,10 +152,11 @@ def sample(
     """Run the reverse process from ``noise`` (x_T) to x_0, with classifier-free guidance.
 
     Args:
-        model: ``forward(x_t, t, labels) -> eps``; put it in eval mode (CEP and other
-            training-time perturbations must be off when sampling, paper section 3).
+        model: ``forward(x_t, t, cond) -> eps`` with ``null_like(cond)``; put it in eval
+            mode (CEP and other training-time perturbations must be off when sampling,
+            paper section 3).
         schedule: the training NoiseSchedule (uses ``.betas``).
-        labels: int64 ``[B]`` requested classes (may contain the null index).
+        cond: int64 requested conditions, class labels ``[B]`` or token ids ``[B, L]``.
         noise: ``[B,C,H,W]`` initial Gaussian noise, on the model's device.
         guidance: CFG scale s >= 0 (1 = conditional only).
         sampler: one of :data:`SAMPLERS`.
@@ -171,16 +173,17 @@ def sample(
     check_sampler(sampler, steps, num_train)
     if guidance < 0 or guidance != guidance:
         raise UserError(f"guidance scale must be >= 0, got {guidance}")
-    if labels.shape[0] != noise.shape[0]:
-        raise ValueError(f"{labels.shape[0]} labels for {noise.shape[0]} noise rows")
+    if cond.shape[0] != noise.shape[0]:
+        raise ValueError(f"{cond.shape[0]} conditions for {noise.shape[0]} noise rows")
     if sampler == "ddpm" and generator is not None and len(generator) != noise.shape[0]:
         raise ValueError(f"{len(generator)} generators for {noise.shape[0]} noise rows")
-    null_index = null_index_of(model) if guidance != 1.0 else -1
+    if guidance != 1.0:
+        null_condition(model, cond[:0])  # a clear error before any work
     device = noise.device
     scheduler = make_scheduler(schedule, sampler, clip_x0=clip_x0)
     scheduler.set_timesteps(int(steps), device=device)
     x = noise.float() * scheduler.init_noise_sigma
-    labels = labels.to(device=device, dtype=torch.long)
+    cond = cond.to(device=device, dtype=torch.long)
     # plain ints read once: ``int(t)`` on a device tensor would wait for the GPU every step
     timesteps = [int(t) for t in scheduler.timesteps.cpu()]
     if progress:
@@ -190,9 +193,7 @@ def sample(
     for t in timesteps:
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         with _autocast(device, precision):
-            eps = guided_eps(
-                model, x, t_batch, labels, guidance=guidance, null_index=null_index
-            )
+            eps = guided_eps(model, x, t_batch, cond, guidance=guidance)
         kwargs = {"generator": generator} if sampler == "ddpm" else {}
         x = scheduler.step(eps.float(), t, x, **kwargs).prev_sample
     return x

@@ -7,14 +7,21 @@ Layout written by :func:`run_sweep` for every guidance scale s (directory name
     OUT/s{s}/shards/spec.json             settings the shards were made with (resume check)
     OUT/s{s}/shards/shard_{k:05d}.npz     images/labels/indices of [k*S, (k+1)*S) (removed
                                           after the merge unless keep_shards)
-    OUT/s{s}/samples.npz                  images uint8 [N,H,W,C], labels int64 [N] (requested)
+    OUT/s{s}/samples.npz                  images uint8 [N,H,W,C], labels int64 [N] (requested
+                                          class, or prompt number); text runs also captions
+                                          str [N] (each sample's prompt) and source_indices
+                                          int64 [N] (its index in the split for
+                                          --captions-from, else -1)
     OUT/s{s}/meta.json                    run dir, checkpoint step, sampler, steps, guidance, ...
-    OUT/s{s}/grid.png                     a few samples per class, one row per class
+    OUT/s{s}/grid.png                     a few samples per class / prompt, one row each
+                                          (prompts printed above their rows)
     OUT/s{s}/png/{class}/{i:06d}.png      optional, one file per image
 
 Shards have a fixed size, are written atomically and skipped when present (resume).
 Under torchrun rank r makes the shards k with k % world == r; rank 0 merges them after a
-barrier. Sample i's noise and class depend only on (seed, i) (see :mod:`.seeding`).
+barrier. Sample i's noise and class depend only on (seed, i) (see :mod:`.seeding`); a
+text run's sample i gets prompt ``i % P`` of its P prompts, so two runs with the same seed
+and prompts are paired.
 """
 
 from __future__ import annotations
@@ -29,15 +36,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from condnoise.diffusion.grids import safe_name, save_grid, save_png, to_uint8
+from condnoise import rng
+from condnoise.diffusion.grids import safe_name, save_grid, save_labelled_grid, save_png, to_uint8
 from condnoise.diffusion.samplers import check_sampler, sample
 from condnoise.diffusion.seeding import initial_noise, requested_labels, sample_generators
 from condnoise.errors import UserError
 from condnoise.io import atomic_open, write_json
+from condnoise.models.autoencoder import IdentityAutoencoder
 
 SPEC_FIELDS = (
     "run_dir", "checkpoint_step", "ema", "sampler", "steps", "guidance", "seed", "classes",
-    "shard_size", "clip_x0", "precision",
+    "shard_size", "clip_x0", "precision", "rng_version", "prompts_sha256",
 )  # fmt: skip
 """Settings that change the content of a shard: a resume refuses shards made otherwise."""
 
@@ -67,6 +76,44 @@ def parse_guidance(text: str) -> list[float]:
 
 
 @dataclass
+class Prompts:
+    """A text run's prompts: ``texts`` (sample i gets ``texts[i % P]``), where they came from
+    (``source``: ``prompt`` / ``file:PATH`` / ``split:SPEC:SPLIT``) and, for a split, each
+    prompt's index in it (``indices``; -1 for free prompts)."""
+
+    texts: list[str]
+    source: str = "prompt"
+    indices: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.texts:
+            raise UserError(f"no prompts given ({self.source})")
+        empty = [i for i, t in enumerate(self.texts) if not str(t).strip()]
+        if empty:
+            raise UserError(f"prompt {empty[0] + 1} of {self.source} is empty (the empty caption is "
+                            "the unconditional branch of CFG)")  # fmt: skip
+
+    def sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256("\n".join(self.texts).encode()).hexdigest()
+
+    def source_indices(self) -> np.ndarray:
+        return np.asarray(self.indices if self.indices is not None else [-1] * len(self.texts), np.int64)
+
+
+def read_prompt_file(path: str | Path) -> Prompts:
+    """One prompt per line (blank lines skipped); UserError when missing or empty."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--prompts: file not found: {file}")
+    texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise UserError(f"--prompts: {file} holds no prompt (one per line)")
+    return Prompts(texts, f"file:{file.resolve()}")
+
+
+@dataclass
 class SweepConfig:
     """What to generate: ``num`` samples for each guidance scale (paper section 5)."""
 
@@ -83,6 +130,7 @@ class SweepConfig:
     png: bool = False
     grid_per_class: int = 8
     keep_shards: bool = False
+    prompts: Prompts | None = None  # text models: the prompts (sample i gets prompt i % P)
 
     def validate(self, num_train_steps: int) -> None:
         check_sampler(self.sampler, self.steps, num_train_steps)
@@ -112,7 +160,7 @@ def generate(
     schedule: Any,
     autoencoder: Any,
     indices: Sequence[int],
-    labels: np.ndarray,
+    conds: np.ndarray,
     *,
     shape: Sequence[int],
     guidance: float,
@@ -124,7 +172,8 @@ def generate(
     precision: str = "fp32",
     progress: Any = None,
 ) -> np.ndarray:
-    """Sample the given indices (labels given per index); uint8 ``[N,H,W,C]`` images.
+    """Sample the given indices (conditions given per index: class labels ``[N]`` or token
+    ids ``[N, L]``); uint8 ``[N,H,W,C]`` images.
 
     Sample i starts from the noise of generator ``sample_seed(seed, i)`` (also DDPM's
     ancestral noise), so the result does not depend on ``batch_size`` or on which other
@@ -136,7 +185,7 @@ def generate(
         idx = [int(i) for i in indices[start : start + batch_size]]
         gens = sample_generators(seed, idx)
         noise = initial_noise(gens, shape).to(device)
-        y = torch.as_tensor(np.asarray(labels[start : start + batch_size]), dtype=torch.long)
+        y = torch.as_tensor(np.asarray(conds[start : start + batch_size]), dtype=torch.long)
         x0 = sample(
             model, schedule, y.to(device), noise, guidance=guidance, sampler=sampler,
             steps=steps, generator=gens, clip_x0=clip_x0, precision=precision,
@@ -150,7 +199,7 @@ def generate(
 def sample_grid(
     model: torch.nn.Module,
     schedule: Any,
-    class_count: int,
+    classes: Any,
     per_class: int,
     path: str | Path,
     *,
@@ -161,32 +210,40 @@ def sample_grid(
     sampler: str = "ddim",
     autoencoder: Any = None,
     clip_x0: bool = False,
+    precision: str = "fp32",
+    row_labels: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Trainer hook: a PNG grid, one row per class, ``per_class`` samples per row.
+    """A PNG grid, one row per condition, ``per_class`` samples per row (the trainer's hook
+    and the study's per-model grid).
 
-    ``shape`` is the denoiser's input shape ``(C,H,W)`` (latent shape for latent models);
-    ``autoencoder`` (optional) decodes latents. The model is switched to eval mode for the
-    call (CEP is training-only) and restored afterwards. Same seed -> same noise per cell, so
+    ``classes``: a class count (rows 0..K-1), the class indices of the rows, or token ids
+    ``[rows, L]`` (a text model's prompts). ``row_labels`` (e.g. the prompts) are printed
+    above their rows (:func:`~condnoise.diffusion.grids.save_labelled_grid`). ``shape`` is
+    the denoiser's input shape ``(C,H,W)`` (latent shape for latent models); ``autoencoder``
+    (default: pixel space) decodes latents. The model is switched to eval mode for the call
+    (CEP is training-only) and restored afterwards. Same seed -> same noise per cell, so
     grids of successive checkpoints are comparable. Returns the uint8 ``[N,H,W,C]`` images.
     """
-    labels = np.repeat(np.arange(class_count, dtype=np.int64), per_class)
+    if isinstance(classes, int):
+        rows = np.arange(classes)
+    else:
+        rows = classes.cpu().numpy() if isinstance(classes, torch.Tensor) else np.asarray(classes)
+    conds = np.repeat(rows.astype(np.int64), per_class, axis=0)
     was_training = model.training
     model.eval()
     try:
         images = generate(
-            model, schedule, autoencoder if autoencoder is not None else _Identity(),
-            range(len(labels)), labels, shape=shape, guidance=guidance, sampler=sampler,
-            steps=steps, seed=seed, batch_size=len(labels), clip_x0=clip_x0,
+            model, schedule, autoencoder if autoencoder is not None else IdentityAutoencoder(),
+            range(len(conds)), conds, shape=shape, guidance=guidance, sampler=sampler,
+            steps=steps, seed=seed, batch_size=len(conds), clip_x0=clip_x0, precision=precision,
         )  # fmt: skip
     finally:
         model.train(was_training)
-    save_grid(images, path, nrow=per_class)
+    if row_labels is not None:
+        save_labelled_grid(images, list(row_labels), path, nrow=per_class, scale=2)
+    else:
+        save_grid(images, path, nrow=per_class)
     return images
-
-
-class _Identity:
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -265,15 +322,20 @@ def merge_shards(scale_dir: Path, num: int, shard_size: int) -> tuple[np.ndarray
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
-def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int) -> None:
-    """One row per class (at most 16 classes), the first ``per_class`` samples of each."""
+def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int,
+               names: Sequence[str] | None = None) -> None:  # fmt: skip
+    """One row per class or prompt (at most 16), the first ``per_class`` samples of each;
+    ``names`` (the prompts) are printed above their rows."""
     classes = np.unique(labels)[:16]
     first = [np.flatnonzero(labels == c)[:per_class] for c in classes]
     n = min(per_class, min(len(f) for f in first))
     if n == 0:
         return
     picked = np.concatenate([f[:n] for f in first])
-    save_grid(images[picked], path, nrow=n)
+    if names is None:
+        save_grid(images[picked], path, nrow=n)
+    else:
+        save_labelled_grid(images[picked], [names[int(c)] for c in classes], path, nrow=n, scale=2)
 
 
 def run_sweep(
@@ -293,42 +355,28 @@ def run_sweep(
     ``barrier`` (callable) synchronises ranks before rank 0 merges. Returns the scale
     folders (complete ones on rank 0).
     """
-    from tqdm.auto import tqdm
-
-    num_classes = len(run.class_names)
     cfg.validate(len(run.schedule.betas))
-    out_dir = Path(out_dir)
-    shape = latent_shape(run)
-    ranges = shard_ranges(cfg.num, cfg.shard_size)
+    kind = getattr(run.model, "condition_kind", "class")
+    if kind == "text" and cfg.prompts is None:
+        raise UserError("this run is text-conditional: give --prompt, --prompts or --captions-from")
+    if kind != "text" and cfg.prompts is not None:
+        raise UserError("this run is class-conditional: use --classes, not prompts")
     folders = []
     for scale in cfg.guidances:
-        scale_dir = out_dir / scale_dirname(scale)
+        scale_dir = Path(out_dir) / scale_dirname(scale)
         folders.append(scale_dir)
         spec = {
             "run_dir": str(Path(run_dir).resolve()), "checkpoint_step": int(run.step),
             "ema": ema, "sampler": cfg.sampler, "steps": int(cfg.steps), "guidance": scale,
-            "seed": int(cfg.seed), "classes": cfg.classes, "shard_size": int(cfg.shard_size),
-            "clip_x0": bool(cfg.clip_x0), "precision": cfg.precision,
+            "seed": int(cfg.seed), "classes": cfg.classes if cfg.prompts is None else None,
+            "shard_size": int(cfg.shard_size), "clip_x0": bool(cfg.clip_x0),
+            "precision": cfg.precision, "rng_version": rng.VERSION,
+            "prompts_sha256": cfg.prompts.sha256() if cfg.prompts is not None else None,
         }  # fmt: skip
         if _is_complete(scale_dir, spec, cfg.num):
             continue
         _check_spec(scale_dir, spec)
-        mine = [k for k in range(len(ranges)) if k % world_size == rank]
-        todo = [k for k in mine if not _shard_done(shard_path(scale_dir, k), ranges[k])]
-        bar = tqdm(
-            total=sum(len(ranges[k]) for k in todo), unit="img", disable=rank != 0 or not todo,
-            desc=f"{scale_dirname(scale)} {cfg.sampler} {cfg.steps} steps",
-        )  # fmt: skip
-        for k in todo:
-            labels = requested_labels(cfg.seed, ranges[k], num_classes, cfg.classes)
-            images = generate(
-                run.model, run.schedule, run.autoencoder, ranges[k], labels, shape=shape,
-                guidance=scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed,
-                batch_size=cfg.batch_size, clip_x0=cfg.clip_x0, precision=cfg.precision,
-                progress=bar,
-            )  # fmt: skip
-            _write_shard(shard_path(scale_dir, k), images, labels, ranges[k])
-        bar.close()
+        _make_shards(run, scale_dir, scale, cfg, rank, world_size)
         if barrier is not None:
             barrier()
         if rank == 0:
@@ -336,19 +384,73 @@ def run_sweep(
     return folders
 
 
+def _make_shards(run: Any, scale_dir: Path, scale: float, cfg: SweepConfig, rank: int,
+                 world_size: int) -> None:  # fmt: skip
+    """This rank's missing shards (k % world_size == rank) of one guidance scale."""
+    from tqdm.auto import tqdm
+
+    ranges = shard_ranges(cfg.num, cfg.shard_size)
+    mine = [k for k in range(len(ranges)) if k % world_size == rank]
+    todo = [k for k in mine if not _shard_done(shard_path(scale_dir, k), ranges[k])]
+    bar = tqdm(
+        total=sum(len(ranges[k]) for k in todo), unit="img", disable=rank != 0 or not todo,
+        desc=f"{scale_dirname(scale)} {cfg.sampler} {cfg.steps} steps",
+    )  # fmt: skip
+    conds_of = _prompt_conditions(run, cfg.prompts)
+    for k in todo:
+        if cfg.prompts is None:
+            labels = requested_labels(cfg.seed, ranges[k], len(run.class_names), cfg.classes)
+            conds = labels
+        else:
+            labels, conds = conds_of(ranges[k])
+        images = generate(
+            run.model, run.schedule, run.autoencoder, ranges[k], conds, shape=latent_shape(run),
+            guidance=scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed,
+            batch_size=cfg.batch_size, clip_x0=cfg.clip_x0, precision=cfg.precision,
+            progress=bar,
+        )  # fmt: skip
+        _write_shard(shard_path(scale_dir, k), images, labels, ranges[k])
+    bar.close()
+
+
+def _prompt_conditions(run: Any, prompts: Prompts | None) -> Any:
+    """``indices -> (prompt numbers [n], token ids [n, L])`` of a text run (None: classes)."""
+    if prompts is None:
+        return None
+    if getattr(run.model, "condition_kind", "class") != "text":
+        raise UserError("this run is class-conditional: use --classes, not prompts")
+    ids = run.model.encoder.tokenize(prompts.texts).numpy()
+
+    def conds(indices: range) -> tuple[np.ndarray, np.ndarray]:
+        numbers = np.asarray(indices, dtype=np.int64) % len(prompts.texts)
+        return numbers, ids[numbers]
+
+    return conds
+
+
 def _finish_scale(scale_dir: Path, spec: dict[str, Any], cfg: SweepConfig, run: Any) -> None:
     images, labels = merge_shards(scale_dir, cfg.num, cfg.shard_size)
+    text = {}
+    if cfg.prompts is not None:
+        text = {"captions": np.asarray(cfg.prompts.texts)[labels],
+                "source_indices": cfg.prompts.source_indices()[labels]}  # fmt: skip
     with atomic_open(scale_dir / "samples.npz", "wb") as f:
-        np.savez(f, images=images, labels=labels)
+        np.savez(f, images=images, labels=labels, **text)
     if cfg.grid_per_class > 0:
-        write_grid(images, labels, scale_dir / "grid.png", cfg.grid_per_class)
-    if cfg.png:
+        names = cfg.prompts.texts if cfg.prompts is not None else None
+        write_grid(images, labels, scale_dir / "grid.png", cfg.grid_per_class, names)
+    if cfg.png and cfg.prompts is not None:
+        for i, (img, y) in enumerate(zip(images, labels)):
+            save_png(img, scale_dir / "png" / f"prompt_{int(y):05d}" / f"{i:06d}.png")
+    elif cfg.png:
         names = [safe_name(n) for n in run.class_names]
         for i, (img, y) in enumerate(zip(images, labels)):
             save_png(img, scale_dir / "png" / f"{int(y):03d}_{names[int(y)]}" / f"{i:06d}.png")
     meta = {
         **spec, "num": int(cfg.num), "class_names": list(run.class_names),
         "image_shape": list(images.shape[1:]),
+        **({"prompts": {"source": cfg.prompts.source, "count": len(cfg.prompts.texts),
+                        "paired": cfg.prompts.indices is not None}} if cfg.prompts else {}),
         "files": {"samples": "samples.npz", "grid": "grid.png" if cfg.grid_per_class else None,
                   "png": "png/" if cfg.png else None},
     }  # fmt: skip

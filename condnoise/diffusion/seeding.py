@@ -1,26 +1,26 @@
 """Per-sample seeds: sample i's noise and class depend only on (seed, i) (paper section 5).
 
 Two models sampled with the same seed therefore get the same initial noise and class for
-every index (paired comparisons), whatever the batch size, shard size or world size.
+every index (paired comparisons), whatever the batch size, shard size or world size. The
+seeds come from the project's one counter-based scheme, :mod:`condnoise.rng`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from condnoise import rng
 from condnoise.errors import UserError
 
 CLASS_MODES = ("balanced", "random")
 
 
 def sample_seed(seed: int, index: int, stream: str = "noise") -> int:
-    """A 63-bit seed for sample ``index`` of a run seeded ``seed`` (BLAKE2b of the triple)."""
-    digest = hashlib.blake2b(f"condnoise/{stream}/{seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    """A 63-bit seed for sample ``index`` of a run seeded ``seed`` (stream ``sample/{stream}``)."""
+    return rng.derive_seed(seed, f"sample/{stream}", index)
 
 
 def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
@@ -43,17 +43,16 @@ def requested_labels(
     """Requested class per sample index, int64.
 
     ``balanced``: index i gets class ``i % K`` (every class equally often for N a multiple of
-    K); ``random``: drawn uniformly from :func:`sample_seed` (stream "label"), independent of
-    the noise; a sequence of class indices: index i gets ``classes[i % len(classes)]``.
+    K); ``random``: uniform from :func:`condnoise.rng.uniform` (stream "sample/label"),
+    independent of the noise; a sequence of class indices: index i gets ``classes[i % len(classes)]``.
     """
     idx = np.asarray(indices, dtype=np.int64)
     if isinstance(classes, str):
         if classes == "balanced":
             return idx % num_classes
         if classes == "random":
-            return np.array(
-                [sample_seed(seed, int(i), "label") % num_classes for i in idx], dtype=np.int64
-            )
+            u = rng.uniform(seed, "sample/label", idx)
+            return (u * num_classes).floor().long().clamp_(max=num_classes - 1).numpy()
         raise UserError(f"unknown class mode {classes!r}; choose one of {', '.join(CLASS_MODES)}")
     chosen = np.asarray(list(classes), dtype=np.int64)
     if chosen.size == 0 or chosen.min() < 0 or chosen.max() >= num_classes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,17 +20,13 @@ from torch import nn
 
 from condnoise.errors import UserError
 from condnoise.io import atomic_path, write_json
+from condnoise.paths import cache_dir
 from condnoise.provenance import environment
 
 MIN_ACCURACY = 0.90
 FEATURE_DIM = 128
 WEIGHTS_NAME = "fmnist-classifier.safetensors"
 CARD_NAME = "fmnist-classifier.json"
-
-
-def cache_dir() -> Path:
-    """``$CONDNOISE_CACHE`` or ``~/.cache/condnoise``."""
-    return Path(os.environ.get("CONDNOISE_CACHE") or Path.home() / ".cache" / "condnoise")
 
 
 class FMNISTNet(nn.Module):

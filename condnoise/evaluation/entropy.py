@@ -20,7 +20,6 @@ the space of ``VQModel.encode(x).latents`` where the codebook lives (before quan
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,25 +115,6 @@ def vq_entropy_metrics(latents: Any, codebook: Any, *, tau: float = 1.0,
     return {"entropy": sample_entropy(z, c, tau), **usage}
 
 
-def run_vq_autoencoder(run_dir: str | Path | None) -> Any:
-    """The frozen VQ autoencoder of a diffusion run (``model.autoencoder`` of its config.yaml).
-
-    A pixel-space or KL run raises ``UserError``: sample entropy is defined over a VQ
-    codebook (paper Sec. 5)."""
-    from condnoise.training.builders import build_autoencoder
-    from condnoise.training.checkpoint import read_run_config
-
-    if not run_dir:
-        raise UserError("sample entropy needs the samples' training run (run_dir in meta.json, "
-                        "written by `condnoise sample`)")
-    cfg = read_run_config(Path(run_dir))
-    kind = (cfg.model.get("autoencoder") or {}).get("kind", "identity")
-    if kind != "vq":
-        raise UserError(f"sample entropy needs a VQ autoencoder, but run {run_dir} uses "
-                        f"model.autoencoder kind {kind!r} (entropy is over a VQ codebook, paper Sec. 5)")
-    return build_autoencoder(cfg)
-
-
 def encode_images(autoencoder: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Codebook-space latents ``[N, D, h, w]`` of uint8 ``[N, H, W, C]`` images (re-encoded)."""
     import torch
@@ -148,7 +128,7 @@ def encode_images(autoencoder: Any, images: np.ndarray, batch_size: int = 64) ->
     return np.concatenate(out)
 
 
-def entropy_of_samples(images: np.ndarray, latents: np.ndarray | None, run_dir: str | None, *,
+def entropy_of_samples(images: np.ndarray, latents: np.ndarray | None, autoencoder: Any, *,
                        tau: float = 1.0, pool: int | None = DEFAULT_POOL
                        ) -> tuple[dict[str, float], dict[str, Any]]:
     """Entropy values of a sample folder and how they were obtained.
@@ -156,8 +136,13 @@ def entropy_of_samples(images: np.ndarray, latents: np.ndarray | None, run_dir: 
     ``latents`` (``samples.npz``'s ``latents``: the sampler's output in the denoiser's scaled
     space, [N, D, h, w]) are used when present; otherwise the decoded images are encoded
     again, an approximation (``encode(decode(z))`` is not ``z``) recorded in the details.
+    ``autoencoder``: the run's frozen VQ autoencoder (``DiffusersAutoencoder``: ``encode``,
+    ``scale``, ``model.quantize``), e.g. ``training.runtime.load_vq_autoencoder(run_dir)``.
     """
-    ae = run_vq_autoencoder(run_dir)
+    ae = autoencoder
+    if ae is None or not hasattr(getattr(ae, "model", None), "quantize"):
+        raise UserError("sample entropy needs the samples' VQ autoencoder (paper Sec. 5: entropy "
+                        "over a VQ codebook); the run of these samples has none")
     codebook = ae.model.quantize.embedding.weight.detach().cpu().numpy()
     if latents is not None:
         z, origin = np.asarray(latents, np.float64) / ae.scale, "sampled latents"

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from condnoise import stats
 from condnoise.errors import UserError
 from condnoise.evaluation import metrics as M
 from condnoise.evaluation.classifier import cache_dir
@@ -179,71 +181,53 @@ def get_extractor_cached(name: str) -> Extractor:
     return _EXTRACTORS[name]
 
 
-def evaluate_samples(samples: Samples, cfg: EvalConfig) -> dict:
-    """All requested metrics for one sample folder, as the metrics.json object."""
-    ref_size = reference_size(cfg.ref)
-    images = fit_resolution(samples.images, ref_size, what=str(samples.folder / "samples.npz"))
+@dataclass
+class EvalResult:
+    """What :func:`evaluate_samples` returns: the ``metrics.json`` object and, per extractor,
+    the per-sample scores it computed on the way (float arrays [N]): ``rmd`` (relative
+    Mahalanobis distance), ``train_l2_nearest`` and ``train_l2_top5`` (mean over the 5
+    nearest training features)."""
+
+    record: dict
+    per_sample: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def score_arrays(self) -> dict[str, np.ndarray]:
+        """The per-sample scores as flat ``{"rmd@fmnist-classifier": float32 [N]}`` arrays."""
+        return {f"{score}@{ex}": v.astype(np.float32) for ex, d in self.per_sample.items()
+                for score, v in d.items()}  # fmt: skip
+
+
+class _Collector:
+    """Accumulates ``metrics[metric][extractor]``, ``details`` and per-sample scores."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, dict[str, float]] = {}
+        self.details: dict[str, dict] = {}
+        self.per_sample: dict[str, dict[str, np.ndarray]] = {}
+
+    def put(self, metric: str, extractor: str, value: float) -> None:
+        self.metrics.setdefault(metric, {})[extractor] = float(value)
+
+    def detail(self, key: str, extractor: str, value) -> None:
+        self.details.setdefault(key, {})[extractor] = value
+
+    def scores(self, extractor: str, name: str, values: np.ndarray) -> None:
+        self.per_sample.setdefault(extractor, {})[name] = np.asarray(values, np.float64)
+
+
+def evaluate_samples(samples: Samples, cfg: EvalConfig, *, autoencoder: Any = None) -> EvalResult:
+    """All requested metrics for one sample folder (``record`` = the metrics.json object)
+    plus the per-sample scores behind them. ``autoencoder``: the run's VQ autoencoder, which
+    ``entropy`` needs (``training.runtime.load_vq_autoencoder``)."""
+    images = fit_resolution(samples.images, reference_size(cfg.ref),
+                            what=str(samples.folder / "samples.npz"))  # fmt: skip
     train_ref = cfg.train_ref or f"{parse_ref(cfg.ref)[0]}:train"
-    results: dict[str, dict[str, float]] = {}
-    details: dict[str, dict] = {}
-
-    def put(metric: str, extractor: str, value: float) -> None:
-        results.setdefault(metric, {})[extractor] = float(value)
-
+    out = _Collector()
     if "entropy" in cfg.metrics:  # first: a KL / pixel run fails before any feature work
-        from condnoise.evaluation.entropy import entropy_of_samples
-
-        values, info = entropy_of_samples(samples.images, samples.latents, samples.meta.get("run_dir"),
-                                          tau=cfg.entropy_tau, pool=cfg.entropy_pool)
-        for key, v in values.items():
-            put(key, "vq-codebook", v)
-        details["entropy"] = {"vq-codebook": info}
+        _entropy_metrics(samples, cfg, autoencoder, out)
     per_extractor = any(METRICS[m] in ("features", "train", "probs") for m in cfg.metrics)
     for name in cfg.extractors if per_extractor else ():
-        ex = get_extractor_cached(name)
-        feats = ex.extract(images)
-        needs_probs = any(METRICS[m] == "probs" for m in cfg.metrics) and hasattr(ex, "probs")
-        ref = reference_features(ex, cfg.ref, cfg.max_ref, with_probs=needs_probs)
-        real = ref["features"]
-        if "fid" in cfg.metrics:
-            put("fid", name, M.frechet_distance(
-                *M.gaussian_stats(real, shrinkage=cfg.shrinkage, name=f"{cfg.ref} features"),
-                *M.gaussian_stats(feats, shrinkage=cfg.shrinkage, name=f"{samples.folder} features")))
-        if "pr" in cfg.metrics:
-            pr = M.precision_recall(real, feats, cfg.k)
-            put("precision", name, pr["precision"])
-            put("recall", name, pr["recall"])
-        if "dc" in cfg.metrics:
-            for key, v in M.density_coverage(real, feats, cfg.dc_k).items():
-                put(key, name, v)
-        if "top-pr" in cfg.metrics:
-            t = M.top_pr(real, feats, seed=cfg.top_pr_seed)
-            for key in ("top_precision", "top_recall", "top_f1"):
-                put(key, name, t[key])
-            details.setdefault("top_pr", {})[name] = {k: t[k] for k in t if "_" in k and
-                                                      k.split("_")[0] in ("bandwidth", "band")}
-        if "rmd" in cfg.metrics:
-            model = M.RMDModel(real, ref["labels"], shrinkage=cfg.shrinkage)
-            put("rmd_top1", name, M.top_fraction_mean(model.scores(feats, samples.labels)))
-        if hasattr(ex, "probs") and ("is" in cfg.metrics or "condition-accuracy" in cfg.metrics):
-            probs = ex.probs(images)
-            if "is" in cfg.metrics:
-                mean, std = M.inception_score(probs, min(cfg.is_splits, len(probs)))
-                put("is", name, mean)
-                put("is_std", name, std)
-                put("is_real", name, M.inception_score(ref["probs"], cfg.is_splits)[0])
-            if "condition-accuracy" in cfg.metrics:
-                put("condition_accuracy", name, M.condition_accuracy(probs, samples.labels))
-        if {"knn-l2", "memorization"} & set(cfg.metrics):
-            train = reference_features(ex, train_ref, cfg.max_train)["features"]
-            if "knn-l2" in cfg.metrics:
-                put("avg_top5_l2", name, M.avg_topk_l2(feats, train, 5))
-            if "memorization" in cfg.metrics:
-                thr = cfg.memorization_threshold
-                if thr is None:
-                    thr = M.memorization_threshold(real, train, cfg.memorization_percentile)
-                put("memorization_ratio", name, M.memorization_ratio(feats, train, thr))
-                details.setdefault("memorization_threshold", {})[name] = thr
+        _evaluate_extractor(get_extractor_cached(name), images, samples, cfg, train_ref, out)
     probs_wanted = [m for m in cfg.metrics if METRICS[m] == "probs"]
     if probs_wanted and not any(hasattr(get_extractor_cached(n), "probs") for n in cfg.extractors):
         raise UserError(f"metric(s) {', '.join(probs_wanted)} need a classifier extractor "
@@ -251,8 +235,8 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig) -> dict:
     if "sfid" in cfg.metrics:
         ex = get_extractor_cached("inception-spatial")
         ref = reference_features(ex, cfg.ref, cfg.max_ref)
-        put("sfid", ex.name, M.sfid(ref["features"], ex.extract(images), shrinkage=cfg.shrinkage))
-    return {
+        out.put("sfid", ex.name, M.sfid(ref["features"], ex.extract(images), shrinkage=cfg.shrinkage))
+    record = {
         "schema": SCHEMA,
         "samples": str(samples.folder),
         "num_samples": len(images),
@@ -262,6 +246,86 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig) -> dict:
         "samples_sha256": samples_hash(samples.images, samples.labels),
         "settings": value_settings(cfg),
         "reference": {"spec": cfg.ref, "train_spec": train_ref, "max_ref": cfg.max_ref},
-        "metrics": results,
-        "details": details,
+        "metrics": out.metrics,
+        "details": out.details,
     }
+    return EvalResult(record, out.per_sample)
+
+
+def _entropy_metrics(samples: Samples, cfg: EvalConfig, autoencoder: Any, out: _Collector) -> None:
+    """Sample entropy and code usage over the run's VQ codebook (paper Sec. 5)."""
+    from condnoise.evaluation.entropy import entropy_of_samples
+
+    values, info = entropy_of_samples(samples.images, samples.latents, autoencoder,
+                                      tau=cfg.entropy_tau, pool=cfg.entropy_pool)
+    for key, v in values.items():
+        out.put(key, "vq-codebook", v)
+    out.detail("entropy", "vq-codebook", info)
+
+
+def _evaluate_extractor(ex: Extractor, images: np.ndarray, samples: Samples, cfg: EvalConfig,
+                        train_ref: str, out: _Collector) -> None:
+    """Every requested metric of one extractor: features once, reference features cached."""
+    feats = ex.extract(images)
+    has_probs = hasattr(ex, "probs")
+    needs_probs = has_probs and any(METRICS[m] == "probs" for m in cfg.metrics)
+    ref = reference_features(ex, cfg.ref, cfg.max_ref, with_probs=needs_probs)
+    _feature_metrics(ex.name, feats, ref, samples, cfg, out)
+    if needs_probs:
+        _probability_metrics(ex.name, ex.probs(images), ref, samples.labels, cfg, out)
+    if {"knn-l2", "memorization"} & set(cfg.metrics):
+        train = reference_features(ex, train_ref, cfg.max_train)["features"]
+        _train_metrics(ex.name, feats, ref["features"], train, cfg, out)
+
+
+def _feature_metrics(name: str, feats: np.ndarray, ref: dict, samples: Samples,
+                     cfg: EvalConfig, out: _Collector) -> None:
+    """FID, precision / recall, density / coverage, TopP&R and RMD on one feature space."""
+    real = ref["features"]
+    if "fid" in cfg.metrics:
+        out.put("fid", name, M.frechet_distance(
+            *M.gaussian_stats(real, shrinkage=cfg.shrinkage, name=f"{cfg.ref} features"),
+            *M.gaussian_stats(feats, shrinkage=cfg.shrinkage, name=f"{samples.folder} features")))
+    manifold = M.manifold_metrics(real, feats, pr_k=cfg.k if "pr" in cfg.metrics else None,
+                                  dc_k=cfg.dc_k if "dc" in cfg.metrics else None)  # fmt: skip
+    for key, value in manifold.items():
+        out.put(key, name, value)
+    if "top-pr" in cfg.metrics:
+        t = M.top_pr(real, feats, seed=cfg.top_pr_seed)
+        for key in ("top_precision", "top_recall", "top_f1"):
+            out.put(key, name, t[key])
+        out.detail("top_pr", name, {k: t[k] for k in t if k.split("_")[0] in ("bandwidth", "band")})
+    if "rmd" in cfg.metrics:
+        model = M.RMDModel(real, ref["labels"], shrinkage=cfg.shrinkage)
+        scores = model.scores(feats, samples.labels)
+        out.put("rmd_top1", name, stats.top_fraction_mean(scores))
+        out.scores(name, "rmd", scores)
+
+
+def _probability_metrics(name: str, probs: np.ndarray, ref: dict, labels: np.ndarray,
+                         cfg: EvalConfig, out: _Collector) -> None:
+    """IS-style score (samples and reference) and condition accuracy from a classifier."""
+    if "is" in cfg.metrics:
+        mean, std = M.inception_score(probs, min(cfg.is_splits, len(probs)))
+        out.put("is", name, mean)
+        out.put("is_std", name, std)
+        out.put("is_real", name, M.inception_score(ref["probs"], cfg.is_splits)[0])
+    if "condition-accuracy" in cfg.metrics:
+        out.put("condition_accuracy", name, M.condition_accuracy(probs, labels))
+
+
+def _train_metrics(name: str, feats: np.ndarray, real: np.ndarray, train: np.ndarray,
+                   cfg: EvalConfig, out: _Collector) -> None:
+    """Average top-5 L2 and memorization ratio from one k-NN pass to the training features."""
+    knn = "knn-l2" in cfg.metrics
+    dist = M.train_distances(feats, train, 5 if knn else 1)
+    out.scores(name, "train_l2_nearest", dist[:, 0])
+    if knn:
+        out.put("avg_top5_l2", name, dist.mean())
+        out.scores(name, "train_l2_top5", dist.mean(1))
+    if "memorization" in cfg.metrics:
+        thr = cfg.memorization_threshold
+        if thr is None:
+            thr = M.memorization_threshold(real, train, cfg.memorization_percentile)
+        out.put("memorization_ratio", name, M.share_below(dist[:, 0], thr))
+        out.detail("memorization_threshold", name, thr)

@@ -3,18 +3,18 @@
 Every function validates its inputs and raises ``UserError`` with a one-line message
 (shape mismatch, NaN/inf, too few samples). Covariance-based metrics (FID, sFID, RMD)
 need more samples than feature dimensions unless a ``shrinkage`` in (0, 1] is given:
-``Sigma <- (1 - s) Sigma + s * trace(Sigma) / d * I`` (documented in docs/readme/evaluation.md).
+``Sigma <- (1 - s) Sigma + s * trace(Sigma) / d * I`` (:func:`condnoise.stats.shrink_covariance`).
+The Gaussian W2^2 of FID and the top-1% mean of RMD are :mod:`condnoise.stats`'.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
-import scipy.linalg
 import torch
 
+from condnoise import stats
 from condnoise.errors import UserError
 from condnoise.evaluation import neighbors
 from condnoise.evaluation.entropy import sample_entropy  # noqa: F401  (paper Sec. 5, with code usage)
@@ -53,41 +53,19 @@ def gaussian_stats(x: np.ndarray, *, shrinkage: float = 0.0, name: str = "featur
     """Mean and (unbiased, optionally shrunk) covariance in float64."""
     x = check_features(x, name, min_rows=2)
     n, d = x.shape
-    if not 0.0 <= shrinkage <= 1.0:
-        raise UserError(f"shrinkage must lie in [0, 1], got {shrinkage}")
     if n <= d and shrinkage == 0.0:
         raise UserError(
             f"{name}: {n} samples for {d}-d features give a singular covariance; "
             "use more samples or pass a shrinkage in (0, 1] (--shrinkage)"
         )
     x = x.astype(np.float64, copy=False)
-    mu = x.mean(0)
-    sigma = np.cov(x, rowvar=False)
-    if shrinkage:
-        sigma = (1 - shrinkage) * sigma + shrinkage * np.trace(sigma) / d * np.eye(d)
-    return mu, sigma
+    return x.mean(0), stats.shrink_covariance(np.cov(x, rowvar=False), shrinkage)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), float64, scipy sqrtm (Heusel et al.)."""
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise UserError(f"statistics shapes differ: mu {mu1.shape} vs {mu2.shape}")
-    diff = mu1 - mu2
-    with warnings.catch_warnings():  # singular products are handled just below
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(len(sigma1)) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            worst = float(np.max(np.abs(covmean.imag)))
-            raise UserError(f"FID: matrix square root has a large imaginary part ({worst:.3g})")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+                     ) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al.): the Gaussian W2^2."""
+    return stats.gaussian_w2_squared(mu1, sigma1, mu2, sigma2)
 
 
 def fid(real: np.ndarray, fake: np.ndarray, *, shrinkage: float = 0.0) -> float:
@@ -136,27 +114,41 @@ def condition_accuracy(probs_or_pred: np.ndarray, requested: np.ndarray) -> floa
 # --------------------------------------------------------------------------- P/R, D/C
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str, float]:
-    """Improved precision / recall (Kynkaanniemi et al. 2019) plus density / coverage
-    (Naeem et al. 2020), exact, in bounded memory (chunked nearest neighbours)."""
-    real, fake = _pair(real, fake, k + 1)
+def manifold_metrics(real: np.ndarray, fake: np.ndarray, *, pr_k: int | None = 3,
+                     dc_k: int | None = 5) -> dict[str, float]:
+    """Improved precision / recall (Kynkaanniemi et al. 2019) at ``pr_k`` and density /
+    coverage (Naeem et al. 2020) at ``dc_k``, exact, in bounded memory (chunked nearest
+    neighbours). The real features' k-NN radii for both k come from one pass; ``None``
+    skips a pair of metrics."""
+    ks = sorted({k for k in (pr_k, dc_k) if k})
+    if not ks:
+        return {}
+    real, fake = _pair(real, fake, max(ks) + 1)
     round_to = np.float32 if real.dtype == np.float32 and fake.dtype == np.float32 else None
-    r_real = neighbors.kth_neighbour_radii(real, k, round_to=round_to)
-    r_fake = neighbors.kth_neighbour_radii(fake, k, round_to=round_to)
-    count, recall_hit, cover_hit = neighbors.cross_counts(real, fake, r_real, r_fake,
-                                                          round_to=round_to)
-    return {
-        "precision": float((count > 0).mean()),
-        "recall": float(recall_hit.mean()),
-        "density": float(count.mean() / k),
-        "coverage": float(cover_hit.mean()),
-    }
+    r_real = neighbors.neighbour_radii(real, ks, round_to=round_to)
+    out: dict[str, float] = {}
+    if pr_k:
+        r_fake = neighbors.kth_neighbour_radii(fake, pr_k, round_to=round_to)
+        count, recall_hit, cover_hit = neighbors.cross_counts(real, fake, r_real[pr_k], r_fake,
+                                                              round_to=round_to)
+        out.update(precision=float((count > 0).mean()), recall=float(recall_hit.mean()))
+        if dc_k == pr_k:
+            out.update(density=float(count.mean() / pr_k), coverage=float(cover_hit.mean()))
+    if dc_k and dc_k != pr_k:
+        count, _, cover_hit = neighbors.cross_counts(real, fake, r_real[dc_k], None,
+                                                     round_to=round_to)
+        out.update(density=float(count.mean() / dc_k), coverage=float(cover_hit.mean()))
+    return out
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str, float]:
+    """Precision, recall, density and coverage at one ``k`` (as ``prdc.compute_prdc``)."""
+    return manifold_metrics(real, fake, pr_k=k, dc_k=k)
 
 
 def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
     """Density and coverage (Naeem et al. 2020); k = 5 is their recommended default."""
-    out = precision_recall(real, fake, k)
-    return {"density": out["density"], "coverage": out["coverage"]}
+    return manifold_metrics(real, fake, pr_k=None, dc_k=k)
 
 
 # --------------------------------------------------------------------------- TopP&R
@@ -275,10 +267,8 @@ class RMDModel:
         shared = centred.T @ centred / len(x)
         self.mean0 = x.mean(0)
         agnostic = np.cov(x, rowvar=False, bias=True)
-        if shrinkage:
-            eye = np.eye(d)
-            shared = (1 - shrinkage) * shared + shrinkage * np.trace(shared) / d * eye
-            agnostic = (1 - shrinkage) * agnostic + shrinkage * np.trace(agnostic) / d * eye
+        shared = stats.shrink_covariance(shared, shrinkage)
+        agnostic = stats.shrink_covariance(agnostic, shrinkage)
         self.prec = np.linalg.pinv(shared, hermitian=True)
         self.prec0 = np.linalg.pinv(agnostic, hermitian=True)
 
@@ -310,40 +300,36 @@ def rmd_scores(features: np.ndarray, labels: np.ndarray, *, fit_features: np.nda
     return RMDModel(fit_features, fit_labels, shrinkage=shrinkage).scores(features, labels)
 
 
-def top_fraction_mean(scores: np.ndarray, fraction: float = 0.01) -> float:
-    """Mean of the highest ``fraction`` of scores (at least one): the paper's top-1% RMD."""
-    s = np.sort(np.asarray(scores, np.float64))[::-1]
-    if len(s) == 0:
-        raise UserError("top-fraction mean of an empty score array")
-    return float(s[: max(1, int(round(len(s) * fraction)))].mean())
-
-
 # --------------------------------------------------------------------------- memorization
+
+
+def train_distances(fake: np.ndarray, train: np.ndarray, k: int = 5) -> np.ndarray:
+    """Exact distances of each sample to its ``k`` nearest training features, sorted [N, k]."""
+    fake, train = _pair(train, fake)[::-1]
+    if k > len(train):
+        raise UserError(f"k={k} nearest training features requested, only {len(train)} given")
+    return neighbors.knn_distances(fake, train, k)
 
 
 def avg_topk_l2(fake: np.ndarray, train: np.ndarray, k: int = 5) -> float:
     """Mean L2 distance of each sample to its k nearest training features (§5)."""
-    fake, train = _pair(train, fake)[::-1]
-    if k > len(train):
-        raise UserError(f"avg_topk_l2: k={k} exceeds the {len(train)} training features")
-    return float(neighbors.knn_distances(fake, train, k).mean())
-
-
-def nearest_distances(fake: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """Exact nearest-neighbour distance of each fake row to ``train``."""
-    fake, train = _pair(train, fake)[::-1]
-    return neighbors.knn_distances(fake, train, 1)[:, 0]
+    return float(train_distances(fake, train, k).mean())
 
 
 def memorization_threshold(heldout: np.ndarray, train: np.ndarray, percentile: float = 1.0
                            ) -> float:
     """Default threshold: the ``percentile`` of held-out real -> train nearest distances."""
-    return float(np.percentile(nearest_distances(heldout, train), percentile))
+    return float(np.percentile(train_distances(heldout, train, 1)[:, 0], percentile))
+
+
+def share_below(nearest: np.ndarray, threshold: float) -> float:
+    """Share of nearest-training-feature distances below ``threshold`` (memorization, §5)."""
+    if not threshold > 0:
+        raise UserError(f"memorization threshold must be positive, got {threshold}")
+    return float((np.asarray(nearest) < threshold).mean())
 
 
 def memorization_ratio(fake: np.ndarray, train: np.ndarray, threshold: float) -> float:
     """Share of samples whose nearest training feature is closer than ``threshold`` (§5)."""
-    if not threshold > 0:
-        raise UserError(f"memorization threshold must be positive, got {threshold}")
-    return float((nearest_distances(fake, train) < threshold).mean())
+    return share_below(train_distances(fake, train, 1)[:, 0], threshold)
 

@@ -11,6 +11,8 @@ Rounding rule (matches ``sklearn.metrics.pairwise_distances`` used by ``prdc``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -69,12 +71,32 @@ def kth_neighbour_radii(x: np.ndarray, k: int, *, chunk: int = 2048, margin: int
     Equals the (k+1)-th smallest entry of the row of the full distance matrix, self
     (distance 0) included. Symmetric blocks are computed once.
     """
+    return neighbour_radii(x, (k,), chunk=chunk, margin=margin, round_to=round_to)[k]
+
+
+def neighbour_radii(x: np.ndarray, ks: Sequence[int], *, chunk: int = 2048, margin: int = 8,
+                    round_to: type | None = None) -> dict[int, np.ndarray]:
+    """:func:`kth_neighbour_radii` for several ``k`` from one pass over the distances
+    (precision / recall at k = 3 and density / coverage at k = 5 share it)."""
     n, dim = x.shape
-    if not 0 < k < n:
-        raise ValueError(f"k={k} needs 0 < k < number of samples ({n})")
+    for k in ks:
+        if not 0 < k < n:
+            raise ValueError(f"k={k} needs 0 < k < number of samples ({n})")
     (x64,), (x32,) = _prepare(x)
     sq = (x32 * x32).sum(1)
-    K = min(k + 1 + margin, n)
+    best_v, best_i = _nearest_candidates(x32, sq, min(max(ks) + 1 + margin, n), chunk)
+    out = {}
+    for k in ks:
+        radii = _exact_radii(x64, sq, best_v, best_i, k, dim).numpy()
+        out[k] = radii.astype(np.float32).astype(np.float64) if round_to is np.float32 else radii
+    return out
+
+
+def _nearest_candidates(x32: torch.Tensor, sq: torch.Tensor, K: int, chunk: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``K`` smallest float32 squared distances of every row (self included) and their
+    column indices, block by block (symmetric blocks computed once)."""
+    n = len(x32)
     best_v = torch.full((n, K), float("inf"))
     best_i = torch.zeros((n, K), dtype=torch.long)
 
@@ -89,15 +111,19 @@ def kth_neighbour_radii(x: np.ndarray, k: int, *, chunk: int = 2048, margin: int
         for b in range(a, n, chunk):
             rb = slice(b, min(b + chunk, n))
             d2 = torch.addmm(sq[ra, None] + sq[None, rb], x32[ra], x32[rb].T, alpha=-2.0)
-            kk = min(K, d2.shape[1])
-            v, i = torch.topk(d2, kk, dim=1, largest=False)
+            v, i = torch.topk(d2, min(K, d2.shape[1]), dim=1, largest=False)
             merge(ra, v, i + b)
             if b != a:
-                kk = min(K, d2.shape[0])
-                v, i = torch.topk(d2, kk, dim=0, largest=False)
+                v, i = torch.topk(d2, min(K, d2.shape[0]), dim=0, largest=False)
                 merge(rb, v.T.contiguous(), (i + a).T.contiguous())
-    # Exact value of the (k+1)-th candidate; rows whose order near k is ambiguous
-    # within the float32 error band get all K candidates recomputed.
+    return best_v, best_i
+
+
+def _exact_radii(x64: _Rows, sq: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor,
+                 k: int, dim: int) -> torch.Tensor:
+    """Exact float64 value of each row's (k+1)-th candidate; rows whose order near k is
+    ambiguous within the float32 error band get all candidates recomputed."""
+    n, K = best_v.shape
     band = _tol(dim) * (sq[:, None] + sq[best_i])
     lo, hi = best_v - band, best_v + band
     clear = torch.ones(n, dtype=torch.bool)
@@ -119,26 +145,27 @@ def kth_neighbour_radii(x: np.ndarray, k: int, *, chunk: int = 2048, margin: int
             every = x64.all()
             for r in torch.nonzero(unsafe).flatten().tolist():
                 radii[r] = torch.sort(torch.linalg.vector_norm(every - every[r], dim=1)).values[k]
-    out = radii.numpy()
-    return out.astype(np.float32).astype(np.float64) if round_to is np.float32 else out
+    return radii
 
 
-def cross_counts(real: np.ndarray, fake: np.ndarray, r_real: np.ndarray, r_fake: np.ndarray,
-                 *, chunk: int = 2048, round_to: type | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cross_counts(real: np.ndarray, fake: np.ndarray, r_real: np.ndarray,
+                 r_fake: np.ndarray | None, *, chunk: int = 2048, round_to: type | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Compare every real/fake distance d(i, j) with the radii, exactly.
 
     Returns ``(inside_real_count [n_fake], fake_ball_hit [n_real], real_ball_hit [n_real])``:
     per fake j the number of real i with d(i, j) < r_real[i] (precision, density); per
     real i whether some fake j has d(i, j) < r_fake[j] (recall); per real i whether some
-    fake j has d(i, j) < r_real[i] (coverage).
+    fake j has d(i, j) < r_real[i] (coverage). Without ``r_fake`` (density / coverage
+    only) the recall comparison is skipped and returned as None.
     """
     (r64, f64), (r32, f32) = _prepare(real, fake)
     dim = real.shape[1]
     sq_r, sq_f = (r32 * r32).sum(1), (f32 * f32).sum(1)
     rr = torch.from_numpy(np.asarray(r_real, np.float64))
-    rf = torch.from_numpy(np.asarray(r_fake, np.float64))
+    rf = torch.from_numpy(np.asarray(r_real[:0] if r_fake is None else r_fake, np.float64))
     rr2, rf2 = (rr**2).float(), (rf**2).float()
+    sides = ("real",) if r_fake is None else ("real", "fake")
     count = torch.zeros(len(fake), dtype=torch.long)
     recall_hit = torch.zeros(len(real), dtype=torch.bool)
     cover_hit = torch.zeros(len(real), dtype=torch.bool)
@@ -150,7 +177,7 @@ def cross_counts(real: np.ndarray, fake: np.ndarray, r_real: np.ndarray, r_fake:
             norms = sq_r[ra, None] + sq_f[None, rb]
             d2 = torch.addmm(norms, r32[ra], f32[rb].T, alpha=-2.0)
             band = tol * norms + 1e-30
-            for which in ("real", "fake"):
+            for which in sides:
                 thr = rr2[ra, None] if which == "real" else rf2[None, rb]
                 less = d2 < thr - band
                 unsure = torch.nonzero((d2 - thr).abs() <= band)
@@ -164,7 +191,7 @@ def cross_counts(real: np.ndarray, fake: np.ndarray, r_real: np.ndarray, r_fake:
                     cover_hit[ra] |= less.any(1)
                 else:
                     recall_hit[ra] |= less.any(1)
-    return count.numpy(), recall_hit.numpy(), cover_hit.numpy()
+    return count.numpy(), None if r_fake is None else recall_hit.numpy(), cover_hit.numpy()
 
 
 def knn_distances(query: np.ndarray, ref: np.ndarray, k: int, *, chunk: int = 2048,

@@ -5,9 +5,13 @@ from condnoise.models.autoencoder import (
     IdentityAutoencoder,
     build_autoencoder,
 )
-from condnoise.models.conditional import (
-    ConditionalDiffusionModel,
-    build_model,
+from condnoise.models.conditional import ConditionalDiffusionModel, build_model
+from condnoise.models.config import (
+    FAMILIES,
+    AutoencoderConfig,
+    DiTConfig,
+    ModelConfig,
+    UNetConfig,
     model_choices,
     resolve_model_config,
 )
@@ -15,7 +19,12 @@ from condnoise.models.dit import DiT
 from condnoise.models.unet import UNet
 
 __all__ = [
+    "FAMILIES",
+    "AutoencoderConfig",
     "ConditionalDiffusionModel",
+    "DiTConfig",
+    "ModelConfig",
+    "UNetConfig",
     "DiT",
     "DiffusersAutoencoder",
     "IdentityAutoencoder",

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from condnoise.errors import UserError
+from condnoise.models.config import AutoencoderConfig
 
 
 class IdentityAutoencoder(nn.Module):
@@ -94,15 +95,9 @@ class DiffusersAutoencoder(nn.Module):
         return {"kind": self.kind, "path": self.path, "scaling_factor": self.scale}
 
 
-def build_autoencoder(cfg: dict | None = None) -> nn.Module:
+def build_autoencoder(cfg: AutoencoderConfig | dict | None = None) -> nn.Module:
     """``None`` / ``{"kind": "identity"}`` -> pixels; ``{"kind": "kl"|"vq", "path": ..., "scaling_factor": ...}``."""
-    cfg = dict(cfg or {"kind": "identity"})
-    kind = cfg.pop("kind", "identity")
-    if kind == "identity":
-        if cfg:
-            raise UserError(f"autoencoder identity takes no fields, got {sorted(cfg)}")
+    cfg = AutoencoderConfig.from_dict(cfg or {"kind": "identity"})
+    if cfg.kind == "identity":
         return IdentityAutoencoder()
-    unknown = set(cfg) - {"path", "scaling_factor"}
-    if unknown:
-        raise UserError(f"autoencoder: unknown field(s) {sorted(unknown)}; valid: path, scaling_factor")
-    return DiffusersAutoencoder(cfg.get("path"), kind, cfg.get("scaling_factor"))
+    return DiffusersAutoencoder(cfg.path, cfg.kind, cfg.scaling_factor)

@@ -10,6 +10,7 @@ control flow inside a block (``torch.compile`` friendly); bf16-autocast safe.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from condnoise.conditioning.embedding import CondEmbedding
 from condnoise.errors import UserError
 
 #: DiT family: name -> (hidden, depth, heads); sizes are "<name>/<patch>", patch in 2, 4, 8.
@@ -61,10 +63,33 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block: ``x += gate * f(modulate(LN(x)))`` for attention and MLP."""
+class CrossAttention(nn.Module):
+    """``x += proj(attn(q = W_q LN(x), k, v = W_kv ctx))`` over the real context tokens; the
+    output projection starts at zero, so the block starts as the identity (as adaLN-Zero;
+    the cross-attention placement of PixArt-alpha, Chen et al. 2023)."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, hidden: int, heads: int, ctx_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(hidden, eps=1e-6)
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(ctx_dim, 2 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, h = x.shape
+        d = h // self.heads
+        q = self.q(self.norm(x)).view(b, n, self.heads, d).transpose(1, 2)
+        k, v = self.kv(ctx.to(x.dtype)).view(b, ctx.shape[1], 2, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return x + self.proj(a.transpose(1, 2).reshape(b, n, h))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block: ``x += gate * f(modulate(LN(x)))`` for attention and MLP;
+    with ``ctx_dim`` a cross-attention layer on the condition tokens sits between them."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, ctx_dim: int | None = None) -> None:
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
@@ -75,21 +100,27 @@ class DiTBlock(nn.Module):
         self.fc1 = nn.Linear(hidden, mlp)
         self.fc2 = nn.Linear(mlp, hidden)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self.cross = CrossAttention(hidden, heads, ctx_dim) if ctx_dim else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         b, n, h = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
         qkv = self.qkv(modulate(self.norm1(x), sh1, sc1))
         q, k, v = qkv.view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, h)
         x = x + g1[:, None] * self.proj(a)
+        if self.cross is not None and ctx is not None:
+            x = self.cross(x, ctx, mask)
         m = self.fc2(F.gelu(self.fc1(modulate(self.norm2(x), sh2, sc2)), approximate="tanh"))
         return x + g2[:, None] * m
 
 
 class DiT(nn.Module):
-    """``forward(x [B,C,H,W], t [B], c [B,cond_dim]) -> eps [B,C,H,W]`` (or ``[B,2C,H,W]`` with
-    ``learn_sigma``). ``c`` is projected to ``hidden`` when ``cond_dim != hidden``."""
+    """``forward(x [B,C,H,W], t [B], emb: CondEmbedding) -> eps [B,C,H,W]`` (or ``[B,2C,H,W]``
+    with ``learn_sigma``). ``emb.pooled [B, cond_dim]`` conditions adaLN (projected to
+    ``hidden`` when ``cond_dim != hidden``); with ``text`` every block also cross-attends to
+    ``emb.tokens`` (real tokens only, ``emb.mask``)."""
 
     def __init__(
         self,
@@ -105,6 +136,7 @@ class DiT(nn.Module):
         learn_sigma: bool = False,
         checkpointing: bool | int = False,
         freq_dim: int = 256,
+        text: bool = False,
     ) -> None:
         super().__init__()
         if image_size % patch:
@@ -116,13 +148,16 @@ class DiT(nn.Module):
         self.grid = image_size // patch
         self.freq_dim = freq_dim
         #: blocks 0..k-1 recompute their activations in backward (True = all, False/0 = none):
-        #: checkpoint only as many as the memory needs (issue #7, batch 256 on 80 GB)
+        #: checkpoint only as many as the memory needs: each costs one more forward pass
+        #: (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost")
         self.checkpoint_blocks = depth if checkpointing is True else int(checkpointing)
         self.x_embed = nn.Conv2d(in_channels, hidden, patch, stride=patch)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid)[None], persistent=False)
         self.t_embed = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.c_proj = nn.Identity() if cond_dim == hidden else nn.Linear(cond_dim, hidden)
-        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth))
+        self.text = text
+        ctx = cond_dim if text else None
+        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, mlp_ratio, ctx) for _ in range(depth))
         self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.final = nn.Linear(hidden, patch * patch * self.out_channels)
@@ -139,7 +174,8 @@ class DiT(nn.Module):
         nn.init.zeros_(self.x_embed.bias)
         nn.init.normal_(self.t_embed[0].weight, std=0.02)
         nn.init.normal_(self.t_embed[2].weight, std=0.02)
-        for lin in [blk.ada[1] for blk in self.blocks] + [self.final_ada[1], self.final]:
+        zeroed = [blk.ada[1] for blk in self.blocks] + [blk.cross.proj for blk in self.blocks if blk.cross]
+        for lin in zeroed + [self.final_ada[1], self.final]:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
@@ -148,15 +184,18 @@ class DiT(nn.Module):
         x = x.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, emb: CondEmbedding, **extra: Any) -> torch.Tensor:
+        if any(v is not None for v in extra.values()):
+            raise UserError(f"DiT takes no extra inputs {sorted(extra)}")
         h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         te = self.t_embed(timestep_embedding(t, self.freq_dim).to(self.t_embed[0].weight.dtype))
-        cond = te + self.c_proj(c)
+        cond = te + self.c_proj(emb.pooled)
+        ctx, mask = (emb.tokens, emb.mask) if self.text else (None, None)
         k = self.checkpoint_blocks if self.training else 0
         for i, blk in enumerate(self.blocks):
             if i < k:
-                h = checkpoint(blk, h, cond, use_reentrant=False)
+                h = checkpoint(blk, h, cond, ctx, mask, use_reentrant=False)
             else:
-                h = blk(h, cond)
+                h = blk(h, cond, ctx, mask)
         shift, scale = self.final_ada(cond).chunk(2, dim=-1)
         return self.unpatchify(self.final(modulate(self.final_norm(h), shift, scale)))

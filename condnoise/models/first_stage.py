@@ -102,6 +102,36 @@ def folder_kind(path: str | Path) -> str:
                     f"({', '.join(CLASS_NAMES.values())})")
 
 
+def resolve_folder(path: str | Path) -> Path:
+    """A diffusers folder, or an autoencoder run directory holding ``autoencoder/``."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "autoencoder" / "config.json").is_file():
+        return p / "autoencoder"
+    raise UserError(f"{path}: neither a diffusers autoencoder folder (config.json) nor an "
+                    "autoencoder run directory (autoencoder/config.json)")
+
+
+def load_first_stage(path: str | Path, kind: str = "auto", device: str | torch.device = "cpu"
+                     ) -> tuple[Any, str, Path]:
+    """``(model in eval mode, kind, folder)``; ``kind`` ``vq``/``kl`` is checked, ``auto`` read."""
+    from diffusers import AutoencoderKL, VQModel
+
+    folder = resolve_folder(path)
+    if kind == "auto":
+        kind = folder_kind(folder)
+    elif kind not in KINDS:
+        raise UserError(f"--kind: invalid value {kind!r}; valid options: auto, vq, kl")
+    check_folder_kind(folder, kind)
+    cls = VQModel if kind == "vq" else AutoencoderKL
+    try:
+        model = cls.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load {kind} autoencoder from {folder}: {e}") from None
+    return model.to(device).eval().requires_grad_(False), kind, folder
+
+
 def check_folder_kind(path: str | Path, kind: str, what: str = "autoencoder") -> None:
     """UserError when the folder holds the other kind (e.g. a VQModel read as ``kl``)."""
     found = folder_kind(path)

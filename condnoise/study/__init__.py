@@ -1,4 +1,4 @@
-"""Studies (issue #6): a grid of corrupt -> train -> sample -> evaluate cells, cached per
+"""Studies: a grid of corrupt -> train -> sample -> evaluate cells, cached per
 cell under the hash of its resolved config, resumable, with an HTML / Markdown / CSV report.
 
 Entry points: :func:`condnoise.study.spec.load_study`, :func:`condnoise.study.runner.run_study`,

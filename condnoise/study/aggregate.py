@@ -1,23 +1,23 @@
-"""Aggregation over seeds: mean +- 95% confidence interval (Student t), and comparisons.
+"""Aggregation over seeds: mean +- 95% confidence interval, and comparisons.
 
-Every number in the report is a mean over the study's seeds with a two-sided 95%
-t-interval, ``mean +- t_{0.975, n-1} * sd / sqrt(n)``; with one seed the interval is
-undefined (NaN) and the report says so. Best guidance scales are chosen on the mean
-over seeds, never per seed, so no seed or scale is cherry-picked.
+Every number in the report is a mean over the study's seeds with the two-sided 95%
+Student-t interval of :func:`condnoise.stats.t_interval`; with one seed the interval is
+undefined (NaN, rendered ``n/a``). Two models are compared by the Welch interval of
+:func:`condnoise.stats.welch_interval`. Best guidance scales are chosen on the mean over
+seeds, never per seed, so no seed or scale is cherry-picked.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
-CONFIDENCE = 0.95
+from condnoise import stats
 
 
 @dataclass(frozen=True)
@@ -38,62 +38,50 @@ class Estimate:
         return self.mean + self.ci
 
     def fmt(self) -> str:
-        """``mean ± ci`` with as many decimals as the interval's second significant digit."""
-        if math.isnan(self.mean):
-            return "n/a"
-        if math.isnan(self.ci):
-            return f"{self.mean:.4g} (n={self.n})"
-        if self.ci == 0:
-            return f"{self.mean:.4g} ± 0"
-        decimals = min(6, max(0, 1 - math.floor(math.log10(abs(self.ci)))))
-        return f"{self.mean:.{decimals}f} ± {self.ci:.{decimals}f}"
+        """``mean ± ci``, ``mean ± n/a (n=1)`` for one seed, ``n/a`` for none."""
+        return stats.format_interval(self.mean, self.ci, self.n)
 
 
 def estimate(values: Iterable[float]) -> Estimate:
-    """Mean and 95% t-interval half-width of finite ``values``."""
+    """Mean and 95% t-interval half-width of the finite ``values``."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
-    n = len(v)
-    if n == 0:
+    if len(v) == 0:
         return Estimate(math.nan, math.nan, 0, ())
-    mean = float(v.mean())
-    if n < 2:
-        return Estimate(mean, math.nan, 1, tuple(v.tolist()))
-    sem = float(v.std(ddof=1)) / math.sqrt(n)
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df=n - 1)) * sem
-    return Estimate(mean, half, n, tuple(v.tolist()))
+    mean, half = stats.t_interval(v)
+    return Estimate(float(mean), float(half), len(v), tuple(v.tolist()))
+
+
+class Verdict(StrEnum):
+    """How a model compares with another on one metric (a Welch 95% interval)."""
+
+    BETTER = "better"
+    WORSE = "worse"
+    INDISTINGUISHABLE = "indistinguishable"
+    NO_INTERVAL = "no interval (fewer than 2 seeds)"
 
 
 @dataclass(frozen=True)
 class Difference:
-    """Welch 95% interval for mean(a) - mean(b); ``verdict`` reads it for a lower-is-better
-    (or higher-is-better) metric: ``better``, ``worse`` or ``indistinguishable``."""
+    """Welch 95% interval for mean(a) - mean(b) and what it says for the metric."""
 
     diff: float
     low: float
     high: float
-    verdict: str
+    verdict: Verdict
 
 
 def compare(a: Estimate, b: Estimate, *, lower_is_better: bool) -> Difference:
-    """Welch t-interval on the difference of two seed means (a - b)."""
+    """Welch t-interval on the difference of two seed means (a - b); ``better`` / ``worse``
+    only when the whole interval lies on one side of zero."""
     if a.n < 2 or b.n < 2:
-        d = a.mean - b.mean
-        return Difference(d, math.nan, math.nan, "indistinguishable (too few seeds for a CI)")
-    va, vb = np.var(a.values, ddof=1) / a.n, np.var(b.values, ddof=1) / b.n
-    se = math.sqrt(va + vb)
-    d = a.mean - b.mean
-    if se == 0:
-        low = high = d
-    else:
-        dof = (va + vb) ** 2 / ((va**2) / (a.n - 1) + (vb**2) / (b.n - 1))
-        half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df=dof)) * se
-        low, high = d - half, d + half
+        return Difference(a.mean - b.mean, math.nan, math.nan, Verdict.NO_INTERVAL)
+    d, low, high = stats.welch_interval(np.array(a.values), np.array(b.values))
     if low > 0:
-        verdict = "worse" if lower_is_better else "better"
+        verdict = Verdict.WORSE if lower_is_better else Verdict.BETTER
     elif high < 0:
-        verdict = "better" if lower_is_better else "worse"
+        verdict = Verdict.BETTER if lower_is_better else Verdict.WORSE
     else:
-        verdict = "indistinguishable"
+        verdict = Verdict.INDISTINGUISHABLE
     return Difference(d, low, high, verdict)
 
 
@@ -109,31 +97,3 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
         elif isinstance(v, int | float) and v is not None:
             out[key] = float(v)
     return out
-
-
-def group_seeds(
-    records: list[dict[str, Any]], by: tuple[str, ...] = ("arch", "variant", "scale")
-) -> dict[tuple, dict[str, Estimate]]:
-    """Group per-seed records (``metrics`` = flat dict) and estimate every metric."""
-    groups: dict[tuple, list[dict[str, float]]] = defaultdict(list)
-    for r in records:
-        groups[tuple(r[k] for k in by)].append(r["metrics"])
-    out: dict[tuple, dict[str, Estimate]] = {}
-    for key, ms in groups.items():
-        names = sorted({m for d in ms for m in d})
-        out[key] = {m: estimate(d.get(m, math.nan) for d in ms) for m in names}
-    return out
-
-
-def best_scale(
-    per_scale: dict[float, dict[str, Estimate]], metric: str, *, lower_is_better: bool = True
-) -> float | None:
-    """Guidance scale whose seed-mean of ``metric`` is best (None if the metric is absent)."""
-    scored = [
-        (e[metric].mean, s)
-        for s, e in per_scale.items()
-        if metric in e and not math.isnan(e[metric].mean)
-    ]
-    if not scored:
-        return None
-    return (min if lower_is_better else max)(scored)[1]

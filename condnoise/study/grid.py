@@ -1,10 +1,9 @@
 """The study's cell graph: corrupt -> train -> sample -> evaluate (+ walk, theory) -> report.
 
 Every cell carries its fully resolved config; its cache key hashes that config, which
-includes the keys of the cells it depends on. Cost estimates use throughput constants
-measured on 2 CPU cores (``/work/shared/anchors.md``; DiT hidden 128 / depth 6 / patch 4 on
-32x32x1: 242 train img/s, 787 forward img/s), scaled by the model's compute, and are
-replaced by measured durations where the cell log has them.
+includes the keys of the cells it depends on. Cost estimates come from
+:mod:`condnoise.study.cost` and are replaced by measured durations where the cell log
+has them.
 """
 
 from __future__ import annotations
@@ -13,27 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from condnoise import rng
 from condnoise.errors import UserError
 from condnoise.study.cache import config_key
+from condnoise.study.cost import Cost, CostModel
 from condnoise.study.spec import StudySpec, Variant, deep_merge
 
 STAGES = ("corrupt", "train", "sample", "evaluate", "walk", "theory", "report")
-
-# One H100, bf16 autocast, DiT-XL/2 on 32x32x4 latents (anchors.md): 355 train img/s,
-# 1,077 forward img/s; small models are capped by per-step overheads.
-GPU_XL2 = {"family": "dit", "size": "XL/2", "latent_shape": [4, 32, 32]}
-GPU_TRAIN_IMG_PER_S, GPU_FORWARD_IMG_PER_S = 355.0, 1077.0
-GPU_CAP_TRAIN, GPU_CAP_FORWARD, GPU_EVAL_IMG_PER_S = 20000.0, 60000.0, 3000.0
-# Measured on 2 CPU cores (anchors.md), reference DiT 128 / 6 / 4 on 32x32x1 images.
-REF_TRAIN_IMG_PER_S = 242.0
-REF_FORWARD_IMG_PER_S = 787.0
-REF_COMPUTE = 128**2 * 6 * (32 // 4) ** 2
-COMPUTE_EXPONENT = 0.9  # fitted to the anchors' 192/6/4, 256/8/4 and 192/6/2 rows
-FMNIST_CLASSIFIER_IMG_PER_S = 4000.0  # small CNN feature extractor + metrics, 2 cores
-INCEPTION_IMG_PER_S = 10.5  # anchors: ~95 ms per image on 2 CPU threads
-CORRUPT_SECONDS = 2.0
-THEORY_SECONDS = 20.0
-OVERHEAD = {"train": 4.0, "sample": 1.5, "evaluate": 2.0, "walk": 1.5}  # load / build, s
 
 
 @dataclass
@@ -56,21 +41,10 @@ class Cell:
         return Path(study_dir) / "cells" / self.stage / self.key
 
 
-def _model_compute(model: dict[str, Any], image_shape: tuple[int, int, int]) -> float:
-    """Relative compute of one forward pass versus the reference DiT (1.0 = reference)."""
-    from condnoise.models.conditional import resolve_model_config
-
-    cfg = resolve_model_config(
-        {k: v for k, v in model.items() if k not in ("autoencoder", "latent_shape")}
-    )
-    c, h, w = model.get("latent_shape") or image_shape
-    if cfg["family"] == "dit":
-        tokens = (h // cfg["patch"]) * (w // cfg["patch"])
-        ratio = cfg["hidden"] ** 2 * cfg["depth"] * tokens / REF_COMPUTE
-    else:  # U-Net: width^2 x resolution x blocks, relative to a DiT-sized budget; rough
-        width = sum(ch**2 for ch in cfg["channels"]) / len(cfg["channels"])
-        ratio = 6.0 * width * cfg["layers_per_block"] * h * w / (128**2 * 6 * 1024)
-    return max(ratio, 1e-3) ** COMPUTE_EXPONENT * max(c, 1) ** 0.1
+def _cell(id: str, config: dict[str, Any], cost: Cost, meta: dict[str, Any],
+          deps: list[str] | None = None) -> Cell:  # fmt: skip
+    return Cell(id=id, stage=config["stage"], config=config, deps=deps or [],
+                est_seconds=cost.cpu, est_gpu_seconds=cost.gpu, meta=meta)  # fmt: skip
 
 
 def image_shape(spec: StudySpec) -> tuple[int, int, int]:
@@ -79,158 +53,111 @@ def image_shape(spec: StudySpec) -> tuple[int, int, int]:
     return channels, size, size
 
 
-def _train_cfg(spec: StudySpec, v: Variant) -> dict[str, Any]:
-    """Trainer sections (``diffusion``, ``train``): the study's, then the variant's."""
-    return deep_merge(spec.train, v.train)
+def trainer_sections(spec: StudySpec, v: Variant, arch: str) -> dict[str, Any]:
+    """Trainer sections (``diffusion``, ``train``): the architecture's preset, then the
+    study's, then the variant's."""
+    return deep_merge(deep_merge(spec.arch_train.get(arch, {}), spec.train), v.train)
+
+
+class _Cells:
+    """Cells by id; adding one twice is fine when the config is the same."""
+
+    def __init__(self, study: str) -> None:
+        self.study, self.by_id = study, {}
+
+    def add(self, cell: Cell) -> Cell:
+        old = self.by_id.setdefault(cell.id, cell)
+        if old.key != cell.key:
+            raise UserError(f"study {self.study}: two different cells named {cell.id}")
+        return old
+
+    def ordered(self) -> list[Cell]:
+        """By stage, so a study fills its grid breadth-first (all models trained before
+        sampling starts) and an interrupted study still has comparable partial results."""
+        order = {s: i for i, s in enumerate(STAGES)}
+        return sorted(self.by_id.values(), key=lambda c: order[c.stage])
 
 
 def build_cells(spec: StudySpec) -> list[Cell]:
     """Expand the study into cells in a valid execution order (dependencies first)."""
-    shape = image_shape(spec)
-    cost = spec.cost
-    cells: dict[str, Cell] = {}
-
-    def add(cell: Cell) -> Cell:
-        if cell.id in cells:
-            if cells[cell.id].key != cell.key:
-                raise UserError(f"study {spec.name}: two different cells named {cell.id}")
-            return cells[cell.id]
-        cells[cell.id] = cell
-        return cell
-
-    sample_cfg = {k: spec.sample[k] for k in spec.sample if k != "guidance"}
+    cost = CostModel(image_shape(spec), spec.cost, list(spec.evaluate["extractors"]))
+    cells = _Cells(spec.name)
     for v in spec.variants:
         for arch in v.architectures or tuple(spec.architectures):
-            model = spec.architectures[arch]
-            compute = _model_compute(model, shape)
-            train_rate = cost.get("train_img_per_s", REF_TRAIN_IMG_PER_S) / compute
-            fwd_rate = cost.get("forward_img_per_s", REF_FORWARD_IMG_PER_S) / compute
-            gpu_ratio = _model_compute(GPU_XL2, shape) / compute
-            gpu_train = min(GPU_TRAIN_IMG_PER_S * gpu_ratio, GPU_CAP_TRAIN)
-            gpu_fwd = min(GPU_FORWARD_IMG_PER_S * gpu_ratio, GPU_CAP_FORWARD)
             for seed in spec.seeds:
-                meta = {"variant": v.name, "arch": arch, "seed": seed}
-                deps: list[str] = []
-                corrupt_key = None
-                if v.corruption:
-                    cc = add(
-                        Cell(
-                            id=f"corrupt/{v.name}/seed{seed}",
-                            stage="corrupt",
-                            config={
-                                "stage": "corrupt",
-                                "data": spec.data,
-                                "corruption": v.corruption,
-                                "seed": seed,
-                            },
-                            est_seconds=CORRUPT_SECONDS,
-                            est_gpu_seconds=CORRUPT_SECONDS,
-                            meta=dict(meta, arch=None),
-                        )
-                    )
-                    deps.append(cc.id)
-                    corrupt_key = cc.key
-                tcfg = _train_cfg(spec, v)
-                steps = int(tcfg.get("train", {}).get("steps", 2000))
-                batch = int(tcfg.get("train", {}).get("batch_size", 128))
-                train = add(
-                    Cell(
-                        id=f"train/{arch}/{v.name}/seed{seed}",
-                        stage="train",
-                        config={
-                            "stage": "train",
-                            "data": spec.data,
-                            "corrupt_key": corrupt_key,
-                            "corruption": v.corruption,
-                            "model": model,
-                            "perturbation": v.perturbation,
-                            "train": tcfg,
-                            "seed": seed,
-                        },
-                        deps=deps,
-                        est_seconds=steps * batch / train_rate + OVERHEAD["train"],
-                        est_gpu_seconds=steps * batch / gpu_train + OVERHEAD["train"],
-                        meta=meta,
-                    )
-                )
-                n = int(spec.sample["num_samples"])
-                for scale in spec.sample["guidance"]:
-                    forwards = 1 if scale in (0.0, 1.0) else 2
-                    sc = add(
-                        Cell(
-                            id=f"sample/{arch}/{v.name}/seed{seed}/s{scale:g}",
-                            stage="sample",
-                            config={
-                                "stage": "sample",
-                                "train_key": train.key,
-                                "sample": sample_cfg,
-                                "scale": scale,
-                                "seed": seed,
-                            },
-                            deps=[train.id],
-                            est_seconds=n * int(spec.sample["steps"]) * forwards / fwd_rate
-                            + OVERHEAD["sample"],
-                            est_gpu_seconds=n * int(spec.sample["steps"]) * forwards / gpu_fwd
-                            + OVERHEAD["sample"],
-                            meta=dict(meta, scale=scale),
-                        )
-                    )
-                    add(
-                        Cell(
-                            id=f"evaluate/{arch}/{v.name}/seed{seed}/s{scale:g}",
-                            stage="evaluate",
-                            config={
-                                "stage": "evaluate",
-                                "sample_key": sc.key,
-                                "evaluate": spec.evaluate,
-                                "data": spec.data,
-                            },
-                            deps=[sc.id],
-                            est_seconds=_eval_seconds(spec, n) + OVERHEAD["evaluate"],
-                            est_gpu_seconds=n * len(spec.evaluate["extractors"])
-                            / GPU_EVAL_IMG_PER_S + OVERHEAD["evaluate"],
-                            meta=dict(meta, scale=scale),
-                        )
-                    )
-                if spec.report.get("walks") and seed == spec.seeds[0]:
-                    frames = int(spec.report["walk_frames"])
-                    scale = _walk_scale(spec)
-                    steps_ = int(spec.sample["steps"])
-                    add(
-                        Cell(
-                            id=f"walk/{arch}/{v.name}",
-                            stage="walk",
-                            config={
-                                "stage": "walk",
-                                "train_key": train.key,
-                                "sample": {k: sample_cfg.get(k) for k in ("sampler", "steps")},
-                                "scale": scale,
-                                "frames": frames,
-                                "grid_per_class": int(spec.report["grid_per_class"]),
-                                "seed": seed,
-                            },
-                            deps=[train.id],
-                            est_seconds=(3 * frames + 10 * int(spec.report["grid_per_class"]))
-                            * steps_ * 2 / fwd_rate + OVERHEAD["walk"],
-                            est_gpu_seconds=OVERHEAD["walk"] + 2.0,
-                            meta=dict(meta, scale=scale),
-                        )
-                    )
+                _model_cells(spec, cost, cells, v, arch, seed)
     if spec.report.get("theory"):
-        add(
-            Cell(
-                id="theory",
-                stage="theory",
-                config={"stage": "theory", "seed": spec.seeds[0], "lab": _theory_lab(spec)},
-                est_seconds=THEORY_SECONDS,
-                est_gpu_seconds=THEORY_SECONDS,
-                meta={},
-            )
-        )
-    order = {s: i for i, s in enumerate(STAGES)}
-    # Stable order: by stage, so a study fills its grid breadth-first (all models trained
-    # before sampling starts) and an interrupted study still has comparable partial results.
-    return sorted(cells.values(), key=lambda c: order[c.stage])
+        config = {"stage": "theory", "seed": spec.seeds[0], "lab": _theory_lab(spec)}
+        cells.add(_cell("theory", config, cost.theory(), {}))
+    return cells.ordered()
+
+
+def _model_cells(spec: StudySpec, cost: CostModel, cells: _Cells, v: Variant, arch: str,
+                 seed: int) -> None:  # fmt: skip
+    """The cells of one model: its corruption, training, sampling per scale, evaluation
+    per scale and (first seed only) its walk."""
+    meta = {"variant": v.name, "arch": arch, "seed": seed}
+    corrupt = None
+    if v.corruption:
+        config = {"stage": "corrupt", "data": spec.data, "corruption": v.corruption, "seed": seed}
+        corrupt = cells.add(_cell(f"corrupt/{v.name}/seed{seed}", config, cost.corrupt(),
+                                  dict(meta, arch=None)))  # fmt: skip
+    train = cells.add(_train_cell(spec, cost, v, arch, seed, meta, corrupt))
+    for scale in spec.sample["guidance"]:
+        sample = cells.add(_sample_cell(spec, cost, train, arch, scale, meta))
+        config = {"stage": "evaluate", "sample_key": sample.key, "evaluate": spec.evaluate,
+                  "data": spec.data}  # fmt: skip
+        cells.add(_cell(f"evaluate/{arch}/{v.name}/seed{seed}/s{scale:g}", config,
+                        cost.evaluate(int(spec.sample["num_samples"])), dict(meta, scale=scale),
+                        [sample.id]))  # fmt: skip
+    if spec.report.get("walks") and seed == spec.seeds[0]:
+        cells.add(_walk_cell(spec, cost, train, arch, meta))
+
+
+def _train_cell(spec: StudySpec, cost: CostModel, v: Variant, arch: str, seed: int,
+                meta: dict[str, Any], corrupt: Cell | None) -> Cell:  # fmt: skip
+    sections = trainer_sections(spec, v, arch)
+    t = sections.get("train", {})
+    config = {
+        "stage": "train", "data": spec.data, "corrupt_key": corrupt.key if corrupt else None,
+        "corruption": v.corruption, "model": spec.architectures[arch],
+        "perturbation": v.perturbation, "train": sections, "seed": seed,
+        "rng_version": rng.VERSION,
+    }  # fmt: skip
+    estimate = cost.train(spec.architectures[arch], int(t.get("steps", 2000)),
+                          int(t.get("batch_size", 128)))  # fmt: skip
+    return _cell(f"train/{arch}/{v.name}/seed{seed}", config, estimate, meta,
+                 [corrupt.id] if corrupt else [])  # fmt: skip
+
+
+def _sample_cell(spec: StudySpec, cost: CostModel, train: Cell, arch: str, scale: float,
+                 meta: dict[str, Any]) -> Cell:  # fmt: skip
+    config = {"stage": "sample", "train_key": train.key, "sample": _sample_settings(spec),
+              "scale": scale, "seed": meta["seed"], "rng_version": rng.VERSION}  # fmt: skip
+    estimate = cost.sample(spec.architectures[arch], int(spec.sample["num_samples"]),
+                           int(spec.sample["steps"]), scale)  # fmt: skip
+    return _cell(f"{train.id.replace('train/', 'sample/', 1)}/s{scale:g}", config, estimate,
+                 dict(meta, scale=scale), [train.id])  # fmt: skip
+
+
+def _walk_cell(spec: StudySpec, cost: CostModel, train: Cell, arch: str,
+               meta: dict[str, Any]) -> Cell:  # fmt: skip
+    settings = _sample_settings(spec)
+    frames, per_class = int(spec.report["walk_frames"]), int(spec.report["grid_per_class"])
+    config = {
+        "stage": "walk", "train_key": train.key,
+        "sample": {k: settings.get(k) for k in ("sampler", "steps")}, "scale": _walk_scale(spec),
+        "frames": frames, "grid_per_class": per_class, "seed": meta["seed"],
+        "rng_version": rng.VERSION,
+    }  # fmt: skip
+    estimate = cost.walk(spec.architectures[arch], frames, per_class, int(spec.sample["steps"]))
+    return _cell(f"walk/{arch}/{meta['variant']}", config, estimate,
+                 dict(meta, scale=config["scale"]), [train.id])  # fmt: skip
+
+
+def _sample_settings(spec: StudySpec) -> dict[str, Any]:
+    """The study's ``sample`` section without the guidance list (one scale per cell)."""
+    return {k: spec.sample[k] for k in spec.sample if k != "guidance"}
 
 
 def _theory_lab(spec: StudySpec) -> dict[str, Any]:
@@ -243,16 +170,6 @@ def _walk_scale(spec: StudySpec) -> float:
     """Guidance for sample grids and walks: the middle of the sweep."""
     g = sorted(spec.sample["guidance"])
     return g[len(g) // 2]
-
-
-def _eval_seconds(spec: StudySpec, n: int) -> float:
-    rate = spec.cost.get("eval_img_per_s")
-    if rate:
-        return n / rate
-    total = 0.0
-    for ex in spec.evaluate["extractors"]:
-        total += n / (INCEPTION_IMG_PER_S if ex == "inception" else FMNIST_CLASSIFIER_IMG_PER_S)
-    return total
 
 
 def select(cells: list[Cell], *, stages: list[str] | None, only: list[str] | None) -> list[Cell]:
@@ -329,6 +246,6 @@ def plan_table(
     lines.append(
         f"total: {len(cells)} cells, ~{format_seconds(cpu_left)} of work left on 2 CPU cores, "
         f"~{format_seconds(gpu_left)} on one H100 (divide by the GPU count under torchrun); "
-        "rough estimates from anchors.md throughputs"
+        "rough estimates (condnoise.study.cost)"
     )
     return "\n".join(lines)

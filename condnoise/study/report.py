@@ -1,4 +1,4 @@
-"""The study report: one self-contained HTML page, Markdown and CSV (issue section 3).
+"""The study report: one self-contained HTML page, Markdown and CSV.
 
 Written to ``STUDY_DIR/report/``: ``report.html`` (figures embedded as base64 PNG),
 ``report.md`` (figures beside it in ``figures/``), ``results.csv`` (every seed and scale,
@@ -10,48 +10,37 @@ cells are not finished yet is marked ``incomplete``.
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from condnoise.io import write_bytes, write_json, write_text
+from condnoise import stats
+from condnoise.io import write_json, write_text
 from condnoise.study import figures
-from condnoise.study.aggregate import Estimate, compare, estimate
+from condnoise.study.aggregate import Estimate, Verdict, compare, estimate
+from condnoise.study.blocks import (
+    HtmlRenderer,
+    MarkdownRenderer,
+    Section,
+    Status,
+    Table,
+    render_document,
+)
+from condnoise.study.grid import trainer_sections
 from condnoise.study.results import METRICS, StudyResults, collect, load_rmd_scores
 from condnoise.study.spec import StudySpec, Variant
 
 SLIGHT_ETA = 0.075  # paper: "slight" corruption is eta <= 7.5%
 CEP_NAMES = ("cep-u", "cep-g")
+VERDICT_WORDS = {Verdict.BETTER: "helped", Verdict.WORSE: "hurt",
+                 Verdict.INDISTINGUISHABLE: "was indistinguishable",
+                 Verdict.NO_INTERVAL: "could not be judged (one seed: no CI)"}  # fmt: skip
 
 
-@dataclass
-class Section:
-    """One report section: blocks are ("text", str), ("figure", png bytes, caption),
-    ("image", path, caption) or ("table", headers, rows)."""
-
-    id: str
-    title: str
-    status: str = "populated"  # populated | not-in-grid | not-applicable | incomplete
-    note: str = ""
-    blocks: list[tuple] = field(default_factory=list)
-
-    def text(self, s: str) -> None:
-        self.blocks.append(("text", s))
-
-    def figure(self, png: bytes, caption: str) -> None:
-        self.blocks.append(("figure", png, caption))
-
-    def table(self, headers: list[str], rows: list[list[str]]) -> None:
-        self.blocks.append(("table", headers, rows))
-
-
-def _absent(sid: str, title: str, status: str, note: str) -> Section:
+def _absent(sid: str, title: str, status: Status, note: str) -> Section:
     return Section(sid, title, status=status, note=note)
 
 
@@ -61,7 +50,7 @@ def _label(res: StudyResults, arch: str, variant: str) -> str:
 
 def _incomplete(res: StudyResults, sec: Section, stage: str = "evaluate") -> Section:
     todo = [m for m in res.missing if m.startswith(stage + "/")]
-    if todo and sec.status == "populated":
+    if todo and sec.status == Status.POPULATED:
         sec.note = (f"{len(todo)} {stage} cell(s) not finished yet; the numbers below cover "
                     "the finished ones")  # fmt: skip
     return sec
@@ -85,66 +74,65 @@ def _group(v: Variant) -> str:
     return "other baselines"
 
 
+VERDICT_COLUMNS = ["arch", "variant", "group", "best s", "FID", "clean best s", "clean FID",
+                   "diff (95% CI)", "verdict", "per guidance scale"]  # fmt: skip
+
+
 def verdict_section(res: StudyResults) -> Section:
     sec = Section("verdict", "Verdict: did slight corruption / CEP help at this scale?")
     if not res.has("fid"):
-        return _absent(sec.id, sec.title, "incomplete", "no FID values yet")
-    lines, rows = [], []
+        return _absent(sec.id, sec.title, Status.INCOMPLETE, "no FID values yet")
     tally: dict[str, dict[str, int]] = {}
-    for arch in res.spec.architectures:
-        if not res.per_scale(arch, "clean", "fid"):
-            continue
-        s0, clean = _best(res, arch, "clean")
-        for v in res.spec.variants:
-            if v.name == "clean" or not res.per_scale(arch, v.name, "fid"):
-                continue
-            s1, est = _best(res, arch, v.name)
-            d = compare(est, clean, lower_is_better=True)
-            word = {"better": "helped", "worse": "hurt"}.get(d.verdict, "was indistinguishable")
-            if d.verdict.startswith("indistinguishable (too few"):
-                word = "could not be judged (one seed: no CI)"
-            g = _group(v)
-            t = tally.setdefault(g, {"helped": 0, "hurt": 0, "indistinguishable": 0})
-            t[word if word in t else "indistinguishable"] += 1
-            per_scale = [
-                compare(e, res.per_scale(arch, "clean", "fid")[s], lower_is_better=True).verdict
-                for s, e in res.per_scale(arch, v.name, "fid").items()
-                if s in res.per_scale(arch, "clean", "fid")
-            ]
-            ci = "" if math.isnan(d.low) else f" [{d.low:+.3g}, {d.high:+.3g}]"
-            rows.append([
-                arch, v.name, g, f"{s1:g}", est.fmt(), f"{s0:g}", clean.fmt(),
-                f"{d.diff:+.3g}{ci}", word,
-                f"{per_scale.count('better')} better / {per_scale.count('worse')} worse / "
-                f"{len(per_scale) - per_scale.count('better') - per_scale.count('worse')} "
-                "indistinguishable",
-            ])  # fmt: skip
+    rows = [_verdict_row(res, arch, v, tally) for arch in res.spec.architectures
+            if res.per_scale(arch, "clean", "fid") for v in res.spec.variants
+            if v.name != "clean" and res.per_scale(arch, v.name, "fid")]  # fmt: skip
     if not rows:
-        return _absent(sec.id, sec.title, "not-in-grid",
+        return _absent(sec.id, sec.title, Status.NOT_IN_GRID,
                        "needs a clean model and at least one other variant")  # fmt: skip
-    n_seeds = len(res.spec.seeds)
-    tr = res.spec.train.get("train", {})
-    lines.append(
+    for line in _verdict_text(res, tally):
+        sec.text(line)
+    sec.table(VERDICT_COLUMNS, rows)
+    return _incomplete(res, sec)
+
+
+def _verdict_row(res: StudyResults, arch: str, v: Variant, tally: dict[str, dict[str, int]]
+                 ) -> list[str]:  # fmt: skip
+    """One variant vs the clean model, each at its best guidance scale (FID, Welch 95%)."""
+    s0, clean = _best(res, arch, "clean")
+    s1, est = _best(res, arch, v.name)
+    d = compare(est, clean, lower_is_better=True)
+    word = VERDICT_WORDS[d.verdict]
+    t = tally.setdefault(_group(v), {"helped": 0, "hurt": 0, "indistinguishable": 0})
+    t[word if word in t else "indistinguishable"] += 1
+    clean_scales = res.per_scale(arch, "clean", "fid")
+    per_scale = [compare(e, clean_scales[s], lower_is_better=True).verdict
+                 for s, e in res.per_scale(arch, v.name, "fid").items() if s in clean_scales]
+    better, worse = per_scale.count(Verdict.BETTER), per_scale.count(Verdict.WORSE)
+    ci = "" if math.isnan(d.low) else f" [{d.low:+.3g}, {d.high:+.3g}]"
+    return [arch, v.name, _group(v), f"{s1:g}", est.fmt(), f"{s0:g}", clean.fmt(),
+            f"{d.diff:+.3g}{ci}", word,
+            f"{better} better / {worse} worse / {len(per_scale) - better - worse} indistinguishable"]
+
+
+def _verdict_text(res: StudyResults, tally: dict[str, dict[str, int]]) -> list[str]:
+    """The scale of the study, how the comparison is made, and the tally per group."""
+    spec, n_seeds = res.spec, len(res.spec.seeds)
+    tr = trainer_sections(spec, spec.variants[0], next(iter(spec.architectures))).get("train", {})
+    lines = [
         f"Scale of this study: {tr.get('steps', '?')} training steps x batch "
-        f"{tr.get('batch_size', '?')} per model, {res.spec.sample['num_samples']} samples per "
-        f"guidance scale, {n_seeds} seed(s); conclusions hold at this scale only."
-    )
-    lines.append(
+        f"{tr.get('batch_size', '?')} per model, {spec.sample['num_samples']} samples per "
+        f"guidance scale, {n_seeds} seed(s); conclusions hold at this scale only.",
         f"FID of each model at its best guidance scale (chosen on the mean over the "
         f"{n_seeds} seed(s), never per seed), compared with the clean model at its own best "
         "scale by a Welch 95% interval on the difference of seed means (negative = lower "
         "FID than clean). 'helped' / 'hurt' only when the whole interval lies on one side "
-        "of zero; otherwise the difference is indistinguishable from seed noise at this scale."
-    )
+        "of zero; otherwise the difference is indistinguishable from seed noise at this scale.",
+    ]
     for g, t in tally.items():
-        n = sum(t.values())
         lines.append(f"**{g}**: helped in {t['helped']}, hurt in {t['hurt']}, "
-                     f"indistinguishable in {t['indistinguishable']} of {n} comparison(s).")  # fmt: skip
-    for line in lines:
-        sec.text(line)
-    sec.table(["arch", "variant", "group", "best s", "FID", "clean best s", "clean FID",
-               "diff (95% CI)", "verdict", "per guidance scale"], rows)  # fmt: skip
-    return _incomplete(res, sec)
+                     f"indistinguishable in {t['indistinguishable']} of {sum(t.values())} "
+                     "comparison(s).")  # fmt: skip
+    return lines
 
 
 # --------------------------------------------------------------------------- figures
@@ -163,7 +151,7 @@ def fid_vs_guidance_eta(res: StudyResults) -> Section:
     sec = Section("fid-guidance-eta", "FID vs guidance per corruption ratio (paper Fig. 2)")
     kinds = sorted({v.kind for v in res.spec.variants if v.corruption})
     if not kinds:
-        return _absent(sec.id, sec.title, "not-in-grid", "no data-corruption variants in this preset's grid")
+        return _absent(sec.id, sec.title, Status.NOT_IN_GRID, "no data-corruption variants in this preset's grid")
     for arch in res.spec.architectures:
         for kind in kinds:
             vs = ["clean"] + [v.name for v in sorted(res.spec.variants, key=lambda v: v.eta)
@@ -184,7 +172,7 @@ def fid_vs_guidance_pert(res: StudyResults) -> Section:
     sec = Section("fid-guidance-perturbation", "FID vs guidance per training perturbation (paper Fig. 6)")
     names = _pert_variants(res)
     if not names:
-        return _absent(sec.id, sec.title, "not-in-grid", "no training-perturbation variants in this preset's grid")
+        return _absent(sec.id, sec.title, Status.NOT_IN_GRID, "no training-perturbation variants in this preset's grid")
     for arch in res.spec.architectures:
         series = _series(res, [(arch, v) for v in ["clean", *names]], "fid")
         if series:
@@ -195,7 +183,7 @@ def fid_vs_guidance_pert(res: StudyResults) -> Section:
 
 def _fill(res: StudyResults, sec: Section) -> Section:
     if not sec.blocks:
-        sec.status, sec.note = "incomplete", "no evaluated cells yet"
+        sec.status, sec.note = Status.INCOMPLETE, "no evaluated cells yet"
     return _incomplete(res, sec)
 
 
@@ -203,7 +191,7 @@ def trade_off_section(res: StudyResults, sid: str, title: str, x: str, y: str) -
     sec = Section(sid, title)
     for m in (x, y):
         if not res.has(m):
-            return _absent(sid, title, "not-applicable" if res.records else "incomplete",
+            return _absent(sid, title, Status.NOT_APPLICABLE if res.records else Status.INCOMPLETE,
                            f"the evaluation gave no {METRICS[m][1]} for this preset's extractors "
                            f"({', '.join(res.extractors)})")  # fmt: skip
     for arch in res.spec.architectures:
@@ -224,7 +212,7 @@ def metric_section(res: StudyResults, sid: str, title: str, names: list[str], wh
     sec = Section(sid, title)
     present = [n for n in names if res.has(n)]
     if not present:
-        return _absent(sid, title, "not-applicable" if res.records else "incomplete", why)
+        return _absent(sid, title, Status.NOT_APPLICABLE if res.records else Status.INCOMPLETE, why)
     for arch in res.spec.architectures:
         for n in present:
             series = _series(res, [(a, v) for a, v in res.models() if a == arch], n)
@@ -244,13 +232,13 @@ def rmd_section(res: StudyResults) -> Section:
             if a != arch:
                 continue
             s = res.best_scale(a, v, "fid")
-            per_seed = [load_rmd_scores(d) for (a2, v2, _, s2), d in res.eval_dirs.items()
+            per_seed = [load_rmd_scores(d, res.extractors[0]) for (a2, v2, _, s2), d in res.eval_dirs.items()
                         if a2 == a and v2 == v and s2 == s]  # fmt: skip
             per_seed = [p for p in per_seed if p is not None and len(p)]
             if per_seed:
                 import numpy as np
 
-                top = [np.sort(p)[-max(1, len(p) // 100):] for p in per_seed]
+                top = [stats.top_fraction(p, 0.01) for p in per_seed]
                 scores[f"{_label(res, a, v)} (s={s:g})"] = np.concatenate(top)
         if scores:
             sec.figure(figures.densities(scores, "RMD score of the top 1% samples", arch),
@@ -261,7 +249,7 @@ def rmd_section(res: StudyResults) -> Section:
                  "the top-1% RMD are plotted against guidance instead.")  # fmt: skip
         return metric_section(res, sec.id, sec.title, ["rmd_top1"], "")
     if not sec.blocks:
-        return _absent(sec.id, sec.title, "not-applicable" if res.records else "incomplete",
+        return _absent(sec.id, sec.title, Status.NOT_APPLICABLE if res.records else Status.INCOMPLETE,
                        "the evaluation gave no RMD scores for this preset's extractors")  # fmt: skip
     return _incomplete(res, sec)
 
@@ -288,18 +276,18 @@ def _table_section(res: StudyResults, sid: str, title: str, names: list[str], no
     sec = Section(sid, title)
     models = [(a, v) for a in res.spec.architectures for v in names if (a, v) in res.models()]
     if not names:
-        return _absent(sid, title, "not-in-grid", absent)
+        return _absent(sid, title, Status.NOT_IN_GRID, absent)
     cols = [c for c in ("fid", "is", "precision", "recall", "accuracy") if res.has(c)]
     rows = _table_rows(res, models, cols)
     if not rows:
-        return _absent(sid, title, "incomplete", "no evaluated cells yet")
+        return _absent(sid, title, Status.INCOMPLETE, "no evaluated cells yet")
     sec.text(note)
     sec.table(["arch", "model", "best s"] + [METRICS[c][1] for c in cols], rows)
     return _incomplete(res, sec)
 
 
 BEST_NOTE = ("Each model at its best guidance scale by mean FID over seeds; every cell is "
-             "mean ± 95% t-interval half-width over seeds ((n=1) when a single seed).")  # fmt: skip
+             "mean ± 95% t-interval half-width over seeds (± n/a (n=1) with a single seed).")  # fmt: skip
 
 
 def table1(res: StudyResults) -> Section:
@@ -345,9 +333,9 @@ def ablation_section(res: StudyResults) -> Section:
             points.append((arch, label, group, shift, fid))
     has_cep = any(p[2] == "CEP" for p in points)
     if not any(v.perturbation["name"] in CEP_NAMES for v in res.spec.variants):
-        return _absent(sec.id, sec.title, "not-in-grid", "no CEP variants in this preset's grid")
+        return _absent(sec.id, sec.title, Status.NOT_IN_GRID, "no CEP variants in this preset's grid")
     if not has_cep:
-        return _absent(sec.id, sec.title, "incomplete", "CEP models not trained / evaluated yet")
+        return _absent(sec.id, sec.title, Status.INCOMPLETE, "CEP models not trained / evaluated yet")
     for arch in res.spec.architectures:
         pts = [(p[1], p[2], p[3], p[4]) for p in points if p[0] == arch]
         if pts:
@@ -363,32 +351,32 @@ def ablation_section(res: StudyResults) -> Section:
 def samples_section(res: StudyResults) -> Section:
     sec = Section("samples", "Sample grids and circular walks per model")
     if not res.spec.report.get("walks"):
-        return _absent(sec.id, sec.title, "not-in-grid", "walks disabled in this preset (report.walks)")
+        return _absent(sec.id, sec.title, Status.NOT_IN_GRID, "walks disabled in this preset (report.walks)")
     for (arch, v), imgs in res.images.items():
         label = _label(res, arch, v)
         if "grid" in imgs:
-            sec.blocks.append(("image", imgs["grid"], f"{label}: one row per class"))
+            sec.image(imgs["grid"], f"{label}: one row per class")
         if "walk" in imgs:
-            sec.blocks.append(("image", imgs["walk"], f"{label}: circular walks in noise space "
-                               "(one row per class, the last frame meets the first)"))  # fmt: skip
+            sec.image(imgs["walk"], f"{label}: circular walks in noise space "
+                      "(one row per class, the last frame meets the first)")  # fmt: skip
     if not sec.blocks:
-        return _absent(sec.id, sec.title, "incomplete", "walk cells not finished yet")
+        return _absent(sec.id, sec.title, Status.INCOMPLETE, "walk cells not finished yet")
     return _incomplete(res, sec, "walk")
 
 
 def theory_section(res: StudyResults) -> Section:
     sec = Section("theory", "Theory lab: Gaussian mixture (paper section 7)")
     if not res.spec.report.get("theory"):
-        return _absent(sec.id, sec.title, "not-in-grid", "theory disabled in this preset (report.theory)")
+        return _absent(sec.id, sec.title, Status.NOT_IN_GRID, "theory disabled in this preset (report.theory)")
     for p in res.theory:
-        sec.blocks.append(("image", p, p.stem.replace("_", " ")))
+        sec.image(p, p.stem.replace("_", " "))
     if not sec.blocks:
-        return _absent(sec.id, sec.title, "incomplete", "theory cell not finished yet")
+        return _absent(sec.id, sec.title, Status.INCOMPLETE, "theory cell not finished yet")
     return sec
 
 
 def build_sections(res: StudyResults) -> list[Section]:
-    latent = any(a.get("autoencoder", {}).get("kind") == "vq"
+    latent = any((a.get("autoencoder") or {}).get("kind") == "vq"
                  for a in res.spec.architectures.values())  # fmt: skip
     builders: list[Callable[[], Section]] = [
         lambda: verdict_section(res),
@@ -407,7 +395,7 @@ def build_sections(res: StudyResults) -> list[Section]:
                                "the evaluation gave no nearest-neighbour metrics"),
         lambda: (metric_section(res, "entropy", "Sample entropy vs guidance", ["entropy"],
                                 "no entropy values (VQ latents) in the evaluation") if latent
-                 else _absent("entropy", "Sample entropy vs guidance", "not-applicable",
+                 else _absent("entropy", "Sample entropy vs guidance", Status.NOT_APPLICABLE,
                               "pixel-space models: sample entropy needs VQ latents (paper "
                               "section 5), none in this preset")),
         lambda: table6(res),
@@ -419,93 +407,7 @@ def build_sections(res: StudyResults) -> list[Section]:
     return [b() for b in builders]
 
 
-# --------------------------------------------------------------------------- rendering
-
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#222}table{border-collapse:collapse;margin:.5em 0;font-size:.85em}td,th{border:1px solid
-#ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2)
-{text-align:left}figure{display:inline-block;margin:.5em;vertical-align:top;max-width:100%}
-figcaption{font-size:.8em;color:#555;max-width:560px}img{max-width:100%;image-rendering:
-pixelated}.status{font-size:.8em;padding:1px 6px;border-radius:3px;background:#eee}
-.absent{color:#a60}nav a{margin-right:.8em;font-size:.85em}"""
-
-
-def _b64(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
-
-
-def render_html(spec: StudySpec, sections: list[Section], header: dict[str, str]) -> str:
-    esc = html.escape
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>condnoise study "
-           f"{esc(spec.name)}</title><style>{CSS}</style></head><body>",
-           f"<h1>condnoise study: {esc(spec.name)}</h1>",
-           f"<p>{esc(spec.description)}</p><ul>"]  # fmt: skip
-    out += [f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in header.items()]
-    out.append("</ul><nav>" + "".join(f"<a href='#{s.id}'>{esc(s.title.split(':')[0])}</a>"
-                                      for s in sections) + "</nav>")  # fmt: skip
-    for s in sections:
-        cls = "" if s.status == "populated" else " absent"
-        out.append(f"<section id='{s.id}'><h2>{esc(s.title)} <span class='status{cls}'>"
-                   f"{esc(s.status)}</span></h2>")  # fmt: skip
-        if s.note:
-            out.append(f"<p class='absent'>{esc(s.note)}</p>")
-        for b in s.blocks:
-            if b[0] == "text":
-                out.append("<p>" + _md_bold_to_html(esc(b[1])) + "</p>")
-            elif b[0] == "figure":
-                out.append(f"<figure><img src='{_b64(b[1])}' alt='{esc(b[2])}'>"
-                           f"<figcaption>{esc(b[2])}</figcaption></figure>")  # fmt: skip
-            elif b[0] == "image":
-                data = Path(b[1]).read_bytes()
-                out.append(f"<figure><img src='{_b64(data)}' style='width:{_display_width(data)}px' "
-                           f"alt='{esc(b[2])}'><figcaption>{esc(b[2])}</figcaption></figure>")  # fmt: skip
-            elif b[0] == "table":
-                out.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in b[1]) + "</tr>")
-                for row in b[2]:
-                    out.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>")
-                out.append("</table>")
-        out.append("</section>")
-    out.append("</body></html>")
-    return "\n".join(out)
-
-
-def _display_width(png: bytes) -> int:
-    """Small sample grids (28-32 px tiles) are shown enlarged, pixelated, up to 900 px."""
-    from PIL import Image
-
-    width = Image.open(io.BytesIO(png)).size[0]
-    return int(max(width, min(3 * width, 900)))
-
-
-def _md_bold_to_html(s: str) -> str:
-    parts = s.split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def render_markdown(spec: StudySpec, sections: list[Section], header: dict[str, str],
-                    fig_dir: Path) -> str:  # fmt: skip
-    out = [f"# condnoise study: {spec.name}", "", spec.description, ""]
-    out += [f"- **{k}**: {v}" for k, v in header.items()]
-    n = 0
-    for s in sections:
-        out += ["", f"## {s.title} ({s.status})", ""]
-        if s.note:
-            out += [f"_{s.note}_", ""]
-        for b in s.blocks:
-            if b[0] == "text":
-                out += [b[1], ""]
-            elif b[0] in ("figure", "image"):
-                n += 1
-                name = f"{s.id}-{n:02d}.png"
-                data = b[1] if b[0] == "figure" else Path(b[1]).read_bytes()
-                write_bytes(fig_dir / name, data)
-                out += [f"![{b[2]}](figures/{name})", "", f"_{b[2]}_", ""]
-            elif b[0] == "table":
-                out.append("| " + " | ".join(b[1]) + " |")
-                out.append("|" + "---|" * len(b[1]))
-                out += ["| " + " | ".join(str(c) for c in row) + " |" for row in b[2]]
-                out.append("")
-    return "\n".join(out) + "\n"
+# --------------------------------------------------------------------------- files
 
 
 def _csv_text(headers: list[str], rows: list[list[Any]]) -> str:
@@ -553,13 +455,15 @@ def write_report(spec: StudySpec, study_dir: Path, *, log_fn: Callable[[str], No
                       "results.csv",
         "condnoise": __version__,
     }  # fmt: skip
-    write_text(out / "report.html", render_html(spec, sections, header))
-    write_text(out / "report.md", render_markdown(spec, sections, header, out / "figures"))
+    title = f"condnoise study: {spec.name}"
+    for name, renderer in (("report.html", HtmlRenderer()),
+                           ("report.md", MarkdownRenderer(out / "figures"))):  # fmt: skip
+        write_text(out / name, render_document(title, spec.description, header, sections, renderer))
     write_csvs(res, out)
     for s in sections:
-        tables = [b for b in s.blocks if b[0] == "table"]
+        tables = [b for b in s.blocks if isinstance(b, Table)]
         if tables:
-            write_text(out / f"{s.id}.csv", _csv_text(tables[0][1], tables[0][2]))
+            write_text(out / f"{s.id}.csv", _csv_text(tables[0].headers, tables[0].rows))
     write_json(out / "report.json", {
         "study": spec.name, "cells_done": done, "cells_total": len(res.cells),
         "sections": [{"id": s.id, "title": s.title, "status": s.status, "note": s.note,

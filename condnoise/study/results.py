@@ -134,12 +134,11 @@ def collect(spec: StudySpec, study_dir: Path) -> StudyResults:
     return res
 
 
-def load_rmd_scores(eval_dir: Path) -> np.ndarray | None:
-    """Per-sample RMD scores saved by the evaluation stage, if any (``rmd*.npy|npz``)."""
-    for path in sorted(eval_dir.rglob("rmd*.np[yz]")):
-        data = np.load(path)
-        if isinstance(data, np.ndarray):
-            return data.astype(np.float64)
-        keys = [k for k in data.files if "rmd" in k or "score" in k] or data.files
-        return np.asarray(data[keys[0]], dtype=np.float64)
-    return None
+def load_rmd_scores(eval_dir: Path, extractor: str) -> np.ndarray | None:
+    """Per-sample RMD scores of ``extractor`` saved by the evaluate cell, if any."""
+    path = eval_dir / "per_sample.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        key = f"rmd@{extractor}"
+        return np.asarray(data[key], dtype=np.float64) if key in data.files else None

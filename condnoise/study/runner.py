@@ -141,49 +141,16 @@ def run_study(
 
     study_dir = Path(study_dir or default_study_dir(spec))
     worker = worker_from_env(device)
-    fns = stage_fns or stage_module.STAGE_FUNCTIONS
     all_cells = build_cells(spec)
-    by_id = {c.id: c for c in all_cells}
     chosen = select(all_cells, stages=stages, only=only)
     if worker.is_main:
         write_study_files(spec, study_dir)
-    log = CellLog(study_dir / "cells.jsonl")
-    ctx = RunContext(spec, study_dir, worker.device, progress, by_id)
-    result = StudyRun(study_dir)
+    ctx = RunContext(spec, study_dir, worker.device, progress, {c.id: c for c in all_cells})
     pending = [c for c in chosen if c.stage != "report"]
-    for c in pending:
-        for d in c.deps:
-            dep = by_id[d]
-            if dep not in chosen and not is_done(dep.dir(study_dir)):
-                raise UserError(
-                    f"cell {c.id} needs {dep.id}, which is not done; run "
-                    f"`condnoise study {spec.source} --stage {dep.stage}` first"
-                )
-    total = sum(not is_done(c.dir(study_dir)) for c in pending)
-    while pending:
-        ready = [c for c in pending if all(is_done(by_id[d].dir(study_dir)) for d in c.deps)]
-        progressed = False
-        for cell in ready:
-            cell_dir = cell.dir(study_dir)
-            if is_done(cell_dir):
-                log.append("skip", cell.id, cell.key, rank=worker.rank)
-                result.skipped.append(cell.id)
-                pending.remove(cell)
-                progressed = True
-                continue
-            with claim(cell_dir) as mine:
-                if not mine or is_done(cell_dir):
-                    continue
-                log_fn(f"[{len(result.ran) + 1}/{total}] {cell.id}")
-                _run_cell(cell, cell_dir, ctx, fns, log, worker)
-            result.ran.append(cell.id)
-            pending.remove(cell)
-            progressed = True
-            break  # re-scan: earlier cells may have become ready or been claimed
-        if pending and not progressed:
-            if worker.world == 1 and not ready:
-                raise UserError(f"study {spec.name}: no runnable cell left (a dependency failed?)")
-            time.sleep(POLL_SECONDS)  # other workers hold the ready cells
+    _check_dependencies(pending, chosen, ctx)
+    result = StudyRun(study_dir)
+    runner = _Worker(ctx, stage_fns or stage_module.STAGE_FUNCTIONS, worker, log_fn)
+    runner.work_through(pending, result)
     if worker.is_main and (not stages or "report" in stages):
         if worker.world > 1:
             _wait_all([c for c in chosen if c.stage != "report"], study_dir)
@@ -191,6 +158,63 @@ def run_study(
 
         result.report = write_report(spec, study_dir, log_fn=log_fn)
     return result
+
+
+def _check_dependencies(pending: list[Cell], chosen: list[Cell], ctx: RunContext) -> None:
+    """Every dependency of a selected cell is selected too or already done."""
+    for c in pending:
+        for d in c.deps:
+            dep = ctx.cells[d]
+            if dep not in chosen and not is_done(dep.dir(ctx.study_dir)):
+                raise UserError(
+                    f"cell {c.id} needs {dep.id}, which is not done; run "
+                    f"`condnoise study {ctx.spec.source} --stage {dep.stage}` first"
+                )
+
+
+class _Worker:
+    """Runs ready cells one at a time, claiming each with a lock so that several workers
+    (torchrun ranks, machines sharing the folder) never run the same cell twice."""
+
+    def __init__(self, ctx: RunContext, fns: dict[str, StageFn], worker: Worker,
+                 log_fn: Callable[[str], None]) -> None:  # fmt: skip
+        self.ctx, self.fns, self.worker, self.log_fn = ctx, fns, worker, log_fn
+        self.log = CellLog(ctx.study_dir / "cells.jsonl")
+
+    def _done(self, cell: Cell) -> bool:
+        return is_done(cell.dir(self.ctx.study_dir))
+
+    def work_through(self, pending: list[Cell], result: StudyRun) -> None:
+        total = sum(not self._done(c) for c in pending)
+        while pending:
+            ready = [c for c in pending if all(self._done(self.ctx.cells[d]) for d in c.deps)]
+            if self._step(ready, pending, result, total):
+                continue
+            if self.worker.world == 1 and not ready:
+                raise UserError(f"study {self.ctx.spec.name}: no runnable cell left (a dependency failed?)")
+            time.sleep(POLL_SECONDS)  # other workers hold the ready cells
+
+    def _step(self, ready: list[Cell], pending: list[Cell], result: StudyRun, total: int) -> bool:
+        """Skip finished ready cells, run the first one this worker can claim; whether
+        anything happened (then the caller re-scans: cells may have become ready)."""
+        progressed = False
+        for cell in ready:
+            if self._done(cell):
+                self.log.append("skip", cell.id, cell.key, rank=self.worker.rank)
+                result.skipped.append(cell.id)
+                pending.remove(cell)
+                progressed = True
+                continue
+            cell_dir = cell.dir(self.ctx.study_dir)
+            with claim(cell_dir) as mine:
+                if not mine or self._done(cell):
+                    continue
+                self.log_fn(f"[{len(result.ran) + 1}/{total}] {cell.id}")
+                _run_cell(cell, cell_dir, self.ctx, self.fns, self.log, self.worker)
+            result.ran.append(cell.id)
+            pending.remove(cell)
+            return True
+        return progressed
 
 
 def _run_cell(

@@ -3,7 +3,10 @@
 A study trains one model per (variant, architecture, seed), where a variant is a data
 corruption (paper section 2) and / or a training-side perturbation (section 3), samples
 each model over a guidance sweep and evaluates every sample set (section 5). Presets live
-in ``condnoise/study/presets/*.yaml``; ``docs/readme/study.md`` documents every field.
+in ``condnoise/study/presets/*.yaml``; the README's "Study files" paragraph lists every
+field. An architecture may name a training preset (``{preset: in1k-dit-xl2}``): the
+study then takes that preset's ``model`` section and its ``diffusion`` / ``train``
+sections as the architecture's trainer defaults, so a recipe is written once.
 """
 
 from __future__ import annotations
@@ -20,9 +23,6 @@ from condnoise.errors import UserError
 from condnoise.training.config import apply_overrides
 
 CORRUPTION_KINDS = ("symmetric", "asymmetric")
-PERTURBATIONS = (
-    "none", "cep-u", "cep-g", "cep-fixed", "dropout", "label-smoothing", "random-flip", "ip",
-)  # fmt: skip
 TOP_LEVEL = {
     "name", "description", "data", "seeds", "architectures", "variants", "corruption_grid",
     "ablation", "train", "sample", "evaluate", "report", "cost", "out_dir",
@@ -81,6 +81,8 @@ class StudySpec:
     source: str  # the preset name or file it came from
     out_dir: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    #: architecture -> trainer sections of the training preset it names (may be empty)
+    arch_train: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def resolved(self) -> dict[str, Any]:
         """The fully expanded study, as written to ``STUDY_DIR/study.yaml``."""
@@ -90,6 +92,7 @@ class StudySpec:
             "data": self.data,
             "seeds": self.seeds,
             "architectures": self.architectures,
+            "architecture_train": self.arch_train,
             "variants": [
                 {**v.as_dict(), "architectures": list(v.architectures or self.architectures)}
                 for v in self.variants
@@ -162,16 +165,16 @@ def _check_corruption(c: Any, where: str) -> dict[str, Any]:
 
 
 def _check_perturbation(p: Any, where: str) -> dict[str, Any]:
+    """A perturbation mapping, checked by the conditioning stage's own registry."""
+    from condnoise.conditioning.perturb import build_perturbation, perturbation_choices
+
     if p is None:
         return {"name": "none"}
     if isinstance(p, str):
         p = {"name": p}
-    _need(isinstance(p, dict) and p.get("name") in PERTURBATIONS, where,
-          f"perturbation {p!r} must name one of {PERTURBATIONS}")  # fmt: skip
-    try:
-        from condnoise.conditioning.perturb import build_perturbation
-    except ImportError:  # conditioning stage absent: the trainer validates it later
-        return dict(p)
+    names = tuple(perturbation_choices())
+    _need(isinstance(p, dict) and p.get("name") in names, where,
+          f"perturbation {p!r} must name one of {names}")  # fmt: skip
     try:
         build_perturbation(**p)
     except UserError as e:
@@ -195,51 +198,8 @@ def _fmt_pct(eta: float) -> str:
 
 
 def _expand_variants(raw: dict[str, Any], where: str) -> list[Variant]:
-    out: list[Variant] = []
-    for i, v in enumerate(raw.get("variants") or []):
-        w = f"{where}: variants[{i}]"
-        if isinstance(v, str):
-            v = {"name": v}
-        _need(isinstance(v, dict) and isinstance(v.get("name"), str), w, "needs a 'name'")
-        unknown = sorted(set(v) - {"name", "corruption", "perturbation", "train", "architectures"})
-        _need(not unknown, w, f"unknown field(s) {unknown}")
-        corr = _check_corruption(v["corruption"], w) if v.get("corruption") else None
-        if corr and corr["eta"] == 0:
-            corr = None
-        archs = v.get("architectures")
-        tr = v.get("train") or {}
-        _need(isinstance(tr, dict) and set(tr) <= {"diffusion", "train"}, w,
-              f"'train' {tr!r} may only hold the trainer sections 'diffusion' and 'train'")  # fmt: skip
-        out.append(
-            Variant(
-                name=v["name"],
-                corruption=corr,
-                perturbation=_check_perturbation(v.get("perturbation"), w),
-                train=dict(v.get("train") or {}),
-                architectures=tuple(archs) if archs else None,
-            )
-        )
-    grid = raw.get("corruption_grid")
-    if grid:
-        w = f"{where}: corruption_grid"
-        _need(isinstance(grid, dict) and {"kinds", "etas"} <= set(grid), w,
-              "needs 'kinds' and 'etas' lists")  # fmt: skip
-        extra = {k: v for k, v in grid.items() if k not in ("kinds", "etas")}
-        for kind in grid["kinds"]:
-            for eta in grid["etas"]:
-                c = _check_corruption({"kind": kind, "eta": eta, **extra}, w)
-                if eta == 0:
-                    continue  # the clean model is its own variant
-                out.append(Variant(name=f"{kind[:4]}-{_fmt_pct(eta)}", corruption=c))
-    abl = raw.get("ablation")
-    if abl:
-        w = f"{where}: ablation"
-        _need(isinstance(abl, dict) and {"perturbations", "gammas"} <= set(abl), w,
-              "needs 'perturbations' and 'gammas' lists")  # fmt: skip
-        for pname in abl["perturbations"]:
-            for g in abl["gammas"]:
-                p = _check_perturbation({"name": pname, "gamma": g}, w)
-                out.append(Variant(name=f"{pname}-g{g:g}", perturbation=p))
+    """``variants``, then the ``corruption_grid`` and ``ablation`` expansions, de-duplicated."""
+    out = _listed_variants(raw, where) + _grid_variants(raw, where) + _ablation_variants(raw, where)
     # Identical recipes listed twice (e.g. gamma=1 in the ablation and in the headline
     # variants) are trained once, under the first name; one name for two recipes is an error.
     seen: dict[str, Variant] = {}
@@ -256,43 +216,98 @@ def _expand_variants(raw: dict[str, Any], where: str) -> list[Variant]:
     return list(seen.values())
 
 
-def _check_model(cfg: dict[str, Any], where: str) -> None:
-    """Validate a model config with the models stage's own resolver (when present)."""
-    try:
-        from condnoise.models.conditional import resolve_model_config
-    except ImportError:
-        return
-    try:
-        resolve_model_config({k: v for k, v in cfg.items() if k not in ("autoencoder", "latent_shape")})
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
+def _listed_variants(raw: dict[str, Any], where: str) -> list[Variant]:
+    out = []
+    for i, v in enumerate(raw.get("variants") or []):
+        w = f"{where}: variants[{i}]"
+        if isinstance(v, str):
+            v = {"name": v}
+        _need(isinstance(v, dict) and isinstance(v.get("name"), str), w, "needs a 'name'")
+        unknown = sorted(set(v) - {"name", "corruption", "perturbation", "train", "architectures"})
+        _need(not unknown, w, f"unknown field(s) {unknown}")
+        corr = _check_corruption(v["corruption"], w) if v.get("corruption") else None
+        tr = v.get("train") or {}
+        _need(isinstance(tr, dict) and set(tr) <= {"diffusion", "train"}, w,
+              f"'train' {tr!r} may only hold the trainer sections 'diffusion' and 'train'")  # fmt: skip
+        archs = v.get("architectures")
+        out.append(Variant(
+            name=v["name"], corruption=corr if corr and corr["eta"] != 0 else None,
+            perturbation=_check_perturbation(v.get("perturbation"), w), train=dict(tr),
+            architectures=tuple(archs) if archs else None,
+        ))  # fmt: skip
+    return out
 
 
-def validate(raw: dict[str, Any], where: str) -> StudySpec:
-    """Check every field of a raw study mapping; raise UserError naming the bad one."""
-    unknown = sorted(set(raw) - TOP_LEVEL)
-    _need(not unknown, where, f"unknown top-level field(s) {unknown}; allowed: {sorted(TOP_LEVEL)}")
-    name = raw.get("name")
-    _need(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), where,
-          f"'name' {name!r} must be a short identifier (letters, digits, - and _)")  # fmt: skip
-    seeds = raw.get("seeds", [0])
-    _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds), where,
-          f"'seeds' {seeds!r} must be a non-empty list of integers")  # fmt: skip
-    _need(len(set(seeds)) == len(seeds), where, f"'seeds' {seeds!r} has duplicates")
-    data = _mapping(raw, "data", where, DATA_KEYS)
-    data.setdefault("source", "fashion-mnist")
+def _expansion(raw: dict[str, Any], key: str, lists: tuple[str, str], where: str
+               ) -> tuple[dict[str, Any], str] | None:  # fmt: skip
+    """The mapping ``raw[key]`` (None when absent) and its place for messages; it must
+    hold both ``lists``."""
+    block = raw.get(key)
+    if not block:
+        return None
+    w = f"{where}: {key}"
+    _need(isinstance(block, dict) and set(lists) <= set(block), w,
+          f"needs '{lists[0]}' and '{lists[1]}' lists")  # fmt: skip
+    return block, w
+
+
+def _grid_variants(raw: dict[str, Any], where: str) -> list[Variant]:
+    """``corruption_grid: {kinds, etas, ...}``: one variant per kind and non-zero eta."""
+    found = _expansion(raw, "corruption_grid", ("kinds", "etas"), where)
+    if found is None:
+        return []
+    grid, w = found
+    extra = {k: v for k, v in grid.items() if k not in ("kinds", "etas")}
+    out = []
+    for kind in grid["kinds"]:
+        for eta in grid["etas"]:
+            c = _check_corruption({"kind": kind, "eta": eta, **extra}, w)
+            if eta != 0:  # the clean model is its own variant
+                out.append(Variant(name=f"{kind[:4]}-{_fmt_pct(eta)}", corruption=c))
+    return out
+
+
+def _ablation_variants(raw: dict[str, Any], where: str) -> list[Variant]:
+    """``ablation: {perturbations, gammas}``: one variant per perturbation and gamma."""
+    found = _expansion(raw, "ablation", ("perturbations", "gammas"), where)
+    if found is None:
+        return []
+    abl, w = found
+    return [Variant(name=f"{p}-g{g:g}", perturbation=_check_perturbation({"name": p, "gamma": g}, w))
+            for p in abl["perturbations"] for g in abl["gammas"]]  # fmt: skip
+
+
+def _architectures(raw: dict[str, Any], where: str) -> tuple[dict, dict]:
+    """``architectures`` resolved (training-preset references expanded) and validated by the
+    models stage's typed config; plus each one's trainer sections from its preset."""
+    from condnoise.models.config import ModelConfig
+
     archs = _mapping(raw, "architectures", where, None)
     _need(bool(archs), where, "'architectures' must map a name to a model config (e.g. dit: {...})")
+    models, trainer = {}, {}
     for a, cfg in archs.items():
-        _need(isinstance(cfg, dict) and cfg.get("family") in ("dit", "unet"), where,
-              f"architectures.{a} must be a model config mapping with family: dit or unet")  # fmt: skip
-        _need("perturbation" not in cfg, where,
-              f"architectures.{a}: set perturbations in 'variants', not in the model config")
-        _check_model(cfg, f"{where}: architectures.{a}")
-    variants = _expand_variants(raw, where)
-    for v in variants:
-        for a in v.architectures or ():
-            _need(a in archs, where, f"variant {v.name!r} names unknown architecture {a!r}")
+        w = f"{where}: architectures.{a}"
+        _need(isinstance(cfg, dict), w, "must be a model config mapping or {preset: NAME}")
+        _need("perturbation" not in cfg, w, "set perturbations in 'variants', not in the model config")
+        models[a], trainer[a] = _from_training_preset(cfg)
+        ModelConfig.from_dict(models[a], origin=w, prefix="")
+    return models, trainer
+
+
+def _from_training_preset(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{preset: NAME, **overrides}`` -> (the preset's model section with the overrides,
+    its ``diffusion`` / ``train`` sections); any other mapping is its own model config."""
+    if "preset" not in cfg:
+        return dict(cfg), {}
+    from condnoise.training.config import resolve_source
+
+    preset, _, _ = resolve_source(str(cfg["preset"]))
+    model = {k: v for k, v in (preset.get("model") or {}).items() if k != "perturbation"}
+    sections = {k: preset[k] for k in ("diffusion", "train") if preset.get(k)}
+    return deep_merge(model, {k: v for k, v in cfg.items() if k != "preset"}), sections
+
+
+def _check_sample(raw: dict[str, Any], where: str) -> dict[str, Any]:
     sample = _mapping(raw, "sample", where, SAMPLE_KEYS)
     guidance = sample.get("guidance")
     _need(isinstance(guidance, list) and guidance
@@ -303,32 +318,51 @@ def validate(raw: dict[str, Any], where: str) -> StudySpec:
     _need(isinstance(n, int) and n > 0, where, f"sample.num_samples {n!r} must be a positive int")
     steps = sample.get("steps")
     _need(isinstance(steps, int) and steps > 0, where, f"sample.steps {steps!r} must be > 0")
+    return sample
+
+
+def _check_evaluate_report_cost(raw: dict[str, Any], where: str) -> tuple[dict, dict, dict]:
     evaluate = _mapping(raw, "evaluate", where, EVALUATE_KEYS)
     ex = evaluate.setdefault("extractors", ["fmnist-classifier"])
     _need(isinstance(ex, list) and ex and all(isinstance(e, str) for e in ex), where,
           f"evaluate.extractors {ex!r} must be a non-empty list of names")  # fmt: skip
     report = _mapping(raw, "report", where, REPORT_KEYS)
-    report.setdefault("walks", True)
-    report.setdefault("theory", True)
-    report.setdefault("grid_per_class", 8)
-    report.setdefault("walk_frames", 16)
+    for key, default in (("walks", True), ("theory", True), ("grid_per_class", 8),
+                         ("walk_frames", 16)):  # fmt: skip
+        report.setdefault(key, default)
     cost = _mapping(raw, "cost", where, {"train_img_per_s", "forward_img_per_s", "eval_img_per_s"})
     for k, val in cost.items():
         _need(isinstance(val, int | float) and val > 0, where, f"cost.{k} {val!r} must be > 0")
-    train = _mapping(raw, "train", where, {"diffusion", "train"})
+    return evaluate, report, {k: float(v) for k, v in cost.items()}
+
+
+def _check_name_and_seeds(raw: dict[str, Any], where: str) -> tuple[str, list[int]]:
+    unknown = sorted(set(raw) - TOP_LEVEL)
+    _need(not unknown, where, f"unknown top-level field(s) {unknown}; allowed: {sorted(TOP_LEVEL)}")
+    name = raw.get("name")
+    _need(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), where,
+          f"'name' {name!r} must be a short identifier (letters, digits, - and _)")  # fmt: skip
+    seeds = raw.get("seeds", [0])
+    _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds), where,
+          f"'seeds' {seeds!r} must be a non-empty list of integers")  # fmt: skip
+    _need(len(set(seeds)) == len(seeds), where, f"'seeds' {seeds!r} has duplicates")
+    return name, list(seeds)
+
+
+def validate(raw: dict[str, Any], where: str) -> StudySpec:
+    """Check every field of a raw study mapping; raise UserError naming the bad one."""
+    name, seeds = _check_name_and_seeds(raw, where)
+    data = _mapping(raw, "data", where, DATA_KEYS)
+    data.setdefault("source", "fashion-mnist")
+    archs, arch_train = _architectures(raw, where)
+    variants = _expand_variants(raw, where)
+    for v in variants:
+        for a in v.architectures or ():
+            _need(a in archs, where, f"variant {v.name!r} names unknown architecture {a!r}")
+    evaluate, report, cost = _check_evaluate_report_cost(raw, where)
     return StudySpec(
-        name=name,
-        description=str(raw.get("description", "")).strip(),
-        data=data,
-        seeds=list(seeds),
-        architectures=archs,
-        variants=variants,
-        train=train,
-        sample=sample,
-        evaluate=evaluate,
-        report=report,
-        cost={k: float(v) for k, v in cost.items()},
-        source=where,
-        out_dir=raw.get("out_dir"),
-        raw=copy.deepcopy(raw),
-    )
+        name=name, description=str(raw.get("description", "")).strip(), data=data, seeds=seeds,
+        architectures=archs, variants=variants, train=_mapping(raw, "train", where, {"diffusion", "train"}),
+        sample=_check_sample(raw, where), evaluate=evaluate, report=report, cost=cost,
+        source=where, out_dir=raw.get("out_dir"), raw=copy.deepcopy(raw), arch_train=arch_train,
+    )  # fmt: skip

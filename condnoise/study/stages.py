@@ -8,6 +8,7 @@ Each function takes ``(cell, cell_dir, dep_dirs, ctx)``, writes its outputs unde
     cells/train/KEY/shift.json           mean L2 embedding shift (paper Fig. 8a x-axis)
     cells/sample/KEY/s{scale}/samples.npz  images uint8 [N,H,W,C], labels int64 [N]
     cells/evaluate/KEY/metrics.json      the evaluation stage's metrics for that sample set
+    cells/evaluate/KEY/per_sample.npz    its per-sample scores (RMD, training-set distances)
     cells/walk/KEY/grid.png, walk.png    per-class sample grid and circular walk
     cells/theory/KEY/*.png               the theory lab's figures
 """
@@ -29,22 +30,12 @@ if TYPE_CHECKING:
     from condnoise.study.runner import RunContext
 
 
-def _device(ctx: RunContext) -> str:
-    if ctx.device:
-        return ctx.device
-    import torch
+def _runtime(ctx: RunContext) -> str:
+    """The cell's device (``--device``, else cuda when present), all cores for torch."""
+    from condnoise.training.runtime import pick_device, use_all_cores
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _threads() -> None:
-    """Use every core the process may use (torch's default can be lower under cgroups)."""
-    import os
-
-    import torch
-
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", n or 1))))
+    use_all_cores()
+    return str(pick_device(0, ctx.device))
 
 
 # --------------------------------------------------------------------------- corrupt
@@ -69,25 +60,21 @@ def run_corrupt(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunConte
 
 
 def trainer_config(cell: Cell, cell_dir: Path, deps: dict[str, Path]) -> dict[str, Any]:
-    """The trainer's config mapping (``condnoise.training.config.Config``) for a train cell."""
+    """The trainer's config mapping (``condnoise.training.config.Config``) for a train cell:
+    the cell's trainer sections, its seed, no sample grids (the walk cell draws them)."""
     c = cell.config
     data = {k: v for k, v in c["data"].items() if k in ("source", "image_size", "data_dir",
                                                           "max_samples")}  # fmt: skip
     if c.get("corrupt_key"):
         data["corruption"] = str(deps["corrupt"] / "manifest")
-    model = dict(c["model"])
-    model["perturbation"] = dict(c["perturbation"])
-    base = {
+    raw = deep_merge(c["train"], {
         "data": data,
-        "model": model,
+        "model": {**c["model"], "perturbation": dict(c["perturbation"])},
         "train": {"seed": int(c["seed"]), "sample_every": 0},
-        "run": {
-            "name": cell.id.replace("/", "-"),
-            "dir": str(cell_dir / "run"),
-            "tensorboard": False,
-        },
-    }
-    return deep_merge(base, c["train"]) | {"run": base["run"]}
+    })  # fmt: skip
+    raw["run"] = {"name": cell.id.replace("/", "-"), "dir": str(cell_dir / "run"),
+                  "tensorboard": False}  # fmt: skip
+    return raw
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -101,16 +88,13 @@ def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext
     from condnoise.training import train
     from condnoise.training.config import Config
 
-    raw = trainer_config(cell, cell_dir, deps)
-    raw["train"] = {**raw.get("train", {}), "seed": int(cell.config["seed"])}
-    cfg = Config.from_dict(raw, origin=f"study cell {cell.id}")
+    cfg = Config.from_dict(trainer_config(cell, cell_dir, deps), origin=f"study cell {cell.id}")
     cfg.run.progress = ctx.progress
-    _threads()
     run_dir = cell_dir / "run"
     resume = _has_checkpoint(run_dir)
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # started but no checkpoint yet: start over
-    train(cfg, run_dir=run_dir, resume=resume, device=_device(ctx))
+    train(cfg, run_dir=run_dir, resume=resume, device=_runtime(ctx))
     from condnoise.study.shift import embedding_shift
 
     shift = embedding_shift(cell_dir / "run", manifest_dir=deps.get("corrupt"),
@@ -127,12 +111,11 @@ def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext
 def run_sample(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
     """One guidance scale of the sweep (section 5): ``s{scale}/samples.npz``."""
     from condnoise.diffusion.sampling import SweepConfig, run_sweep
-    from condnoise.training.checkpoint import load_run
+    from condnoise.training.runtime import load_run
 
-    _threads()
     s = cell.config["sample"]
     run_dir = deps["train"] / "run"
-    run = load_run(run_dir, device=_device(ctx))
+    run = load_run(run_dir, device=_runtime(ctx))
     cfg = SweepConfig(
         guidances=[float(cell.config["scale"])],
         num=int(s["num_samples"]),
@@ -155,59 +138,45 @@ def samples_path(sample_cell_dir: Path, scale: float) -> Path:
 
 
 STUDY_METRICS = ("fid", "pr", "dc", "is", "condition-accuracy", "rmd", "knn-l2", "memorization")
+PER_SAMPLE_FILE = "per_sample.npz"  # {"rmd@EXTRACTOR": float32 [N], ...}
 
 
 def run_evaluate(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
-    """Every metric that applies to the sample set (section 5) into ``metrics.json``, plus
-    the per-sample RMD scores of the first extractor (``rmd_scores.npy``, Fig. 5)."""
-    from condnoise.evaluation import metrics as M
-    from condnoise.evaluation.evaluate import (
-        EvalConfig,
-        evaluate_samples,
-        get_extractor_cached,
-        load_samples,
-        reference_features,
-    )  # fmt: skip
+    """Every metric that applies to the sample set (section 5) into ``metrics.json``, and
+    the per-sample scores behind them (``per_sample.npz``: RMD for Fig. 5, nearest
+    training-feature distances), as the evaluation computed them."""
+    from condnoise.evaluation.evaluate import evaluate_samples, load_samples
     from condnoise.io import atomic_open, write_json
 
-    e, data = cell.config["evaluate"], cell.config["data"]
     scale = float(ctx.cells[cell.deps[0]].config["scale"])
-    folder = samples_path(deps["sample"], scale).parent
-    _threads()
-    ref = f"{data['source']}:{e.get('reference_split', 'test')}"
-    cfg = EvalConfig(
-        ref=ref,
-        train_ref=f"{data['source']}:train",
+    _runtime(ctx)
+    samples, cfg = load_samples(samples_path(deps["sample"], scale).parent), eval_config(cell.config)
+    autoencoder = None
+    if "entropy" in cfg.metrics:  # over the run's VQ codebook (paper Sec. 5)
+        from condnoise.training.runtime import load_vq_autoencoder
+
+        autoencoder = load_vq_autoencoder(samples.meta.get("run_dir"))
+    result = evaluate_samples(samples, cfg, autoencoder=autoencoder)
+    write_json(cell_dir / "metrics.json", result.record)
+    with atomic_open(cell_dir / PER_SAMPLE_FILE, "wb") as f:
+        np.savez(f, **result.score_arrays())
+    return {}
+
+
+def eval_config(config: dict[str, Any]) -> Any:
+    """The ``EvalConfig`` of an evaluate cell: reference = the data source's split."""
+    from condnoise.evaluation.evaluate import EvalConfig
+
+    e, source = config["evaluate"], config["data"]["source"]
+    return EvalConfig(
+        ref=f"{source}:{e.get('reference_split', 'test')}",
+        train_ref=f"{source}:train",
         extractors=tuple(e["extractors"]),
         metrics=tuple(e.get("metrics") or STUDY_METRICS),
         max_ref=e.get("reference_samples"),
         max_train=e.get("train_samples"),
         shrinkage=float(e.get("shrinkage", 0.0)),
     )
-    samples = load_samples(folder)
-    metrics = evaluate_samples(samples, cfg)
-    write_json(cell_dir / "metrics.json", metrics)
-    first = cfg.extractors[0]
-    if "rmd" in cfg.metrics and first not in SLOW_EXTRACTORS:
-        ex = get_extractor_cached(first)
-        real = reference_features(ex, cfg.ref, cfg.max_ref)
-        from condnoise.evaluation.features import fit_resolution
-
-        images = fit_resolution(samples.images, real_size(cfg.ref))
-        scores = M.RMDModel(real["features"], real["labels"]).scores(ex.extract(images),
-                                                                     samples.labels)  # fmt: skip
-        with atomic_open(cell_dir / "rmd_scores.npy", "wb") as f:
-            np.save(f, scores.astype(np.float32))
-    return {}
-
-
-SLOW_EXTRACTORS = ("inception",)  # per-sample RMD would extract the samples a second time
-
-
-def real_size(ref: str) -> int:
-    from condnoise.evaluation.evaluate import reference_size
-
-    return reference_size(ref)
 
 
 # --------------------------------------------------------------------------- walk / grids
@@ -219,11 +188,10 @@ WALK_CLASSES = 3  # one circular walk (row) for each of the first classes
 def run_walk(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
     """A per-class sample grid and a circular walk in noise space for one model."""
     from condnoise.diffusion.sampling import sample_grid
-    from condnoise.training.checkpoint import load_run
+    from condnoise.training.runtime import load_run
 
-    _threads()
     c = cell.config
-    run = load_run(deps["train"] / "run", device=_device(ctx))
+    run = load_run(deps["train"] / "run", device=_runtime(ctx))
     steps = int(c["sample"]["steps"])
     sampler = str(c["sample"].get("sampler", "dpm++"))
     sample_grid(

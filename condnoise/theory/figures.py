@@ -9,6 +9,7 @@ import numpy as np
 
 from condnoise.io import write_bytes
 from condnoise.plotting import png_bytes, pyplot
+from condnoise.stats import t_interval
 from condnoise.theory import gmm
 from condnoise.theory import simulate as sim
 
@@ -25,8 +26,6 @@ def _save(fig: Any, path: Path) -> Path:
 def plot_entropy_gap(rows: list[dict[str, Any]], cfg: GMMLabConfig, path: Path) -> Path:
     """Theorem 1: entropy gap vs g^2 d at the largest n, one series per d (mean +- 95% CI
     over replicates is shown as error bars; the finite-T closed form as a line)."""
-    from condnoise.theory.lab import ci95
-
     plt = pyplot()
     n = max(cfg.n)
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
@@ -37,9 +36,10 @@ def plot_entropy_gap(rows: list[dict[str, Any]], cfg: GMMLabConfig, path: Path) 
         g = np.array([r["gamma"] for r in sel])
         if not sel or any(np.isnan(r["entropy_gap_sim"]) for r in sel):
             continue  # n_k <= d: singular S, entropies undefined
-        mean, half = ci95(np.array([r["entropy_gap_sim_replicates"] for r in sel]).T)
+        mean, half = t_interval(np.array([r["entropy_gap_sim_replicates"] for r in sel]).T)
         x = g ** 2 * d
         xmax = max(xmax, float(x.max()))
+        half = np.where(np.isnan(half), 0.0, half)  # one replicate: no interval, no bar
         ax.errorbar(x, mean, yerr=half, fmt="o", color=color, ms=5, capsize=3,
                     label=f"simulated, d={d}")
         ax.plot(x, [r["entropy_gap_pred"] for r in sel], "-", color=color, lw=1.2,

@@ -51,6 +51,8 @@ from typing import Literal
 
 import numpy as np
 
+from condnoise.stats import gaussian_w2_squared
+
 Form = Literal["exact", "paper"]
 FORMS: tuple[str, ...] = ("exact", "paper")
 
@@ -146,30 +148,13 @@ def entropy_gap(m: np.ndarray, S: np.ndarray, g: float, form: Form = "exact") ->
     return 0.5 * float(np.sum(np.log1p(b * (m @ m) / lam)))
 
 
-def _sqrtm_psd(A: np.ndarray) -> np.ndarray:
-    lam, U = np.linalg.eigh(A)
-    return (U * np.sqrt(np.clip(lam, 0.0, None))) @ U.T
-
-
-def w2_squared_gaussian(
-    mean1: np.ndarray, cov1: np.ndarray, mean2: np.ndarray, cov2: np.ndarray
-) -> float:
-    """W2^2 between Gaussians: ``||m1-m2||^2 + tr C1 + tr C2 - 2 tr (C1^1/2 C2 C1^1/2)^1/2``."""
-    mean1, mean2 = np.asarray(mean1, np.float64), np.asarray(mean2, np.float64)
-    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
-    r1 = _sqrtm_psd(cov1)
-    cross = _sqrtm_psd(r1 @ cov2 @ r1)
-    val = float(np.sum((mean1 - mean2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(cross))
-    return max(val, 0.0)
-
-
 def w2_to_truth(
     mu: np.ndarray, m: np.ndarray, S: np.ndarray, g: float, T: float = np.inf,
     form: Form = "exact", t_end: float = 0.0,
 ) -> float:
     """W2^2 between the true class distribution N(mu, I) and the generated one."""
     mean, cov = generated_finite_t(m, S, g, T, form, t_end)
-    return w2_squared_gaussian(mu, np.eye(len(mu)), mean, cov)
+    return gaussian_w2_squared(mu, np.eye(len(mu)), mean, cov)
 
 
 def w2_gain(

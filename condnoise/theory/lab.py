@@ -18,6 +18,7 @@ import numpy as np
 from condnoise.errors import UserError
 from condnoise.io import write_json, write_text
 from condnoise.provenance import write_provenance
+from condnoise.stats import gaussian_w2_squared, t_interval
 from condnoise.theory import gmm
 from condnoise.theory import simulate as sim
 
@@ -105,19 +106,6 @@ class LabResult:
     all_within_tolerance: bool
 
 
-def ci95(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and half-width of a Student-t 95% confidence interval along ``axis``."""
-    from scipy.stats import t as student_t
-
-    x = np.asarray(x, dtype=np.float64)
-    r = x.shape[axis]
-    mean = x.mean(axis=axis)
-    if r < 2:
-        return mean, np.zeros_like(mean)
-    half = student_t.ppf(0.975, r - 1) * x.std(axis=axis, ddof=1) / np.sqrt(r)
-    return mean, half
-
-
 def json_safe(obj: Any) -> Any:
     """NaN (undefined, e.g. entropies when n_k <= d) -> None, so the JSON files are standard."""
     if isinstance(obj, float) and math.isnan(obj):
@@ -152,73 +140,83 @@ def _table_cell(cfg: GMMLabConfig, d: int, n: int, t: np.ndarray) -> list[dict[s
         means, xs = _dataset(cfg, d, n, s)
         z_T = sim.antithetic_normal(np.random.default_rng([cfg.seed, s, d, n, 1]), num, d)
         for k, (mu, x) in enumerate(zip(means, xs)):
-            m, S = gmm.empirical_moments(x)
-            full_rank = len(x) > d  # else S is singular and entropies are -inf
-            nan = float("nan")
-            base: dict[str, float] = {}
-            for g in sorted(cfg.gamma):
-                den = sim.fit_least_squares(x, k, cfg.num_classes, t, g)
-                c_ode, M = sim.ode_affine_map(den, k, cfg.integrator)
-                # the discretised ODE is affine, so pushing z_T through (c, M) is the same as
-                # integrating every sample (checked in tests/test_theory.py), only faster
-                st = sim.sample_stats(z_T @ M.T + c_ode, mu, entropy=full_rank)
-                w2_ode = gmm.w2_squared_gaussian(mu, np.eye(d), c_ode, M @ M.T)
-                pm, pC = gmm.generated_finite_t(m, S, g, cfg.T, t_end=t[-1])
-                w2_pred = gmm.w2_to_truth(mu, m, S, g, cfg.T, t_end=t[-1])
-                H_pred = gmm.gaussian_entropy(pC) if full_rank else nan
-                if not base:  # smallest g of the list (0 in the default grid)
-                    base = {"H": st.entropy, "H_pred": H_pred, "w2": w2_ode, "w2_pred": w2_pred}
-                _, pC_paper = gmm.generated_limit(m, S, g, "paper")
-                per_g[g].append({
-                    "mean_sim": float(np.linalg.norm(st.mean)),
-                    "mean_pred": float(np.linalg.norm(pm)),
-                    "mean_err": float(np.linalg.norm(st.mean - pm) / np.linalg.norm(pm)),
-                    "tr_sim": float(np.trace(st.cov)), "tr_pred": float(np.trace(pC)),
-                    "tr_pred_inf": float(np.trace(gmm.generated_limit(m, S, g)[1])),
-                    "tr_paper": float(np.trace(pC_paper)),
-                    "dH_sim": st.entropy - base["H"],
-                    "dH_pred": H_pred - base["H_pred"],
-                    "dH_thm1": gmm.entropy_gap(m, S, g, "exact") if full_rank else nan,
-                    "dH_paper": gmm.entropy_gap(m, S, g, "paper") if full_rank else nan,
-                    "w2_sim": st.w2, "w2_pred": w2_pred,
-                    "dW2_sim": base["w2"] - w2_ode, "dW2_pred": base["w2_pred"] - w2_pred,
-                    "dW2_scale": base["w2_pred"],
-                    "dW2_expected": float(gmm.expected_w2_gain(float(mu @ mu), d, len(x), g)),
-                })
-    rows = []
-    for g in cfg.gamma:
-        reps = per_g[g]
+            for g, rep in _replicate(cfg, mu, x, k, z_T, t).items():
+                per_g[g].append(rep)
+    return [_table_row(d, n, g, num, per_g[g]) for g in cfg.gamma]
 
-        def avg(key: str, reps: list[dict[str, float]] = reps) -> float:
-            return float(np.mean([r[key] for r in reps]))
 
-        def worst(sk: str, pk: str, reps: list[dict[str, float]] = reps,
-                  floor: str | None = None) -> float:
-            errs = [_relerr(r[sk], r[pk], r[floor] * W2_GAP_FLOOR if floor else 0.0)
-                    for r in reps]
-            return float("nan") if any(math.isnan(e) for e in errs) else float(max(errs))
+def _replicate(cfg: GMMLabConfig, mu: np.ndarray, x: np.ndarray, k: int, z_T: np.ndarray,
+               t: np.ndarray) -> dict[float, dict[str, float]]:  # fmt: skip
+    """One training set of class ``k``: simulated vs closed-form values for every g; the
+    gaps are relative to the smallest g of the list (0 in the default grid)."""
+    d = x.shape[1]
+    m, S = gmm.empirical_moments(x)
+    full_rank = len(x) > d  # else S is singular and entropies are -inf
+    nan = float("nan")
+    base: dict[str, float] = {}
+    out = {}
+    for g in sorted(cfg.gamma):
+        den = sim.fit_least_squares(x, k, cfg.num_classes, t, g)
+        c_ode, M = sim.ode_affine_map(den, k, cfg.integrator)
+        # the discretised ODE is affine, so pushing z_T through (c, M) is the same as
+        # integrating every sample (checked in tests/test_theory.py), only faster
+        st = sim.sample_stats(z_T @ M.T + c_ode, mu, entropy=full_rank)
+        w2_ode = gaussian_w2_squared(mu, np.eye(d), c_ode, M @ M.T)
+        pm, pC = gmm.generated_finite_t(m, S, g, cfg.T, t_end=t[-1])
+        w2_pred = gmm.w2_to_truth(mu, m, S, g, cfg.T, t_end=t[-1])
+        H_pred = gmm.gaussian_entropy(pC) if full_rank else nan
+        if not base:
+            base = {"H": st.entropy, "H_pred": H_pred, "w2": w2_ode, "w2_pred": w2_pred}
+        _, pC_paper = gmm.generated_limit(m, S, g, "paper")
+        out[g] = {
+            "mean_sim": float(np.linalg.norm(st.mean)),
+            "mean_pred": float(np.linalg.norm(pm)),
+            "mean_err": float(np.linalg.norm(st.mean - pm) / np.linalg.norm(pm)),
+            "tr_sim": float(np.trace(st.cov)), "tr_pred": float(np.trace(pC)),
+            "tr_pred_inf": float(np.trace(gmm.generated_limit(m, S, g)[1])),
+            "tr_paper": float(np.trace(pC_paper)),
+            "dH_sim": st.entropy - base["H"],
+            "dH_pred": H_pred - base["H_pred"],
+            "dH_thm1": gmm.entropy_gap(m, S, g, "exact") if full_rank else nan,
+            "dH_paper": gmm.entropy_gap(m, S, g, "paper") if full_rank else nan,
+            "w2_sim": st.w2, "w2_pred": w2_pred,
+            "dW2_sim": base["w2"] - w2_ode, "dW2_pred": base["w2_pred"] - w2_pred,
+            "dW2_scale": base["w2_pred"],
+            "dW2_expected": float(gmm.expected_w2_gain(float(mu @ mu), d, len(x), g)),
+        }  # fmt: skip
+    return out
 
-        row = {
-            "d": d, "n": n, "gamma": g, "replicates": len(reps), "gen_samples": num,
-            "mean_norm_sim": avg("mean_sim"), "mean_norm_pred": avg("mean_pred"),
-            "mean_relerr": float(max(r["mean_err"] for r in reps)),
-            "cov_trace_sim": avg("tr_sim"), "cov_trace_pred": avg("tr_pred"),
-            "cov_trace_relerr": worst("tr_sim", "tr_pred"),
-            "cov_trace_pred_Tinf": avg("tr_pred_inf"), "cov_trace_paper_lemma4": avg("tr_paper"),
-            "entropy_gap_sim": avg("dH_sim"), "entropy_gap_pred": avg("dH_pred"),
-            "entropy_gap_relerr": worst("dH_sim", "dH_pred"),
-            "entropy_gap_sim_replicates": [r["dH_sim"] for r in reps],
-            "entropy_gap_thm1_Tinf": avg("dH_thm1"), "entropy_gap_paper_thm1": avg("dH_paper"),
-            "w2_sim": avg("w2_sim"), "w2_pred": avg("w2_pred"),
-            "w2_gap_sim": avg("dW2_sim"), "w2_gap_pred": avg("dW2_pred"),
-            "w2_gap_relerr": worst("dW2_sim", "dW2_pred", floor="dW2_scale"),
-            "w2_gap_expected": avg("dW2_expected"),
-        }
-        row["within_tolerance"] = bool(all(
-            math.isnan(row[f"{key}_relerr"]) or row[f"{key}_relerr"] <= tol
-            for key, tol in TOLERANCES.items()))
-        rows.append(row)
-    return rows
+
+def _table_row(d: int, n: int, g: float, num: int, reps: list[dict[str, float]]) -> dict[str, Any]:
+    """Means over the replicates and the worst relative error of each checked quantity."""
+
+    def avg(key: str) -> float:
+        return float(np.mean([r[key] for r in reps]))
+
+    def worst(sk: str, pk: str, floor: str | None = None) -> float:
+        errs = [_relerr(r[sk], r[pk], r[floor] * W2_GAP_FLOOR if floor else 0.0) for r in reps]
+        return float("nan") if any(math.isnan(e) for e in errs) else float(max(errs))
+
+    row = {
+        "d": d, "n": n, "gamma": g, "replicates": len(reps), "gen_samples": num,
+        "mean_norm_sim": avg("mean_sim"), "mean_norm_pred": avg("mean_pred"),
+        "mean_relerr": float(max(r["mean_err"] for r in reps)),
+        "cov_trace_sim": avg("tr_sim"), "cov_trace_pred": avg("tr_pred"),
+        "cov_trace_relerr": worst("tr_sim", "tr_pred"),
+        "cov_trace_pred_Tinf": avg("tr_pred_inf"), "cov_trace_paper_lemma4": avg("tr_paper"),
+        "entropy_gap_sim": avg("dH_sim"), "entropy_gap_pred": avg("dH_pred"),
+        "entropy_gap_relerr": worst("dH_sim", "dH_pred"),
+        "entropy_gap_sim_replicates": [r["dH_sim"] for r in reps],
+        "entropy_gap_thm1_Tinf": avg("dH_thm1"), "entropy_gap_paper_thm1": avg("dH_paper"),
+        "w2_sim": avg("w2_sim"), "w2_pred": avg("w2_pred"),
+        "w2_gap_sim": avg("dW2_sim"), "w2_gap_pred": avg("dW2_pred"),
+        "w2_gap_relerr": worst("dW2_sim", "dW2_pred", floor="dW2_scale"),
+        "w2_gap_expected": avg("dW2_expected"),
+    }  # fmt: skip
+    row["within_tolerance"] = bool(all(
+        math.isnan(row[f"{key}_relerr"]) or row[f"{key}_relerr"] <= tol
+        for key, tol in TOLERANCES.items()))
+    return row
 
 
 def _sweep(cfg: GMMLabConfig, t: np.ndarray, progress: bool) -> dict[str, Any]:
@@ -239,10 +237,10 @@ def _sweep(cfg: GMMLabConfig, t: np.ndarray, progress: bool) -> dict[str, Any]:
             for j, g in enumerate(grid):
                 den = sim.fit_least_squares(x, 0, cfg.num_classes, t, float(g))
                 c, C = sim.ode_map(den, 0, cfg.integrator)
-                w2_sim[s, j] = gmm.w2_squared_gaussian(mu, np.eye(d), c, C)
+                w2_sim[s, j] = gaussian_w2_squared(mu, np.eye(d), c, C)
                 w2_pred[s, j] = gmm.w2_to_truth(mu, m, S, float(g), cfg.T, t_end=t[-1])
         delta = w2_sim - w2_sim[:, :1]  # paired change vs clean, per training set
-        mean_delta, half = ci95(delta)
+        mean_delta, half = t_interval(delta)
         j_star = int(np.argmin(mean_delta))
         n0 = len(xs[0])
         expected = gmm.expected_w2_gain(mu_norm2, d, n0, grid)

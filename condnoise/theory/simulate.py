@@ -256,10 +256,11 @@ def sample_stats(z: np.ndarray, mu: np.ndarray, *, entropy: bool = True) -> Samp
     The generated law is Gaussian (a linear flow of N(0, I)), so the plug-in estimates are
     the right ones. ``entropy=False`` (singular covariance, n_k <= d) gives NaN entropy.
     """
-    from condnoise.theory.gmm import gaussian_entropy, w2_squared_gaussian
+    from condnoise.stats import gaussian_w2_squared
+    from condnoise.theory.gmm import gaussian_entropy
 
     mean = z.mean(axis=0)
     cov = np.cov(z, rowvar=False)
     return SampleStats(mean=mean, cov=cov,
                        entropy=gaussian_entropy(cov) if entropy else float("nan"),
-                       w2=w2_squared_gaussian(mu, np.eye(len(mu)), mean, cov))
+                       w2=gaussian_w2_squared(mu, np.eye(len(mu)), mean, cov))

@@ -1,7 +1,6 @@
-"""Training: config and presets, the loop (AdamW, EMA, DDP), checkpoints and ``load_run``.
-
-Heavy modules (torch) load on first use, so ``condnoise.training.config`` stays light.
-"""
+"""Training: config and presets, the loop (AdamW, EMA, DDP), checkpoints, and the runtime
+helpers (devices, torchrun, ``load_run``). Names load on first use, so importing the
+package itself is free."""
 
 from __future__ import annotations
 
@@ -16,9 +15,9 @@ def __getattr__(name: str) -> Any:
 
         return getattr(config, name)
     if name in ("LoadedRun", "load_run"):
-        from condnoise.training import checkpoint
+        from condnoise.training import runtime
 
-        return getattr(checkpoint, name)
+        return getattr(runtime, name)
     if name == "train":
         from condnoise.training.trainer import train
 

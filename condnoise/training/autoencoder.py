@@ -15,10 +15,11 @@ Run directory (like the diffusion trainer's, ``rundir``)::
                                       every checkpoint; ``VQModel/AutoencoderKL.from_pretrained``
 
 Determinism: the data order is a seeded permutation per epoch, KL posterior noise and
-dead-code restarts come from a generator seeded by ``(seed, step)``, and checkpoints hold
-the optimizers and RNG states, so a resumed run reproduces the uninterrupted one bitwise
-on CPU. ``scaling_factor`` (stored in the diffusers config, as LDM / SD do) is
-``1 / std`` of the latents ``encode(x)`` of the first ``train.scaling_samples`` images.
+dead-code restarts come from ``rng.generator(seed, "autoencoder/step", step)``, and
+checkpoints hold the optimizers, RNG states and ``rng_version``, so a resumed run
+reproduces the uninterrupted one bitwise on CPU. ``scaling_factor`` (stored in the diffusers
+config, as LDM / SD do) is ``1 / std`` of the latents ``encode(x)`` of the first
+``train.scaling_samples`` images.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from condnoise import rng
 from condnoise.errors import UserError
 from condnoise.training import checkpoint as ckpt
 from condnoise.training.autoencoder_config import AutoencoderConfig
 from condnoise.training.data import Position
 from condnoise.training.rundir import MetricsLog, is_started, truncate_metrics, write_run_files
-from condnoise.training.trainer import lr_lambda, step_generator
+from condnoise.training.trainer import lr_lambda
 
 FOLDER = "autoencoder"
 #: settings that may change on --resume (they do not change the trajectory)
@@ -75,8 +77,10 @@ class AutoencoderTrainer:
 
     def __init__(self, cfg: AutoencoderConfig, *, run_dir: str | Path | None = None,
                  resume: bool = False, device: str | None = None,
-                 progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 progress: Callable[[dict[str, Any]], None] | None = None,
+                 classifier: nn.Module | None = None) -> None:
         self.cfg, self.resume, self.progress = cfg, resume, progress
+        self.classifier = classifier  # the perceptual stand-in's network (loss.perceptual)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
         t = cfg.train
@@ -161,7 +165,7 @@ class AutoencoderTrainer:
         self.perceptual = None
         if lo.perceptual != "none" and lo.perceptual_weight > 0:
             self.perceptual = build_perceptual(lo.perceptual, lpips_path=lo.lpips_path,
-                                               classifier_dir=lo.classifier_dir).to(self.device)
+                                               classifier=self.classifier).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas))  # type: ignore[arg-type]
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup, t.steps, t.lr_schedule))
@@ -181,7 +185,7 @@ class AutoencoderTrainer:
             "num_samples": self.data.num_samples, "dataset": self.data.meta.to_dict(),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "discriminator_parameters": sum(p.numel() for p in self.disc.parameters()) if self.disc else 0,
-            "folder": FOLDER,
+            "folder": FOLDER, "rng_version": rng.VERSION,
         }
 
     # ------------------------------------------------------------------ checkpoints
@@ -197,6 +201,10 @@ class AutoencoderTrainer:
     def _load(self, step: int) -> None:
         folder = ckpt.step_dir(self.run_dir, step)
         state = ckpt.load_state(folder / "state.pt")
+        made_with = state.get("rng_version", 1)
+        if made_with != rng.VERSION:
+            raise UserError(f"--resume: {folder} was written with random scheme {made_with}, this "
+                            f"condnoise draws with scheme {rng.VERSION}; start a new --run-dir")
         for name, module in self._weights().items():
             ckpt.load_weights(module, folder / name)
         self.opt.load_state_dict(state["optimizer"])
@@ -212,7 +220,7 @@ class AutoencoderTrainer:
         state = {"step": self.step, "position": self.position.to_dict(),
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "optimizer_disc": self.opt_d.state_dict() if self.opt_d else None,
-                 "rng": ckpt.capture_rng()}  # fmt: skip
+                 "rng": ckpt.capture_rng(), "rng_version": rng.VERSION}  # fmt: skip
         path = ckpt.save_checkpoint_files(self.run_dir, self.step, self._weights(), state,
                                           self.cfg.train.keep_last)
         self.save_folder()
@@ -293,7 +301,7 @@ class AutoencoderTrainer:
         from condnoise.training.autoencoder_losses import hinge_d_loss
 
         step = self.step + 1
-        gen = step_generator(self.cfg.train.seed, step, self.device)
+        gen = rng.generator(self.cfg.train.seed, "autoencoder/step", step, device=self.device)
         x = x.to(self.device, non_blocking=True)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -327,13 +335,10 @@ class AutoencoderTrainer:
     def write_grid(self) -> Path:
         """``samples/step_{step}.png``: the first ``train.sample_count`` images and their
         reconstructions (``first_stage.reconstruct``: quantised for VQ, posterior mean for KL)."""
-        from condnoise.diffusion.grids import save_grid
-        from condnoise.models.first_stage import reconstruct
+        from condnoise.training.image_stream import save_reconstruction_grid
 
-        x = self.data.first(self.cfg.train.sample_count).to(self.device)
-        rec = reconstruct(self.model, x)[0]
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
-        save_grid(torch.cat([x, rec]).float().clamp(-1, 1).cpu(), path, nrow=len(x))
+        save_reconstruction_grid(self.model, self.data, path, self.cfg.train.sample_count, self.device)
         return path
 
     def run(self, max_steps: int | None = None) -> AETrainResult:
@@ -373,8 +378,13 @@ class AutoencoderTrainer:
 def train_autoencoder(cfg: AutoencoderConfig, *, run_dir: str | Path | None = None,
                       resume: bool = False, device: str | None = None,
                       max_steps: int | None = None,
-                      progress: Callable[[dict[str, Any]], None] | None = None) -> AETrainResult:
-    """Validate ``cfg`` and train (resuming from the last checkpoint with ``resume``)."""
+                      progress: Callable[[dict[str, Any]], None] | None = None,
+                      classifier: nn.Module | None = None) -> AETrainResult:
+    """Validate ``cfg`` and train (resuming from the last checkpoint with ``resume``).
+
+    ``classifier``: the network of ``loss.perceptual: classifier`` (the fmnist-classifier,
+    ``condnoise.evaluation.classifier.load_classifier(loss.classifier_dir)[0]``)."""
     cfg.validate(f"config of autoencoder run {cfg.run.name or '(unnamed)'}")
-    trainer = AutoencoderTrainer(cfg, run_dir=run_dir, resume=resume, device=device, progress=progress)
+    trainer = AutoencoderTrainer(cfg, run_dir=run_dir, resume=resume, device=device,
+                                 progress=progress, classifier=classifier)
     return trainer.run(max_steps)

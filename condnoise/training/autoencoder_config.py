@@ -1,8 +1,8 @@
 """Configuration of first-stage (autoencoder) training: typed sections, presets, overrides.
 
-Same mechanism as the diffusion trainer's config (``condnoise.training.config``: dataclass
-sections, YAML presets, dotted ``key=value`` overrides, one-line ``UserError`` naming the
-key). Presets live in ``condnoise/presets/autoencoders/*.yaml``: ``fmnist-vq-f4``,
+The one typed-config mechanism (:func:`condnoise.schema.build`: dataclass sections, one-line
+``UserError`` naming the key) with the trainer's YAML presets and dotted ``key=value``
+overrides (``condnoise.training.config``). Presets live in ``condnoise/presets/autoencoders/*.yaml``: ``fmnist-vq-f4``,
 ``scenes-vq-f4``, ``scenes-kl-f8`` (CPU-sized) and ``in1k-vq-f4`` (GPU, LDM's VQ-f4).
 """
 
@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 import yaml
 
+from condnoise import schema
 from condnoise.errors import UserError
-from condnoise.training.config import RunConfig, _build, _read_yaml, apply_overrides
+from condnoise.training.config import RunConfig, _read_yaml, apply_overrides
 
 PRESET_PACKAGE = "condnoise.presets"
 PRESET_FOLDER = "autoencoders"
@@ -115,7 +116,7 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, origin: str = "config") -> AutoencoderConfig:
-        return _build(cls, raw, origin, "")
+        return schema.build(cls, raw, origin, "")
 
     def validate(self, origin: str = "config") -> AutoencoderConfig:
         """Ranges and cross-field rules; one-line UserError naming the key."""

@@ -6,8 +6,9 @@
   available offline, so the default stand-in is :class:`ClassifierPerceptual`: LPIPS's
   recipe (unit-normalised activations per channel, squared differences, spatial mean, summed
   over layers; uniform layer weights, i.e. LPIPS without its learned linear heads) on the
-  two convolution layers of the locally trained ``fmnist-classifier``
-  (``condnoise.evaluation.classifier``). The network is fully convolutional up to those
+  two convolution layers of the locally trained ``fmnist-classifier`` network (loaded by
+  the caller with ``condnoise.evaluation.classifier.load_classifier`` and passed in: the
+  training stage does not import evaluation). The network is fully convolutional up to those
   layers, so any image size works; RGB images are compared channel by channel (each as a
   gray image, averaged), which keeps colour differences that a gray conversion would lose.
   It is a weak stand-in outside Fashion-MNIST-like images. :class:`TorchScriptPerceptual`
@@ -32,12 +33,9 @@ PERCEPTUAL_KINDS = ("classifier", "lpips", "none")
 class ClassifierPerceptual(nn.Module):
     """LPIPS-style distance on the fmnist-classifier's two conv layers (frozen); [B] per image."""
 
-    def __init__(self, classifier_dir: str | None = None) -> None:
+    def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
-        from condnoise.evaluation.classifier import load_classifier
-
-        net, self.card = load_classifier(classifier_dir)
-        body = net.body  # Conv(1,32,5,s2) ReLU Conv(32,64,3,s2) ReLU Flatten Linear ReLU
+        body = classifier.body  # Conv(1,32,5,s2) ReLU Conv(32,64,3,s2) ReLU Flatten Linear ReLU
         self.stages = nn.ModuleList([nn.Sequential(body[0], body[1]), nn.Sequential(body[2], body[3])])
         self.requires_grad_(False).eval()
 
@@ -88,14 +86,18 @@ def check_lpips_path(path: str | None) -> str:
 
 
 def build_perceptual(kind: str, *, lpips_path: str | None = None,
-                     classifier_dir: str | None = None) -> nn.Module | None:
-    """The perceptual distance of ``loss.perceptual`` (``none`` -> ``None``)."""
+                     classifier: nn.Module | None = None) -> nn.Module | None:
+    """The perceptual distance of ``loss.perceptual`` (``none`` -> ``None``); ``classifier``:
+    the fmnist-classifier network that ``classifier`` needs."""
     if kind == "none":
         return None
     if kind == "lpips":
         return TorchScriptPerceptual(check_lpips_path(lpips_path))
     if kind == "classifier":
-        return ClassifierPerceptual(classifier_dir)
+        if classifier is None:
+            raise UserError("loss.perceptual=classifier needs the fmnist-classifier network "
+                            "(train_autoencoder(..., classifier=load_classifier(dir)[0]))")
+        return ClassifierPerceptual(classifier)
     raise UserError(f"loss.perceptual: invalid value {kind!r}; valid options: "
                     + ", ".join(PERCEPTUAL_KINDS))
 

@@ -21,28 +21,20 @@ def build_schedule(cfg: Any) -> Any:
     return NoiseSchedule(d.schedule, d.num_steps, beta_start=d.beta_start, beta_end=d.beta_end)
 
 
-def autoencoder_config(cfg: Any) -> dict[str, Any] | None:
-    """The ``model.autoencoder`` mapping (``None``: pixel space)."""
-    ae = cfg.model.get("autoencoder")
-    if ae is not None and not isinstance(ae, dict):
-        raise UserError(f"model.autoencoder must be a mapping (kind, path, ...), got {ae!r}")
-    return ae
-
-
 def build_autoencoder(cfg: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Frozen autoencoder (identity for pixel-space models) in eval mode on ``device``."""
     from condnoise.models.autoencoder import build_autoencoder as _build
 
-    return _build(autoencoder_config(cfg)).to(device).eval()
+    return _build(cfg.model.autoencoder).to(device).eval()
 
 
 def latent_shape(cfg: Any, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """What the denoiser sees for data images of ``image_shape`` (C, H, W)."""
-    ae = autoencoder_config(cfg)
-    if not ae or ae.get("kind", "identity") == "identity":
+    ae = cfg.model.autoencoder
+    if ae is None or ae.kind == "identity":
         return tuple(image_shape)  # type: ignore[return-value]
-    if "latent_shape" in cfg.model:  # declared (lets configs validate without the weights)
-        return tuple(cfg.model["latent_shape"])  # type: ignore[return-value]
+    if cfg.model.latent_shape:  # declared (lets configs validate without the weights)
+        return tuple(cfg.model.latent_shape)  # type: ignore[return-value]
     return tuple(build_autoencoder(cfg).latent_shape(image_shape))  # type: ignore[return-value]
 
 
@@ -53,7 +45,4 @@ def build_model(cfg: Any, latent: tuple[int, int, int], num_classes: int) -> tor
     c, h, w = latent
     if h != w:
         raise UserError(f"the denoiser needs square inputs, got {h}x{w} (data.image_size)")
-    from condnoise.training.config import MODEL_TRAINER_KEYS
-
-    model_cfg = {k: v for k, v in cfg.model.items() if k not in MODEL_TRAINER_KEYS}
-    return _build(model_cfg, in_channels=c, image_size=h, num_classes=num_classes)
+    return _build(cfg.model, in_channels=c, image_size=h, num_classes=num_classes)

@@ -1,4 +1,4 @@
-"""Checkpoints of a run directory and ``load_run`` (what the sampler loads).
+"""Checkpoints of a run directory (``load_run`` in :mod:`condnoise.training.runtime` reads them).
 
 Layout (docs/architecture.md, training/)::
 
@@ -14,12 +14,10 @@ position and every rank's RNG states (torch, CUDA, numpy, python).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from condnoise import rng
 from condnoise.errors import UserError
 
 CKPT_DIR = "checkpoints"
@@ -73,9 +72,9 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed torch / numpy / python RNGs; ranks get distinct streams."""
-    s = (seed * 1_000_003 + rank) % (2**63)
+def seed_everything(seed: int, rank: int = 0, *, step: int = 0) -> None:
+    """Seed torch / numpy / python RNGs; ranks (and reseeds at ``step``) get distinct streams."""
+    s = rng.derive_seed(seed, "train/rank", rank, step)
     torch.manual_seed(s)
     np.random.seed(s % (2**32))
     random.seed(s)
@@ -164,93 +163,3 @@ def load_state(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise UserError(f"cannot read checkpoint state {path}: {str(e).splitlines()[0]}") from None
-
-
-# --------------------------------------------------------------------------- load_run
-
-
-@dataclass
-class LoadedRun:
-    """A trained model ready for sampling (``load_run``)."""
-
-    model: torch.nn.Module  # ConditionalDiffusionModel in eval mode
-    schedule: Any  # condnoise.diffusion.schedule.NoiseSchedule
-    autoencoder: Any  # encode(x) / decode(z); identity for pixel-space models
-    config: Any  # condnoise.training.config.Config
-    class_names: tuple[str, ...]
-    image_shape: tuple[int, int, int]  # data space (C, H, W) of decoded images
-    latent_shape: tuple[int, int, int]  # what the denoiser sees (C, H, W)
-    step: int
-    run_dir: Path
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def read_run_info(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a training run directory (no run.json)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-
-
-def read_run_config(run_dir: Path) -> Any:
-    from condnoise.training.config import config_from_yaml_text
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a training run directory (no config.yaml)")
-    return config_from_yaml_text(path.read_text(encoding="utf-8"), str(path))
-
-
-def load_run(
-    run_dir: str | os.PathLike,
-    *,
-    ema: bool = True,
-    device: str | torch.device = "cpu",
-    step: int | None = None,
-) -> LoadedRun:
-    """Rebuild a trained model from a run directory.
-
-    ``ema=True`` loads the EMA weights (what sampling uses, paper section 4 recipes);
-    ``step`` picks a checkpoint (default: the latest). A run without a checkpoint, or a
-    step that was not kept, raises ``UserError``.
-    """
-    from condnoise.training.builders import build_autoencoder, build_schedule
-    from condnoise.training.builders import build_model as build_run_model
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory not found: {run_dir}")
-    cfg = read_run_config(run_dir)
-    info = read_run_info(run_dir)
-    steps = list_checkpoints(run_dir)
-    if not steps:
-        raise UserError(
-            f"{run_dir} has no checkpoint yet (train longer or lower train.ckpt_every)"
-        )
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise UserError(f"{run_dir} has no checkpoint for step {step}; kept steps: {steps}")
-    latent_shape = tuple(info["latent_shape"])
-    model = build_run_model(cfg, latent_shape, len(info["class_names"]))
-    load_weights(model, step_dir(run_dir, step) / ("ema.safetensors" if ema else "model.safetensors"))
-    dev = torch.device(device)
-    model.to(dev).eval().requires_grad_(False)
-    autoencoder = build_autoencoder(cfg, dev)
-    return LoadedRun(
-        model=model,
-        schedule=build_schedule(cfg),
-        autoencoder=autoencoder,
-        config=cfg,
-        class_names=tuple(info["class_names"]),
-        image_shape=tuple(info["image_shape"]),
-        latent_shape=latent_shape,  # type: ignore[arg-type]
-        step=step,
-        run_dir=run_dir,
-    )

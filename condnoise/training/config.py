@@ -1,9 +1,8 @@
 """Training configuration: presets, YAML files, dotted ``key=value`` overrides, validation.
 
-A config has five sections (``data``, ``model``, ``diffusion``, ``train``, ``run``). The
-``data``/``diffusion``/``train``/``run`` sections are typed dataclasses validated here;
-the ``model`` section is a plain mapping whose schema belongs to ``condnoise.models``
-(it is checked by building the model on the ``meta`` device, see ``validate_model``).
+A config has five sections (``data``, ``model``, ``diffusion``, ``train``, ``run``), each a
+typed dataclass with defaults built by :func:`condnoise.schema.build`; the ``model``
+section's classes belong to :mod:`condnoise.models.config` (one per denoiser family).
 Every error is a one-line :class:`~condnoise.errors.UserError` naming the field and the
 valid options.
 """
@@ -12,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,13 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
+from condnoise import schema
 from condnoise.errors import UserError
+from condnoise.models.config import DiTConfig, ModelConfig
 
 PRESET_PACKAGE = "condnoise.presets"
-#: model-section keys read by the trainer, not by ``build_model``: the frozen autoencoder
-#: ({kind: identity|kl|vq, path, scaling_factor}) and the declared latent shape [C, H, W]
-MODEL_TRAINER_KEYS = ("autoencoder", "latent_shape")
-AE_KINDS = ("identity", "kl", "vq")
 
 
 @dataclass
@@ -99,7 +94,7 @@ class Config:
     """The resolved training config (what ``config.yaml`` in a run directory holds)."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=DiTConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -107,11 +102,10 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self, origin: str = "config", *, model: bool = True) -> Config:
+    def validate(self, origin: str = "config") -> Config:
         """Check value ranges and cross-field choices (and the model section); return self."""
         _check_ranges(self, origin)
-        if model:
-            check_model_config(self, origin)
+        self.model.validate(origin)
         return self
 
     def to_yaml(self) -> str:
@@ -119,107 +113,18 @@ class Config:
 
     @property
     def perturbation_name(self) -> str:
-        pert = self.model.get("perturbation") or {}
-        return str(pert.get("name", "none")) if isinstance(pert, dict) else str(pert)
+        return str(self.model.perturbation.get("name", "none"))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, origin: str = "config") -> Config:
-        """Validate a nested mapping; unknown keys / wrong types raise ``UserError``."""
-        return _build(cls, raw, origin, "")
+        """Validate a nested mapping; unknown keys / wrong types raise ``UserError``. The
+        model section has defaults, but a config must name its model."""
+        if isinstance(raw, dict) and not raw.get("model"):
+            raise UserError(f"{origin}: the 'model' section is missing or empty")
+        return schema.build(cls, raw, origin, "")
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return getattr(origin, "__name__", str(tp))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Return ``value`` checked against / converted to the annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except UserError:
-                continue
-        raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise UserError(
-                f"{where}: invalid value {value!r}; valid options: "
-                + ", ".join(str(a) for a in args)
-            )
-        return value
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise UserError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping, got {value!r}")
-        return copy.deepcopy(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise UserError(f"{where}: expected a string, got {value!r}")
-    raise TypeError(f"unsupported config annotation {tp!r}")  # programming error
-
-
-def _build(cls: type, raw: Any, origin: str, prefix: str) -> Any:
-    label = prefix.rstrip(".") or "top level"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{origin}: section '{label}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise UserError(
-            f"{origin}: unknown key '{prefix}{unknown[0]}'; valid keys in {label}: "
-            + ", ".join(fields)
-        )
-    kwargs = {}
-    for name, value in raw.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, origin, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, tp, f"{origin}: {prefix}{name}")
-    return cls(**kwargs)
 
 
 def _check_ranges(cfg: Config, origin: str) -> None:
@@ -266,8 +171,6 @@ def _check_ranges(cfg: Config, origin: str) -> None:
             f"{origin}: diffusion.schedule: invalid value {cfg.diffusion.schedule!r}; valid "
             "options: " + ", ".join(SCHEDULES)
         )
-    if not isinstance(cfg.model, dict) or not cfg.model:
-        raise UserError(f"{origin}: the 'model' section is missing or empty")
 
 
 # --------------------------------------------------------------------------- loading
@@ -340,20 +243,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return out
 
 
-def load_config(
-    preset_or_yaml: str, overrides: list[str] | None = None, *, validate_model: bool = True
-) -> Config:
-    """Load a preset name or YAML file, apply ``key=value`` overrides, validate.
-
-    ``validate_model`` also builds the model on the ``meta`` device so that bad model
-    options fail here, with a clear message, rather than after the data is loaded.
-    """
+def load_config(preset_or_yaml: str, overrides: list[str] | None = None) -> Config:
+    """Load a preset name or YAML file, apply ``key=value`` overrides, validate (bad model
+    options fail here, with a clear message, rather than after the data is loaded)."""
     raw, origin, default_name = resolve_source(preset_or_yaml)
     raw = apply_overrides(raw, overrides)
     cfg = Config.from_dict(raw, origin=origin)
     if cfg.run.name is None:
         cfg.run.name = default_name
-    return cfg.validate(origin, model=validate_model)
+    return cfg.validate(origin)
 
 
 def config_from_yaml_text(text: str, origin: str) -> Config:
@@ -365,26 +263,3 @@ def config_from_yaml_text(text: str, origin: str) -> Config:
     cfg = Config.from_dict(raw, origin=origin)
     _check_ranges(cfg, origin)
     return cfg
-
-
-def check_model_config(cfg: Config, origin: str) -> None:
-    """Validate ``cfg.model`` (``condnoise.models.resolve_model_config`` and the autoencoder)."""
-    from condnoise.models import resolve_model_config
-
-    model_cfg = {k: v for k, v in cfg.model.items() if k not in MODEL_TRAINER_KEYS}
-    try:
-        resolve_model_config(model_cfg)
-    except UserError as e:
-        raise UserError(f"{origin}: model: {e}") from None
-    ae = cfg.model.get("autoencoder")
-    if ae is not None and (not isinstance(ae, dict) or ae.get("kind", "identity") not in AE_KINDS):
-        raise UserError(
-            f"{origin}: model.autoencoder must be a mapping with kind one of "
-            f"{', '.join(AE_KINDS)} (and path, scaling_factor), got {ae!r}"
-        )
-    shape = cfg.model.get("latent_shape")
-    if shape is not None and (
-        not isinstance(shape, list) or len(shape) != 3
-        or not all(isinstance(v, int) and v > 0 for v in shape)
-    ):
-        raise UserError(f"{origin}: model.latent_shape must be [C, H, W] positive integers, got {shape!r}")

@@ -6,10 +6,16 @@ into ``grad_accum`` micro-steps and each micro-step across the ranks. The union 
 is therefore the same batch whatever the number of processes, and the position
 ``(epoch, offset)`` is all a checkpoint needs to continue the exact sequence.
 
-In-memory sources (Fashion-MNIST, digits) are indexed directly from ``.tensors()`` (the
-fast path); other map-style sources go through a ``DataLoader`` fed by the same order
+In-memory sources (Fashion-MNIST, digits, scenes) are indexed directly from ``.tensors()``
+(the fast path); other map-style sources go through a ``DataLoader`` fed by the same order
 (it replaces ``DistributedSampler`` because it can start mid-epoch). Every sample keeps
 its dataset index (``sample_index``), which the fixed CEP and random-flip perturbations use.
+
+Streaming ``wds:`` sources cannot follow a global permutation: each rank (and each of its
+DataLoader workers) reads its own share of the shards, reshuffled per epoch, and resumes
+from the number of batches it delivered (``step x grad_accum``), so a resumed run reads
+exactly the samples the uninterrupted one would have (same world size and workers). The
+position's ``epoch`` then counts samples over the dataset size.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from condnoise import rng
 from condnoise.errors import UserError
 from condnoise.training.config import DataConfig
 
@@ -85,15 +92,17 @@ def global_slice(micro: int, grad_accum_step: int, world_size: int, rank: int) -
 
 
 class _Indexed(Dataset):
+    """``(image, dataset index)``: the condition comes from the condition table."""
+
     def __init__(self, base: Dataset) -> None:
         self.base = base
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        image, cond = self.base[index]
-        return image, int(cond), int(index)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, _ = self.base[index]
+        return image, int(index)
 
 
 class _PlanSampler:
@@ -112,8 +121,42 @@ class _PlanSampler:
                 yield part.tolist()
 
 
+def delivered(batches: int, role: int, roles: int) -> int:
+    """How many of the first ``batches`` batches have ``j % roles == role``."""
+    return max(0, (batches - role + roles - 1) // roles)
+
+
+class _StreamBatches(IterableDataset):
+    """A rank's micro-batches of a ``wds:`` source, resumable from a batch count.
+
+    The DataLoader takes batches from its workers round-robin, so batch j of the rank comes
+    from the worker with role ``j % workers``; after ``start`` batches worker w plays role
+    ``(start + w) % workers``, and role r is consumer slot ``rank * workers + r`` of
+    :meth:`condnoise.data.webdataset.WebDataset.stream`, resumed after the samples it gave.
+    """
+
+    def __init__(self, source: Any, seed: int, micro: int, rank: int, world: int, start: int) -> None:
+        self.source, self.seed, self.micro = source, seed, micro
+        self.rank, self.world, self.start = rank, world, start
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        role = (self.start + wid) % nw
+        skip = delivered(self.start, role, nw) * self.micro
+        it = self.source.stream(self.rank * nw + role, self.world * nw, seed=self.seed, start=skip)
+        while True:
+            items = [next(it) for _ in range(self.micro)]
+            yield torch.stack([img for _, img in items]), torch.tensor([i for i, _ in items])
+
+
 class TrainData:
-    """Opened (possibly corrupted) training split with the rank's micro-batch stream."""
+    """Opened (possibly corrupted) training split with the rank's micro-batch stream.
+
+    Conditions come from :attr:`cond_table` (class labels ``[N]`` or token ids ``[N, L]``,
+    set by :meth:`attach_encoder` with the model's encoder: captions are tokenized once),
+    indexed by dataset index. ``wds:`` sources stream (see :class:`_StreamBatches`).
+    """
 
     def __init__(self, cfg: DataConfig, seed: int) -> None:
         from condnoise.data.sources import open_source
@@ -122,50 +165,60 @@ class TrainData:
                              image_size=cfg.image_size)
         if cfg.corruption:
             source = apply_corruption(source, cfg.corruption)
-        if isinstance(source, IterableDataset):
-            raise UserError(
-                f"data.source {cfg.source!r} is a streaming source; the trainer needs an "
-                "indexable one (imagefolder:, fashion-mnist, digits) for resumable, "
-                "rank-sliced batches"
-            )
-        self.dataset = source
+        self.dataset, self.seed = source, seed
         self.meta = source.meta
-        if self.meta.condition_kind != "class":
-            raise UserError(
-                f"data.source {cfg.source!r} has {self.meta.condition_kind} conditions; the "
-                "trainer trains class-conditional models (use a class-labelled source)"
-            )
+        self.streaming = isinstance(source, IterableDataset)
         n = len(source)  # type: ignore[arg-type]
         if cfg.max_samples is not None:
             if cfg.max_samples < 1:
                 raise UserError(f"data.max_samples must be >= 1, got {cfg.max_samples}")
+            if self.streaming:
+                raise UserError(f"data.max_samples is not supported for the streaming source {cfg.source!r}")
             n = min(n, cfg.max_samples)
         self.num_samples = n
         self.order = EpochOrder(n, seed)
-        self._tensors = _fast_tensors(source)
+        self._tensors = None if self.streaming else _fast_tensors(source)
+        self.cond_table: torch.Tensor | None = None
 
     @property
     def in_memory(self) -> bool:
         return self._tensors is not None
 
+    def attach_encoder(self, encoder: Any) -> torch.Tensor:
+        """The training conditions as the model's condition tensors (UserError when the
+        model's kind, class or text, differs from the data's)."""
+        values = self.dataset.conditions()
+        self.cond_table = encoder.as_cond(values[: self.num_samples])
+        return self.cond_table
+
     def micro_batches(self, start: Position, batch: int, accum: int, world: int, rank: int,
                       num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Endless ``(images, labels, sample_index)`` micro-batches for this rank."""
+        """Endless ``(images, conditions, sample_index)`` micro-batches for this rank."""
+        if self.cond_table is None:
+            raise UserError("TrainData.attach_encoder must be called before reading batches")
+        table = self.cond_table
         if self._tensors is not None:
-            images, labels = self._tensors
+            images = self._tensors[0]
             for part in _PlanSampler(self.order, start, batch, accum, world, rank):
                 idx = torch.as_tensor(part, dtype=torch.long)
-                yield images[idx], labels[idx], idx
+                yield images[idx], table[idx], idx
             return
-        loader = DataLoader(
-            _Indexed(self.dataset),
-            batch_sampler=_PlanSampler(self.order, start, batch, accum, world, rank),  # type: ignore[arg-type]
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-        for images, labels, idx in loader:
-            yield images, labels.long(), idx.long()
+        micro = batch // (accum * world)
+        if self.streaming:
+            consumed = start.epoch * self.num_samples + start.offset
+            source = getattr(self.dataset, "source", self.dataset)  # a corrupted view streams its source
+            data: Any = _StreamBatches(source, self.seed, micro, rank, world, consumed // (micro * world))
+            kwargs: dict[str, Any] = {"batch_size": None}
+        else:
+            data = _Indexed(self.dataset)
+            kwargs = {"batch_sampler": _PlanSampler(self.order, start, batch, accum, world, rank)}
+        # its own generator: creating the loader must not draw from the global RNG, whose
+        # state a checkpoint restores (a resumed run creates its loader one step later)
+        gen = rng.generator(self.seed, "train/loader", rank)
+        loader = DataLoader(data, num_workers=num_workers, persistent_workers=num_workers > 0,
+                            pin_memory=torch.cuda.is_available(), generator=gen, **kwargs)  # fmt: skip
+        for images, idx in loader:
+            yield images, table[idx.long()], idx.long()
 
 
 def _fast_tensors(source: Any) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -123,3 +123,28 @@ class ImageBatches:
                     yield torch.stack(buf), pos
                     buf = []
             epoch, offset = epoch + 1, 0
+
+
+@torch.no_grad()
+def reconstructions(model: Any, images: ImageBatches, batch: int, device: str | torch.device = "cpu"
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """``(x, reconstruction clamped to [-1, 1], VQ codes | None)`` per batch, on the CPU, over
+    every image of ``images`` in dataset order (``first_stage.reconstruct``: deterministic)."""
+    from condnoise.models.first_stage import reconstruct
+
+    for x in images.in_order(batch):
+        rec, codes = reconstruct(model, x.to(device))
+        yield x, rec.float().clamp(-1, 1).cpu(), None if codes is None else codes.cpu()
+
+
+@torch.no_grad()
+def save_reconstruction_grid(model: Any, images: ImageBatches, path: Any, count: int,
+                             device: str | torch.device = "cpu") -> None:
+    """The first ``count`` images (top row) over their reconstructions (bottom row)."""
+    from condnoise.diffusion.grids import save_grid
+    from condnoise.models.first_stage import reconstruct
+
+    x = images.first(count).to(device)
+    rec = reconstruct(model, x)[0]
+    save_grid(torch.cat([x, rec]).float().clamp(-1, 1).cpu(), path, nrow=len(x))
+

@@ -65,8 +65,6 @@ def check_fresh(run_dir: Path) -> None:
 
 def check_resumable(run_dir: Path, cfg: Any) -> None:
     """The saved config must match ``cfg`` up to :data:`RESUMABLE_CHANGES`."""
-    from condnoise.training.checkpoint import read_run_config
-
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume to start it")
     saved = read_run_config(run_dir)
@@ -84,6 +82,25 @@ def write_run_files(run_dir: Path, cfg: Any, info: dict[str, Any]) -> None:
     write_text(run_dir / "config.yaml", cfg.to_yaml())
     write_json(run_dir / "run.json", info)
     write_provenance(run_dir, cfg.to_dict(), cfg.train.seed)
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a training run directory (no run.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def read_run_config(run_dir: Path) -> Any:
+    from condnoise.training.config import config_from_yaml_text
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a training run directory (no config.yaml)")
+    return config_from_yaml_text(path.read_text(encoding="utf-8"), str(path))
 
 
 class MetricsLog:

@@ -26,18 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from condnoise import rng
 from condnoise.errors import UserError
 from condnoise.training import checkpoint as ckpt
 from condnoise.training.builders import build_autoencoder, build_model, build_schedule
 from condnoise.training.config import Config
 from condnoise.training.data import Position, TrainData, global_slice
-from condnoise.training.distributed import (
-    DistInfo,
-    all_gather_object,
-    all_reduce_mean,
-    barrier,
-    init_distributed,
-)
 from condnoise.training.ema import EMA
 from condnoise.training.rundir import (
     MetricsLog,
@@ -47,6 +41,13 @@ from condnoise.training.rundir import (
     is_started,
     truncate_metrics,
     write_run_files,
+)
+from condnoise.training.runtime import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
 )
 
 SampleHook = Callable[["Trainer", int], Path | None]
@@ -87,9 +88,7 @@ def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The generator of step ``step``'s timesteps and noise (same on every rank)."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 0x9E3779B1 + step * 0x85EBCA77 + 0x165667B1) % (2**63))
-    return g
+    return rng.generator(seed, "train/step", step, device=device)
 
 
 class Trainer:
@@ -111,73 +110,103 @@ class Trainer:
         sample_hook: SampleHook | None = None,
         data: TrainData | None = None,
     ) -> None:
-        self.cfg = cfg
+        self.cfg, self.resume, self.sample_hook = cfg, resume, sample_hook
         self.dist = dist or init_distributed(device)
         self.device = self.dist.device
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
-        self.resume = resume
-        self.sample_hook = sample_hook
-        t = cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        denom = t.grad_accum * self.dist.world_size
-        if t.batch_size % denom:
-            raise UserError(
-                f"train.batch_size={t.batch_size} must be divisible by grad_accum x world size "
-                f"= {t.grad_accum} x {self.dist.world_size}"
-            )
-        self.micro = t.batch_size // denom
-        self.autocast_dtype = resolve_precision(t.precision, self.device)
-
-        # the run directory is checked before any heavy work
-        resume_from = self._check_run_dir()
-        ckpt.seed_everything(t.seed, self.dist.rank)
-
-        self.data = data if data is not None else TrainData(cfg.data, t.seed)
-        meta = self.data.meta
-        self.num_classes = meta.num_classes
-        labels = np.asarray(self.data.dataset.conditions())
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise UserError(
-                f"data.source {cfg.data.source!r}: labels must lie in [0, {self.num_classes}) "
-                f"(class {self.num_classes} is the CFG null class)"
-            )
-        self.autoencoder = build_autoencoder(cfg, self.device)
-        from condnoise.training.builders import latent_shape
-
-        self.image_shape = tuple(meta.image_shape)
-        self.latent_shape = latent_shape(cfg, self.image_shape)  # type: ignore[arg-type]
-        self.schedule = build_schedule(cfg)
-
-        self.model = build_model(cfg, self.latent_shape, self.num_classes).to(self.device)
-        self.model.train()
-        self.ema = EMA(self.model, t.ema_decay, warmup=t.ema_warmup)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=t.lr, betas=tuple(t.betas),  # type: ignore[arg-type]
-            weight_decay=t.weight_decay, fused=fused,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(t.warmup, t.steps, t.lr_schedule)
-        )
-        self.step = 0
-        self.position = Position()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.micro = self._micro_batch()
+        self.autocast_dtype = resolve_precision(cfg.train.precision, self.device)
+        resume_from = self._check_run_dir()  # before any heavy work
+        ckpt.seed_everything(cfg.train.seed, self.dist.rank)
+        self._build_data(data)
+        self._build_model()
+        self._build_optimizer()
+        self.step, self.position = 0, Position()
         if resume_from is not None:
             self._load(resume_from)
         if self.dist.is_main:
             self._write_run_files()
         barrier(self.dist)
-        if t.compile:
-            getattr(self.model, "denoiser", self.model).compile()
-        self.forward_model: nn.Module = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
+        self.forward_model = self._forward_module()
 
-            self.forward_model = DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
+    # ------------------------------------------------------------------ set-up
+
+    def _micro_batch(self) -> int:
+        """Samples per rank and micro-step: ``batch_size / (grad_accum x world size)``."""
+        t, world = self.cfg.train, self.dist.world_size
+        if t.batch_size % (t.grad_accum * world):
+            raise UserError(
+                f"train.batch_size={t.batch_size} must be divisible by grad_accum x world size "
+                f"= {t.grad_accum} x {world}"
             )
+        return t.batch_size // (t.grad_accum * world)
+
+    def _build_data(self, data: TrainData | None) -> None:
+        """The batch stream (``cfg.data`` unless given); labels must leave room for null,
+        captions need a text model (and class labels a class model)."""
+        self.data = data if data is not None else TrainData(self.cfg.data, self.cfg.train.seed)
+        meta = self.data.meta
+        self.num_classes = meta.num_classes
+        self.image_shape = tuple(meta.image_shape)
+        text = self.cfg.model.is_text
+        if (meta.condition_kind == "caption") != text:
+            model = f"a text model (encoder {self.cfg.model.encoder.name})" if text else "a class model"
+            raise UserError(
+                f"data.source {self.cfg.data.source!r} has {meta.condition_kind} conditions but the "
+                f"config trains {model}; set model.encoder.name to "
+                f"{'class' if not text else 'bert-embed, minilm or clip'} or use a "
+                f"{'captioned' if not text else 'class-labelled'} source"
+            )
+        if text:
+            return
+        labels = np.asarray(self.data.dataset.conditions())
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise UserError(
+                f"data.source {self.cfg.data.source!r}: labels must lie in [0, {self.num_classes}) "
+                f"(class {self.num_classes} is the CFG null class)"
+            )
+
+    def _build_model(self) -> None:
+        """Autoencoder, noise schedule, the conditional model (training mode) and its EMA."""
+        from condnoise.training.builders import latent_shape
+
+        cfg = self.cfg
+        self.autoencoder = build_autoencoder(cfg, self.device)
+        self.latent_shape = latent_shape(cfg, self.image_shape)  # type: ignore[arg-type]
+        self.schedule = build_schedule(cfg)
+        self.model = build_model(cfg, self.latent_shape, self.num_classes).to(self.device)
+        self.model.train()
+        table = self.data.attach_encoder(self.model.encoder)  # captions tokenized once
+        if hasattr(self.model.perturbation, "bind_conditions"):  # random caption swaps
+            self.model.perturbation.bind_conditions(table)
+        self.ema = EMA(self.model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
+
+    def _build_optimizer(self) -> None:
+        """AdamW (fused on CUDA) with linear warm-up, then a constant or cosine LR."""
+        t = self.cfg.train
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=t.lr, betas=tuple(t.betas),  # type: ignore[arg-type]
+            weight_decay=t.weight_decay, fused=self.device.type == "cuda",
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t.warmup, t.steps, t.lr_schedule)
+        )
+
+    def _forward_module(self) -> nn.Module:
+        """The module the loss calls: the model, compiled and / or wrapped in DDP."""
+        if self.cfg.train.compile:
+            getattr(self.model, "denoiser", self.model).compile()
+        if not self.dist.enabled:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            self.model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
 
     # ------------------------------------------------------------------ run directory
 
@@ -208,6 +237,7 @@ class Trainer:
             "num_samples": self.data.num_samples,
             "dataset": meta.to_dict(),
             "world_size": self.dist.world_size,
+            "rng_version": rng.VERSION,
             "model_config": getattr(self.model, "config", None),
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }
@@ -218,19 +248,39 @@ class Trainer:
     def _load(self, step: int) -> None:
         folder = ckpt.step_dir(self.run_dir, step)
         state = ckpt.load_state(folder / "state.pt")
+        made_with = state.get("rng_version", 1)
+        if made_with != rng.VERSION:
+            raise UserError(
+                f"--resume: {folder} was written with random scheme {made_with}, this condnoise "
+                f"draws with scheme {rng.VERSION} (condnoise.rng.VERSION): the resumed run would "
+                "not reproduce the original; start a new --run-dir"
+            )
         ckpt.load_weights(self.model, folder / "model.safetensors")
         ckpt.load_weights(self.ema.module, folder / "ema.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.position = Position(**state["position"])
+        self._check_stream_layout(state.get("stream_layout"))
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             ckpt.restore_rng(rngs[self.dist.rank])
         else:  # a different world size cannot replay per-rank streams: reseed per step
-            ckpt.seed_everything(self.cfg.train.seed + self.step, self.dist.rank)
+            ckpt.seed_everything(self.cfg.train.seed, self.dist.rank, step=self.step)
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.step)
+
+    def _stream_layout(self) -> list[int] | None:
+        """``[world size, data workers]`` of a streaming source (its shards' split)."""
+        return [self.dist.world_size, self.cfg.train.num_workers] if self.data.streaming else None
+
+    def _check_stream_layout(self, saved: list[int] | None) -> None:
+        if self.data.streaming and saved is not None and list(saved) != self._stream_layout():
+            raise UserError(
+                f"--resume: this wds: run streamed with world size x train.num_workers = "
+                f"{saved[0]} x {saved[1]}; resume it with the same (now {self.dist.world_size} x "
+                f"{self.cfg.train.num_workers}), which split the shards"
+            )
 
     def save(self) -> Path | None:
         """Checkpoint the current step (collective: every rank contributes its RNG state)."""
@@ -243,7 +293,9 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rngs,
+                "rng_version": rng.VERSION,
                 "world_size": self.dist.world_size,
+                "stream_layout": self._stream_layout(),
             }
             path = ckpt.save_checkpoint(
                 self.run_dir, self.step, self.model, self.ema.module, state,
@@ -272,10 +324,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for m in range(t_cfg.grad_accum):
-            images, labels, index = next(micro_batches)
+            images, cond, index = next(micro_batches)
             rows = global_slice(self.micro, m, self.dist.world_size, self.dist.rank)
             images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            cond = cond.to(self.device, non_blocking=True)
             index = index.to(self.device, non_blocking=True)
             with torch.no_grad():
                 x0 = self.autoencoder.encode(images)
@@ -284,7 +336,7 @@ class Trainer:
             with ctx:
                 with self._autocast():
                     out = diffusion_loss(
-                        self.forward_model, self.schedule, x0, labels,
+                        self.forward_model, self.schedule, x0, cond,
                         t=t_all[rows], noise=noise_all[rows].to(x0.dtype),
                         ip_xi=self.model.input_perturbation,  # type: ignore[arg-type]
                         sample_index=index, step=step,
@@ -310,87 +362,94 @@ class Trainer:
             self.dist.rank, t_cfg.num_workers,
         )
         log = MetricsLog(self.run_dir, tensorboard=self.cfg.run.tensorboard) if self.dist.is_main else None
-        bar = None
-        if self.dist.is_main and self.cfg.run.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=t_cfg.steps, initial=self.step, desc="train", unit="step",
-                       dynamic_ncols=True)
+        bar = self._progress_bar()
         t0 = time.perf_counter()
-        t_last, step_last = t0, self.step
+        self._last_log = (t0, self.step)
         try:
             while self.step < t_cfg.steps:
                 loss, grad_norm = self.train_step(stream)
                 self.position = self.data.order.take(self.position, t_cfg.batch_size)[1]
-                step = self.step
-                if step % t_cfg.log_every == 0 or step == t_cfg.steps:
-                    now = time.perf_counter()
-                    ips = t_cfg.batch_size * (step - step_last) / max(now - t_last, 1e-9)
-                    t_last, step_last = now, step
-                    loss_value = float(all_reduce_mean(self.dist, loss))
-                    if not math.isfinite(loss_value):
-                        raise UserError(
-                            f"loss is {loss_value} at step {step}; lower train.lr or enable "
-                            "train.grad_clip"
-                        )
-                    result.losses.append(loss_value)
-                    if log is not None:
-                        record = {
-                            "step": step, "loss": loss_value,
-                            "lr": self.scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm), "img_per_s": round(ips, 2),
-                            "epoch": self.position.epoch,
-                            "ema_decay": self.ema.decay_at(step - 1),
-                        }  # fmt: skip
-                        stats = getattr(self.model.perturbation, "stats", None)
-                        if stats is not None:
-                            record.update(stats())
-                        log.log(record)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.0f}", refresh=False)
+                if self._due(t_cfg.log_every):
+                    result.losses.append(self._log(loss, grad_norm, log, bar))
                 if bar is not None:
-                    bar.update(step - bar.n)
-                if step % t_cfg.ckpt_every == 0 or step == t_cfg.steps:
+                    bar.update(self.step - bar.n)
+                if self._due(t_cfg.ckpt_every):
                     self.save()
-                if self.sample_hook is not None and self.dist.is_main and t_cfg.sample_every and (
-                    step % t_cfg.sample_every == 0 or step == t_cfg.steps
-                ):
+                if self.sample_hook is not None and self.dist.is_main and t_cfg.sample_every \
+                        and self._due(t_cfg.sample_every):  # fmt: skip
                     with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                        self.sample_hook(self, step)
+                        self.sample_hook(self, self.step)
         finally:
-            if bar is not None:
-                bar.close()
-            if log is not None:
-                log.close()
-        result.step = self.step
-        result.seconds = time.perf_counter() - t0
-        done = self.step - result.start_step
-        result.img_per_s = done * t_cfg.batch_size / max(result.seconds, 1e-9)
+            for closing in (bar, log):
+                if closing is not None:
+                    closing.close()
+        result.step, result.seconds = self.step, time.perf_counter() - t0
+        result.img_per_s = (self.step - result.start_step) * t_cfg.batch_size / max(result.seconds, 1e-9)
         return result
+
+    def _due(self, every: int) -> bool:
+        """Whether the current step is a multiple of ``every`` or the last one."""
+        return self.step % every == 0 or self.step == self.cfg.train.steps
+
+    def _progress_bar(self) -> Any:
+        if not (self.dist.is_main and self.cfg.run.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step",
+                    dynamic_ncols=True)  # fmt: skip
+
+    def _log(self, loss: torch.Tensor, grad_norm: torch.Tensor, log: MetricsLog | None,
+             bar: Any) -> float:  # fmt: skip
+        """The global-batch mean loss of this step, logged (rank 0) with the throughput since
+        the last log, LR, gradient norm, EMA decay and the perturbation's statistics."""
+        step, now = self.step, time.perf_counter()
+        ips = self.cfg.train.batch_size * (step - self._last_log[1]) / max(now - self._last_log[0], 1e-9)
+        self._last_log = (now, step)
+        loss_value = float(all_reduce_mean(self.dist, loss))
+        if not math.isfinite(loss_value):
+            raise UserError(f"loss is {loss_value} at step {step}; lower train.lr or enable "
+                            "train.grad_clip")  # fmt: skip
+        if log is not None:
+            record = {
+                "step": step, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm), "img_per_s": round(ips, 2),
+                "epoch": self.position.epoch, "ema_decay": self.ema.decay_at(step - 1),
+            }  # fmt: skip
+            stats = getattr(self.model.perturbation, "stats", None)
+            if stats is not None:
+                record.update(stats())
+            log.log(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.0f}", refresh=False)
+        return loss_value
 
 
 def write_sample_grid(trainer: Trainer, step: int) -> Path:
-    """``samples/step_{step}.png``: ``sample_per_class`` EMA samples per class (rows), with
-    classifier-free guidance ``train.sample_guidance`` (up to 10 classes, evenly spaced)."""
-    from condnoise.diffusion.grids import save_grid
-    from condnoise.diffusion.samplers import sample
+    """``samples/step_{step}.png``: ``sample_per_class`` EMA samples per row with
+    classifier-free guidance ``train.sample_guidance``; rows are up to 10 classes (evenly
+    spaced) or, for text models, the first 8 training captions, printed above their row
+    (:func:`condnoise.diffusion.sampling.sample_grid` with the trainer's settings)."""
+    from condnoise.diffusion.sampling import sample_grid
 
     t = trainer.cfg.train
-    k = trainer.num_classes
-    classes = torch.linspace(0, k - 1, steps=min(k, 10)).round().long().unique()
-    labels = classes.repeat_interleave(t.sample_per_class).to(trainer.device)
-    gen = torch.Generator(device="cpu").manual_seed(t.seed)
-    noise = torch.randn((len(labels), *trainer.latent_shape), generator=gen).to(trainer.device)
-    model = trainer.ema.module
-    pixel = trainer.latent_shape == trainer.image_shape
-    precision = "bf16" if trainer.autocast_dtype == torch.bfloat16 else "fp32"
-    z = sample(model, trainer.schedule, labels, noise, guidance=t.sample_guidance,
-               sampler=t.sample_sampler, steps=min(t.sample_steps, trainer.schedule.num_steps),
-               clip_x0=pixel, precision=precision)
-    with torch.no_grad():
-        images = trainer.autoencoder.decode(z).float().clamp(-1, 1)
+    if trainer.cfg.model.is_text:
+        table = trainer.data.cond_table
+        rows: Any = table[: min(8, len(table))]
+        labels = list(trainer.data.dataset.conditions()[: len(rows)])
+    else:
+        k = trainer.num_classes
+        rows = torch.linspace(0, k - 1, steps=min(k, 10)).round().long().unique().tolist()
+        labels = None
     path = trainer.run_dir / "samples" / f"step_{step:08d}.png"
-    save_grid(images.cpu(), path, nrow=t.sample_per_class)
+    sample_grid(
+        trainer.ema.module, trainer.schedule, rows, t.sample_per_class, path,
+        shape=trainer.latent_shape, guidance=t.sample_guidance,
+        steps=min(t.sample_steps, trainer.schedule.num_steps), seed=t.seed,
+        sampler=t.sample_sampler, autoencoder=trainer.autoencoder,
+        clip_x0=trainer.latent_shape == trainer.image_shape,
+        precision="bf16" if trainer.autocast_dtype == torch.bfloat16 else "fp32", row_labels=labels,
+    )  # fmt: skip
     return path
 
 

@@ -6,33 +6,17 @@ import argparse
 import time
 from pathlib import Path
 
+from condnoise.app.common import add_parser, typed_list
 from condnoise.errors import UserError
 
 
-def _list(kind: type, name: str):
-    def parse(text: str) -> list:
-        try:
-            vals = [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"--{name}: expected comma-separated {kind.__name__}s, got {text!r}") from None
-        if not vals:
-            raise argparse.ArgumentTypeError(f"--{name}: empty list")
-        return vals
-
-    return parse
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from condnoise.cli import HelpFormatter
-
-    theory = subparsers.add_parser(
-        "theory", help="Gaussian-mixture theory lab (paper section 7)",
-        description="Closed forms vs simulation for the paper's Gaussian-mixture theory.",
-        formatter_class=HelpFormatter)
+    theory = add_parser(
+        subparsers, "theory", help="Gaussian-mixture theory lab (paper section 7)",
+        description="Closed forms vs simulation for the paper's Gaussian-mixture theory.")
     tsub = theory.add_subparsers(dest="theory_command", metavar="LAB", required=True)
-    p = tsub.add_parser(
-        "gmm", formatter_class=HelpFormatter,
+    p = add_parser(
+        tsub, "gmm",
         help="simulate the GMM theory (Lemmas 3-4, Theorems 1-2), table + figures",
         description=(
             "Fit the class-wise linear denoiser (least squares and SGD), run the reverse ODE,\n"
@@ -40,16 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "forms, sweep g for the W2-optimal corruption, write table, figures, provenance.\n"
             "example: condnoise theory gmm --d 8,32,128 --n 50,200,1000 "
             "--gamma 0,0.02,0.05,0.1,0.2 --out runs/theory"))
-    p.add_argument("--d", type=_list(int, "d"), default=[8, 32, 128],
+    p.add_argument("--d", type=typed_list(int, "d"), default=[8, 32, 128],
                    help="data dimensions (comma-separated)")
-    p.add_argument("--n", type=_list(int, "n"), default=[50, 200, 1000],
+    p.add_argument("--n", type=typed_list(int, "n"), default=[50, 200, 1000],
                    help="training samples per class (comma-separated)")
-    p.add_argument("--gamma", type=_list(float, "gamma"), default=[0.0, 0.02, 0.05, 0.1, 0.2],
+    p.add_argument("--gamma", type=typed_list(float, "gamma"), default=[0.0, 0.02, 0.05, 0.1, 0.2],
                    help="corruption strengths g of the condition c + g*xi for the table")
     p.add_argument("--seed", type=int, default=0, help="base random seed")
     p.add_argument("--seeds", type=int, default=3, help="training sets (replicates) per table cell")
     p.add_argument("--classes", type=int, default=2, help="number of mixture classes K")
-    p.add_argument("--weights", type=_list(float, "weights"), default=None,
+    p.add_argument("--weights", type=typed_list(float, "weights"), default=None,
                    help="class weights (K values; n_k = round(n K w_k)); default equal")
     p.add_argument("--mean-scale", type=float, default=0.5,
                    help="class-mean norm per sqrt(d): ||mu_k|| = mean_scale * sqrt(d)")

@@ -6,25 +6,28 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from condnoise.app.common import add_parser
+
 SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++")  # = samplers.SAMPLERS (no torch import for --help)
 CLIP_CHOICES = ("auto", "on", "off")
 
 
 def register(subparsers: Any) -> None:
-    from condnoise.cli import HelpFormatter
-
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "sample",
         help="generate samples of a trained run for a sweep of guidance scales",
         description=(
             "Generate --num samples per guidance scale into OUT/s{scale}/ (samples.npz, "
             "meta.json, grid.png). Sample i gets its noise from seed hash(seed, i) and class "
-            "i % K (balanced), so two runs with the same --seed are paired. Resumable shard by "
-            "shard; under torchrun each rank makes every world-th shard, rank 0 merges."
+            "i % K (balanced), or for a text run prompt i % P of --prompt / --prompts / "
+            "--captions-from, so two runs with the same --seed are paired. Resumable shard by "
+            "shard; under torchrun each rank makes every world-th shard, rank 0 merges. "
+            "--pipeline samples a diffusers LDMTextToImagePipeline / DiTPipeline folder "
+            "(e.g. the paper's released models) the same way."
         ),
-        formatter_class=HelpFormatter,
     )
-    _add_run_options(p)
+    _add_run_options(p, pipeline=True)
     p.add_argument("--guidance", default="1.5,2,3",
                    help="comma-separated CFG scales s (1 = conditional only, 0 = unconditional)")
     p.add_argument("--num", "--num-samples", dest="num", type=int, default=1000,
@@ -38,6 +41,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--classes", default="balanced",
                    help="'balanced' (index i -> class i %% K), 'random' (from the seed), or a "
                         "comma-separated list of class names / indices used round-robin")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text runs: a prompt (repeatable; sample i gets prompt i %% P)")
+    p.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                   help="text runs: a file of prompts, one per line")
+    p.add_argument("--captions-from", default=None, metavar="SPLIT",
+                   help="text runs: the captions of this split of the data (sample i gets caption "
+                        "i, paired with its image; captions and source indices are saved)")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="data source of --captions-from (None: the run's training source)")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampler batch")
     p.add_argument("--shard-size", type=int, default=1000,
                    help="images per shard file (the unit of resume and of torchrun work)")
@@ -50,7 +62,8 @@ def register(subparsers: Any) -> None:
                    help="autocast precision of the model forward")
     p.set_defaults(func=run_sample)
 
-    w = subparsers.add_parser(
+    w = add_parser(
+        subparsers,
         "walk",
         help="images along a closed circle in the initial-noise space (paper Fig. 5)",
         description=(
@@ -58,7 +71,6 @@ def register(subparsers: Any) -> None:
             "a standard Gaussian and the loop closes. Writes OUT/walk_{class}_s{scale}.png "
             "(one row per circle), .npz (images, thetas, label) and .json."
         ),
-        formatter_class=HelpFormatter,
     )
     _add_run_options(w)
     w.add_argument("--class", dest="class_name", required=True,
@@ -74,8 +86,14 @@ def register(subparsers: Any) -> None:
     w.set_defaults(func=run_walk)
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="training run directory")
+def _add_run_options(p: argparse.ArgumentParser, pipeline: bool = False) -> None:
+    if pipeline:
+        p.add_argument("run_dir", type=Path, metavar="RUN_DIR", nargs="?", default=None,
+                       help="training run directory (or give --pipeline)")
+        p.add_argument("--pipeline", type=Path, default=None, metavar="PATH",
+                       help="a diffusers LDMTextToImagePipeline or DiTPipeline folder instead of a run")
+    else:
+        p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="training run directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step to load (None: the latest)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="EMA or raw model weights")
@@ -90,31 +108,79 @@ def _clip(choice: str, autoencoder: Any) -> bool:
     return {"on": True, "off": False}.get(choice, is_pixel_space(autoencoder))
 
 
+def _prompts(args: argparse.Namespace, run: Any) -> Any:
+    """The ``Prompts`` of --prompt / --prompts / --captions-from (None: none given)."""
+    from condnoise.diffusion.sampling import Prompts, read_prompt_file
+    from condnoise.errors import UserError
+
+    given = [n for n, v in (("--prompt", args.prompt), ("--prompts", args.prompts),
+                            ("--captions-from", args.captions_from)) if v]  # fmt: skip
+    if len(given) > 1:
+        raise UserError(f"give one of --prompt, --prompts, --captions-from (got {', '.join(given)})")
+    if given and args.classes != "balanced":
+        raise UserError(f"--classes is for class runs; {given[0]} gives a text run its prompts")
+    if args.prompt:
+        return Prompts(list(args.prompt), "prompt")
+    if args.prompts is not None:
+        return read_prompt_file(args.prompts)
+    if args.captions_from:
+        from condnoise.data import open_source
+
+        d = getattr(run.config, "data", None)
+        spec = args.data or (d.source if d is not None else None)
+        if spec is None:
+            raise UserError("--captions-from needs --data SPEC (the data source of the captions)")
+        source = open_source(spec, args.captions_from, data_dir=getattr(d, "data_dir", None))
+        if source.meta.condition_kind != "caption":
+            raise UserError(f"--captions-from: {spec}:{args.captions_from} has class labels, not captions")
+        texts = [str(c) for c in source.conditions()]
+        return Prompts(texts, f"split:{source.meta.name}:{args.captions_from}", list(range(len(texts))))
+    return None
+
+
+def _load(args: argparse.Namespace, device: Any) -> Any:
+    """A training run, or with --pipeline a diffusers pipeline folder, ready to sample."""
+    from condnoise.errors import UserError
+    from condnoise.training.runtime import load_run
+
+    if (args.run_dir is None) == (args.pipeline is None):
+        raise UserError("sample: give a RUN_DIR or --pipeline PATH (one of them)")
+    if args.pipeline is not None:
+        from condnoise.training.pipelines import load_pipeline
+
+        return load_pipeline(args.pipeline, device=device)
+    return load_run(args.run_dir, ema=args.weights == "ema", device=device, step=args.step)
+
+
 def run_sample(args: argparse.Namespace) -> int:
     from condnoise.diffusion.sampling import SweepConfig, parse_guidance, run_sweep, scale_dirname
     from condnoise.diffusion.seeding import parse_classes
     from condnoise.provenance import write_provenance
-    from condnoise.training.checkpoint import load_run
-    from condnoise.training.distributed import barrier, cleanup_distributed, init_distributed
+    from condnoise.training.runtime import barrier, cleanup_distributed, init_distributed
 
     guidances = parse_guidance(args.guidance)
     info = init_distributed(args.device)
     try:
-        run = load_run(args.run_dir, ema=args.weights == "ema", device=info.device, step=args.step)
+        run = _load(args, info.device)
+        prompts = _prompts(args, run)
         cfg = SweepConfig(
             guidances=guidances, num=args.num, sampler=args.sampler, steps=args.steps,
-            seed=args.seed, classes=parse_classes(args.classes, run.class_names),
+            seed=args.seed,
+            classes=parse_classes(args.classes, run.class_names) if prompts is None else "balanced",
             batch_size=args.batch_size, shard_size=args.shard_size,
             clip_x0=_clip(args.clip_x0, run.autoencoder), precision=args.precision,
             png=args.png, grid_per_class=args.grid_per_class, keep_shards=args.keep_shards,
+            prompts=prompts,
         )  # fmt: skip
         cfg.validate(len(run.schedule.betas))
+        source = run.run_dir
         if info.is_main:
-            config = {**vars(cfg), "run_dir": str(args.run_dir), "checkpoint_step": run.step,
+            config = {**vars(cfg), "prompts": prompts.source if prompts else None,
+                      "run_dir": str(source), "checkpoint_step": run.step,
                       "weights": args.weights, "world_size": info.world_size}  # fmt: skip
             write_provenance(args.out, config, args.seed)
         folders = run_sweep(
-            run, args.run_dir, args.out, cfg, rank=info.rank, world_size=info.world_size,
+            run, source, args.out, cfg, rank=info.rank, world_size=info.world_size,
             barrier=(lambda: barrier(info)), ema=args.weights == "ema",
         )  # fmt: skip
     finally:
@@ -135,8 +201,7 @@ def run_walk(args: argparse.Namespace) -> int:
     from condnoise.diffusion.walk import noise_walk
     from condnoise.io import atomic_open, write_json
     from condnoise.provenance import write_provenance
-    from condnoise.training.checkpoint import load_run
-    from condnoise.training.distributed import pick_device
+    from condnoise.training.runtime import load_run, pick_device
 
     run = load_run(
         args.run_dir, ema=args.weights == "ema", device=pick_device(0, args.device), step=args.step

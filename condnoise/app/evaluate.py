@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from condnoise.app.common import add_parser, split_list
 from condnoise.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from condnoise.cli import HelpFormatter
+    _register_features(subparsers)
+    _register_evaluate(subparsers)
 
-    feat = subparsers.add_parser(
-        "features", help="feature extractors (train the fmnist-classifier, list extractors)",
-        formatter_class=HelpFormatter)
+
+def _register_features(subparsers: argparse._SubParsersAction) -> None:
+    feat = add_parser(subparsers, "features",
+                      help="feature extractors (train the fmnist-classifier, list extractors)")
     fsub = feat.add_subparsers(dest="features_command", metavar="ACTION")
-    tr = fsub.add_parser("train", help="train and cache the fmnist-classifier",
-                         formatter_class=HelpFormatter,
-                         description="Train the Fashion-MNIST CNN used as feature extractor and "
-                                     "classifier; fails if test accuracy < 90%%.")
+    tr = add_parser(fsub, "train", help="train and cache the fmnist-classifier",
+                    description="Train the Fashion-MNIST CNN used as feature extractor and "
+                                "classifier; fails if test accuracy < 90%%.")
     tr.add_argument("--out", default=None,
                     help="folder for the weights; None: $CONDNOISE_CACHE or ~/.cache/condnoise")
     tr.add_argument("--epochs", type=int, default=3, help="training epochs")
@@ -26,13 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--batch-size", type=int, default=128, help="mini-batch size")
     tr.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     tr.set_defaults(func=_train)
-    ls = fsub.add_parser("list", help="list the registered extractors", formatter_class=HelpFormatter)
+    ls = add_parser(fsub, "list", help="list the registered extractors")
     ls.set_defaults(func=_list)
     feat.set_defaults(func=lambda args: (feat.print_help(), 0)[1])
 
-    ev = subparsers.add_parser(
-        "evaluate", help="compute FID, P/R, IS, condition accuracy, ... of sample folders",
-        formatter_class=HelpFormatter,
+
+def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    ev = add_parser(
+        subparsers, "evaluate", help="compute FID, P/R, IS, condition accuracy, ... of sample folders",
         description="Evaluate one sample folder (with samples.npz) or every s*/ sub-folder of a "
                     "`condnoise sample` output. Writes metrics.json into each sample folder "
                     "(merged with an earlier call's values on the same samples and settings) "
@@ -73,13 +76,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=_evaluate)
 
 
-def _split(value: str, what: str) -> tuple[str, ...]:
-    items = tuple(v.strip() for v in value.split(",") if v.strip())
-    if not items:
-        raise UserError(f"{what}: empty list")
-    return items
-
-
 def _train(args: argparse.Namespace) -> int:
     import torch
 
@@ -113,14 +109,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         validate_config,
     )
     from condnoise.evaluation.records import write_metrics
-    from condnoise.evaluation.summary import markdown_table, sweep_figure
-    from condnoise.io import write_bytes, write_json, write_text
+    from condnoise.evaluation.summary import markdown_table
     from condnoise.provenance import environment
 
     torch.set_num_threads(args.threads)
     cfg = EvalConfig(
-        ref=args.ref, train_ref=args.train_ref, extractors=_split(args.features, "--features"),
-        metrics=_split(args.metrics, "--metrics"), k=args.k, dc_k=args.dc_k,
+        ref=args.ref, train_ref=args.train_ref, extractors=split_list(args.features, "--features"),
+        metrics=split_list(args.metrics, "--metrics"), k=args.k, dc_k=args.dc_k,
         shrinkage=args.shrinkage, max_ref=args.max_ref, max_train=args.max_train,
         memorization_threshold=args.memorization_threshold,
         memorization_percentile=args.memorization_percentile, top_pr_seed=args.seed,
@@ -130,10 +125,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).suffix in (".md", ".png"):
         raise UserError(f"--out {args.out}: give the combined JSON's path (e.g. metrics_all.json); "
                         "the .md table and .png figure are written beside it")
-    folders = [f for s in args.samples for f in find_sample_folders(s)]
     combined = []
-    for folder in folders:
-        result = evaluate_samples(load_samples(folder), cfg)
+    for folder in [f for s in args.samples for f in find_sample_folders(s)]:
+        samples = load_samples(folder)
+        result = evaluate_samples(samples, cfg, autoencoder=_vq_autoencoder(samples, cfg)).record
         result["provenance"] = {"config": vars(cfg) | {"extractors": list(cfg.extractors),
                                                          "metrics": list(cfg.metrics)},
                                 "seed": args.seed, **environment()}
@@ -145,13 +140,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     table = markdown_table(combined)
     print("\n" + table, end="")
     if args.out:
-        out = Path(args.out)
-        write_json(out, {"schema": "condnoise.metrics-list/1", "results": combined})
-        write_text(out.with_suffix(".md"), table)
-        written = [out, out.with_suffix(".md")]
-        png = sweep_figure(combined)
-        if png is not None:
-            write_bytes(out.with_suffix(".png"), png)
-            written.append(out.with_suffix(".png"))
-        print("wrote " + ", ".join(map(str, written)))
+        _write_combined(Path(args.out), combined, table)
     return 0
+
+
+def _vq_autoencoder(samples, cfg):  # type: ignore[no-untyped-def]
+    """The samples' run's VQ autoencoder when ``entropy`` is asked for (paper Sec. 5), else None."""
+    if "entropy" not in cfg.metrics:
+        return None
+    from condnoise.training.runtime import load_vq_autoencoder
+
+    return load_vq_autoencoder(samples.meta.get("run_dir"))
+
+
+def _write_combined(out: Path, combined: list[dict], table: str) -> None:
+    """``--out``: every folder's record as one JSON, the table beside it (.md) and, for a
+    guidance sweep, the metric-vs-guidance figure (.png)."""
+    from condnoise.evaluation.summary import sweep_figure
+    from condnoise.io import write_bytes, write_json, write_text
+
+    write_json(out, {"schema": "condnoise.metrics-list/1", "results": combined})
+    write_text(out.with_suffix(".md"), table)
+    written = [out, out.with_suffix(".md")]
+    png = sweep_figure(combined)
+    if png is not None:
+        write_bytes(out.with_suffix(".png"), png)
+        written.append(out.with_suffix(".png"))
+    print("wrote " + ", ".join(map(str, written)))

@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from condnoise.app.common import add_parser
+
 DEMO_PRESET = "fmnist-quick"
 
 
@@ -30,9 +32,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from condnoise.cli import HelpFormatter
-
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "study",
         help="run a cached, resumable study grid and write its report",
         description=(
@@ -41,7 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "study resumes where it stopped. Under torchrun every rank runs whole cells on "
             "its own GPU."
         ),
-        formatter_class=HelpFormatter,
     )
     p.add_argument("study", metavar="PRESET_OR_YAML",
                    help="a preset (micro, fmnist-quick, fmnist-full, in1k-dit-xl2, "
@@ -49,11 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.set_defaults(func=run_study_command)
 
-    d = subparsers.add_parser(
+    d = add_parser(
+        subparsers,
         "demo",
         help=f"run the {DEMO_PRESET} study (about 20 minutes on 2 CPU cores) and print the report path",
         description=f"`make demo`: the {DEMO_PRESET} study end to end, then where its report is.",
-        formatter_class=HelpFormatter,
     )
     d.add_argument("--preset", default=DEMO_PRESET, help="study preset or YAML file to run")
     _add_common(d)

@@ -1,4 +1,5 @@
-"""``condnoise corrupt``: write a condition-corruption manifest (paper section 2)."""
+"""``condnoise corrupt`` (a condition-corruption manifest, paper section 2) and
+``condnoise data check`` (is Fashion-MNIST installed?, used by ``make setup``)."""
 
 from __future__ import annotations
 
@@ -8,25 +9,49 @@ import time
 from pathlib import Path
 from typing import Any
 
+from condnoise.app.common import add_parser
+
 KIND_CHOICES = ("symmetric", "asymmetric", "swap", "rewrite")  # = corruption.KINDS
 
 
 def register(subparsers: Any) -> None:
-    from condnoise.cli import HelpFormatter
+    _register_corrupt(subparsers)
+    _register_data(subparsers)
 
-    p = subparsers.add_parser(
+
+def _register_data(subparsers: Any) -> None:
+    data = add_parser(subparsers, "data", help="data utilities (check that Fashion-MNIST is installed)")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    check = add_parser(dsub, "check", help="exit 0 when Fashion-MNIST is found, else say how to get it",
+                       description="Look for the Fashion-MNIST IDX files (--data-dir, "
+                                   "$CONDNOISE_DATA, the Debian package dataset-fashion-mnist).")
+    check.add_argument("--data-dir", default=None, help="folder holding the IDX files")
+    check.set_defaults(func=run_data_check)
+    data.set_defaults(func=lambda args: (data.print_help(), 0)[1])
+
+
+def run_data_check(args: argparse.Namespace) -> int:
+    from condnoise.data.fashion_mnist import find_data_dir
+
+    print(f"Fashion-MNIST found in {find_data_dir(args.data_dir)}")
+    return 0
+
+
+def _register_corrupt(subparsers: Any) -> None:
+    p = add_parser(
+        subparsers,
         "corrupt",
         help="corrupt a fraction of a dataset's conditions (writes a manifest, no images)",
         description=(
             "Corrupt exactly round(RATIO * N) conditions of DATA and write OUT/manifest.csv "
             "(index,original,corrupted; one row per corrupted sample), OUT/summary.json and "
             "OUT/provenance.json. Training reads source + manifest as a view.\n\n"
-            "DATA: fashion-mnist, digits, imagefolder:PATH, captions:PATH, wds:PATTERN.\n"
+            "DATA: fashion-mnist, digits, scenes[:seed=N], imagefolder:PATH, captions:PATH, "
+            "wds:PATTERN.\n"
             "Kinds: symmetric / asymmetric (class labels), swap / rewrite (captions).\n"
             "Asymmetric: RATIO is a fraction of the whole dataset, drawn only from the --classes "
             "subset (Fashion-MNIST default: T-shirt/top,Pullover,Coat,Shirt)."
         ),
-        formatter_class=HelpFormatter,
     )
     p.add_argument("data", metavar="DATA", help="data source spec")
     p.add_argument("--kind", choices=KIND_CHOICES, required=True, help="corruption kind")
@@ -40,9 +65,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing manifest")
     p.add_argument("--data-dir", default=None,
                    help="folder with the Fashion-MNIST IDX files (default: Debian package)")
-    p.add_argument("--rewriter", default=None, metavar="MODULE:NAME",
-                   help="rewrite only: a Rewriter (callable, or class built without arguments) "
-                        "to import instead of the built-in rule-based one")
+    p.add_argument("--rewriter", default=None, metavar="NAME|MODULE:NAME",
+                   help="rewrite only: a built-in rewriter (rule; for scenes also attributes, "
+                        "paraphrase: same attributes, other words) or a Rewriter to import "
+                        "(callable, or class built without arguments); None: attributes for "
+                        "scenes, rule otherwise")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking that every image file of a file-based source decodes")
     p.set_defaults(func=run_corrupt)
@@ -82,7 +109,9 @@ def run_corrupt(args: argparse.Namespace) -> int:
     classes = None
     if args.classes is not None:
         classes = [c for c in args.classes.split(",") if c.strip()]
-    rewriter = load_rewriter(args.rewriter) if args.rewriter else None
+    rewriter = args.rewriter  # a built-in name, resolved by corrupt()
+    if args.rewriter and ":" in args.rewriter:
+        rewriter = load_rewriter(args.rewriter)
     manifest = corrupt(
         source, args.kind, args.ratio, args.seed, classes=classes, rewriter=rewriter
     )
@@ -112,5 +141,6 @@ def run_corrupt(args: argparse.Namespace) -> int:
         before, after = summary["class_counts_before"], summary["class_counts_after"]
         changes = [f"{k} {before[k]}->{after[k]}" for k in before if before[k] != after[k]]
         print("class counts: " + (", ".join(changes) if changes else "unchanged"))
-    print(f"wrote {args.out / MANIFEST}, summary.json, provenance.json")
+    extra = "".join(f", {name}" for name in summary["sidecars"])
+    print(f"wrote {args.out / MANIFEST}, summary.json, provenance.json{extra}")
     return 0

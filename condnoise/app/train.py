@@ -1,8 +1,10 @@
-"""``condnoise train``: train a class-conditional diffusion model from a preset or YAML file."""
+"""``condnoise train``: train a class- or text-conditional diffusion model from a preset or YAML file."""
 
 from __future__ import annotations
 
 import argparse
+
+from condnoise.app.common import IntermixedParser, add_parser
 
 EPILOG = """\
 examples:
@@ -10,43 +12,28 @@ examples:
   condnoise train fmnist-dit-s --perturb cep-g --gamma 0.5 train.steps=1000 train.lr=5e-4
   condnoise train fmnist-dit-s --corruption runs/corrupt-sym-5  # fixed label corruption (section 2)
   condnoise train fmnist-dit-s --perturb cep-u --resume         # continue after a crash / kill -9
+  condnoise train scenes-unet-s --perturb cep-u                # text: CEP-U on the caption tokens
+  condnoise train scenes-unet-s 'data.source=wds:shards/{000..009}.tar'   # streamed caption shards
   torchrun --nproc_per_node 2 -m condnoise train fmnist-dit-s   # DDP (gloo on CPU, NCCL on GPU)
 
 key=value overrides use dotted config keys (values parsed as YAML), e.g. train.batch_size=64,
-model.perturbation.gamma=0.5, data.max_samples=10000. Presets: fmnist-dit-s, fmnist-unet-s
-(CPU), in1k-dit-xl2, in1k-ldm4 (GPU, ImageNet via imagefolder:/wds:).
+model.perturbation.gamma=0.5, data.max_samples=10000. Presets: fmnist-dit-s, fmnist-unet-s,
+scenes-unet-s, scenes-dit-s (CPU; scenes: captions), in1k-dit-xl2, in1k-ldm4 (GPU, ImageNet
+via imagefolder:/wds:).
 """
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets ``key=value`` items follow options (``PRESET --perturb cep-u train.lr=1e-3``):
-    plain argparse stops collecting positionals at the first option."""
-
-    _busy = False
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        if self._busy:  # parse_known_intermixed_args calls back into parse_known_args
-            return super().parse_known_args(args, namespace)
-        self._busy = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._busy = False
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from condnoise.cli import HelpFormatter
-
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "train",
-        help="train a class-conditional diffusion model (DiT / U-Net) with optional CEP",
+        help="train a class- or text-conditional diffusion model (DiT / U-Net) with optional CEP",
         description=__doc__,
         epilog=EPILOG,
-        formatter_class=HelpFormatter,
     )
-    p.__class__ = _IntermixedParser
+    p.__class__ = IntermixedParser
     p.add_argument("config", metavar="PRESET_OR_YAML", nargs="?",
-                   help="preset name (fmnist-dit-s, fmnist-unet-s, in1k-dit-xl2, in1k-ldm4) or YAML file")
+                   help="preset name (see --list-presets) or YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. train.lr=2e-4 model.perturbation.gamma=0.5")
     p.add_argument("--run-dir", default=None,
@@ -111,7 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         cfg.run.dir = args.run_dir
     result = train(cfg, resume=args.resume, device=args.device)
-    from condnoise.training.distributed import cleanup_distributed
+    from condnoise.training.runtime import cleanup_distributed
 
     cleanup_distributed()
     import os

@@ -1,0 +1,111 @@
+"""Cost model of the study's cells (the ``--dry-run`` plan): throughputs scaled by compute.
+
+Reference rates are those of a DiT with hidden 128, depth 6, patch 4 on 32x32x1 images
+on 2 CPU cores (the official DiT blocks: 242 training img/s, 787 forward img/s; the
+"anchor" column of BENCHMARKS.md) and of DiT-XL/2 on 32x32x4 latents on one H100 in bf16
+(planning figures of the official code, 355 training / 1,077 forward img/s; not measured
+in this repository). A model's rate is the reference divided by its compute relative to
+the reference model. The plan replaces these estimates by measured durations where the
+cell log has them (:func:`condnoise.study.grid.plan_table`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+REF_TRAIN_IMG_PER_S = 242.0
+REF_FORWARD_IMG_PER_S = 787.0
+REF_COMPUTE = 128**2 * 6 * (32 // 4) ** 2
+COMPUTE_EXPONENT = 0.9  # fitted to the same reference's hidden 192/256, depth 6/8, patch 2/4 rates
+GPU_XL2 = {"family": "dit", "size": "XL/2", "latent_shape": [4, 32, 32]}
+GPU_TRAIN_IMG_PER_S, GPU_FORWARD_IMG_PER_S = 355.0, 1077.0
+GPU_CAP_TRAIN, GPU_CAP_FORWARD = 20000.0, 60000.0  # small models: per-step overheads cap the rate
+GPU_EVAL_IMG_PER_S = 3000.0
+FMNIST_CLASSIFIER_IMG_PER_S = 4000.0  # the small CNN extractor + metrics, 2 cores
+INCEPTION_IMG_PER_S = 8.4  # the Inception extractor on 2 cores (README, Evaluation)
+CORRUPT_SECONDS = 2.0
+THEORY_SECONDS = 20.0
+OVERHEAD = {"train": 4.0, "sample": 1.5, "evaluate": 2.0, "walk": 1.5}  # load / build, s
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Estimated seconds of one cell on 2 CPU cores and on one H100."""
+
+    cpu: float
+    gpu: float
+
+
+def model_compute(model: dict[str, Any], image_shape: tuple[int, int, int]) -> float:
+    """Relative compute of one forward pass versus the reference DiT (1.0 = reference)."""
+    from condnoise.models.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(model, origin="cost model")
+    arch = cfg.architecture()
+    c, h, w = cfg.latent_shape or image_shape
+    if cfg.family == "dit":
+        tokens = (h // arch["patch"]) * (w // arch["patch"])
+        ratio = arch["hidden"] ** 2 * arch["depth"] * tokens / REF_COMPUTE
+    else:  # U-Net: width^2 x resolution x blocks, relative to a DiT-sized budget; rough
+        width = sum(ch**2 for ch in arch["channels"]) / len(arch["channels"])
+        ratio = 6.0 * width * arch["layers_per_block"] * h * w / (128**2 * 6 * 1024)
+    return max(ratio, 1e-3) ** COMPUTE_EXPONENT * max(c, 1) ** 0.1
+
+
+class CostModel:
+    """Per-stage estimates for a study: ``overrides`` are the study's ``cost`` section
+    (``train_img_per_s``, ``forward_img_per_s``, ``eval_img_per_s`` on the CPU)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], overrides: dict[str, float],
+                 extractors: list[str]) -> None:  # fmt: skip
+        self.shape = image_shape
+        self.overrides = dict(overrides)
+        self.extractors = list(extractors)
+        self._rates: dict[str, tuple[float, float, float, float]] = {}
+
+    def _rate(self, model: dict[str, Any]) -> tuple[float, float, float, float]:
+        """(CPU train, CPU forward, GPU train, GPU forward) img/s of ``model``."""
+        key = repr(sorted(model.items()))
+        if key not in self._rates:
+            compute = model_compute(model, self.shape)
+            gpu_ratio = model_compute(GPU_XL2, self.shape) / compute
+            self._rates[key] = (
+                self.overrides.get("train_img_per_s", REF_TRAIN_IMG_PER_S) / compute,
+                self.overrides.get("forward_img_per_s", REF_FORWARD_IMG_PER_S) / compute,
+                min(GPU_TRAIN_IMG_PER_S * gpu_ratio, GPU_CAP_TRAIN),
+                min(GPU_FORWARD_IMG_PER_S * gpu_ratio, GPU_CAP_FORWARD),
+            )
+        return self._rates[key]
+
+    def train(self, model: dict[str, Any], steps: int, batch: int) -> Cost:
+        cpu, _, gpu, _ = self._rate(model)
+        return Cost(steps * batch / cpu + OVERHEAD["train"], steps * batch / gpu + OVERHEAD["train"])
+
+    def sample(self, model: dict[str, Any], num: int, steps: int, scale: float) -> Cost:
+        forwards = num * steps * (1 if scale in (0.0, 1.0) else 2)  # CFG: two halves
+        _, cpu, _, gpu = self._rate(model)
+        return Cost(forwards / cpu + OVERHEAD["sample"], forwards / gpu + OVERHEAD["sample"])
+
+    def evaluate(self, num: int) -> Cost:
+        rate = self.overrides.get("eval_img_per_s")
+        if rate:
+            cpu = num / rate
+        else:
+            cpu = sum(num / (INCEPTION_IMG_PER_S if ex == "inception" else FMNIST_CLASSIFIER_IMG_PER_S)
+                      for ex in self.extractors)  # fmt: skip
+        gpu = num * len(self.extractors) / GPU_EVAL_IMG_PER_S
+        return Cost(cpu + OVERHEAD["evaluate"], gpu + OVERHEAD["evaluate"])
+
+    def walk(self, model: dict[str, Any], frames: int, grid_per_class: int, steps: int) -> Cost:
+        _, cpu, _, _ = self._rate(model)
+        images = 3 * frames + 10 * grid_per_class  # three walks and a 10-class grid
+        return Cost(images * steps * 2 / cpu + OVERHEAD["walk"], OVERHEAD["walk"] + 2.0)
+
+    @staticmethod
+    def corrupt() -> Cost:
+        return Cost(CORRUPT_SECONDS, CORRUPT_SECONDS)
+
+    @staticmethod
+    def theory() -> Cost:
+        return Cost(THEORY_SECONDS, THEORY_SECONDS)
