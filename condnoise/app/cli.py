@@ -12,13 +12,13 @@ import argparse
 import sys
 
 from condnoise import __version__
-from condnoise.app import autoencoder, data, evaluate, sample, study, theory, train
+from condnoise.app import autoencoder, data, evaluate, latents, sample, study, theory, train
 from condnoise.app.common import HelpFormatter
 from condnoise.errors import UserError
 
-# In the order of the data flow: corrupt, data; autoencoder (first stage); train; sample,
-# walk; features, evaluate; theory; study, demo.
-COMMAND_GROUPS = (data, autoencoder, train, sample, evaluate, theory, study)
+# In the order of the data flow: corrupt, data; autoencoder (first stage), latents; train;
+# sample, walk; features, evaluate; theory; study, demo.
+COMMAND_GROUPS = (data, autoencoder, latents, train, sample, evaluate, theory, study)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,8 +14,12 @@ that exist. With ``world_size`` > 1, rank ``r`` makes the shards ``k % world_siz
 (DDP split); the index is written by whichever rank finds every shard present. The
 fingerprint (SHA-256 of the autoencoder's kind, scaling factor and weights) and the image
 size in the spec let a reader refuse a cache made with another autoencoder or image size.
-Latents are deterministic: posterior mean (KL) or pre-quantisation latents (VQ), as
-``DiffusersAutoencoder.encode`` returns them (scaled by ``scaling_factor``).
+Latents are deterministic: posterior mean (KL), pre-quantisation latents (VQ) or, with
+``quantize``, the codebook vectors, as ``DiffusersAutoencoder.encode`` returns them (scaled
+by ``scaling_factor``). The trainer reads a cache with ``data.latents=DIR``
+(:meth:`LatentCache.gather` per batch) instead of encoding every step; with quantised VQ
+latents this is bitwise the run that encodes on the fly (the nearest code does not depend on
+the batch an image is encoded in; a posterior mean can differ in the last bits).
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ SCHEMA = "condnoise.latents/1"
 
 def autoencoder_fingerprint(autoencoder: Any) -> str:
     """16 hex digits identifying an autoencoder's kind, scaling factor and weights."""
-    h = hashlib.sha256(json.dumps({"kind": autoencoder.kind, "scale": float(autoencoder.scale)},
-                                  sort_keys=True).encode())
+    head = {"kind": autoencoder.kind, "scale": float(autoencoder.scale)}
+    if getattr(autoencoder, "quantize", False):  # quantised latents are other latents
+        head["quantize"] = True
+    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
     for name, t in sorted(autoencoder.model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -53,6 +59,7 @@ def cache_spec(source: Any, autoencoder: Any, *, shard_size: int, flips: bool) -
         "latent_shape": list(autoencoder.latent_shape(tuple(image_shape))),
         "autoencoder": {"kind": autoencoder.kind, "path": str(autoencoder.path),
                         "scaling_factor": float(autoencoder.scale),
+                        "quantize": bool(getattr(autoencoder, "quantize", False)),
                         "fingerprint": autoencoder_fingerprint(autoencoder)},
         "shard_size": shard_size, "flips": flips, "dtype": "float32",
         "condition_kind": meta.condition_kind, "class_names": list(meta.class_names),
@@ -172,6 +179,15 @@ class LatentCache:
         self.index = json.loads(path.read_text(encoding="utf-8"))
         if self.index.get("schema") != SCHEMA:
             raise UserError(f"{path}: unknown schema {self.index.get('schema')!r}")
+        self._maps: dict[tuple[int, bool], np.ndarray] = {}
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.index["num_samples"])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.index["latent_shape"])  # type: ignore[return-value]
 
     def check(self, *, fingerprint: str | None = None, image_size: int | None = None,
               source: str | None = None) -> None:
@@ -188,6 +204,34 @@ class LatentCache:
         if source is not None and self.index["source"] != source:
             raise UserError(f"latent cache {self.root} was made from {self.index['source']}, the "
                             f"run reads {source}")
+
+    def check_data(self, meta: Any, num_samples: int, image_size: int | None) -> None:
+        """UserError unless the cache holds the latents of this split (``DatasetMeta``), at
+        least its first ``num_samples`` images, at ``image_size``."""
+        self.check(image_size=image_size, source=meta.name)
+        if self.index["split"] != meta.split:
+            raise UserError(f"latent cache {self.root} holds split {self.index['split']!r}, the "
+                            f"run reads {meta.split!r} (data.split)")
+        if self.num_samples < num_samples:
+            raise UserError(f"latent cache {self.root} holds {self.num_samples} latents, the run "
+                            f"reads {num_samples} images")
+
+    def gather(self, idx: torch.Tensor, flipped: bool = False) -> torch.Tensor:
+        """``float32 [len(idx), C, h, w]``: the latents of dataset indices ``idx`` (any order),
+        read from the memory-mapped shards."""
+        if flipped and not self.index["flips"]:
+            raise UserError(f"latent cache {self.root} holds no flipped latents (extract with flips)")
+        i = np.asarray(idx, np.int64)
+        size = int(self.index["shard_size"])
+        out = np.empty((len(i), *self.latent_shape), np.float32)
+        shard = i // size
+        for k in np.unique(shard):
+            rows = shard == k
+            key = (int(k), flipped)
+            if key not in self._maps:
+                self._maps[key] = self.shard(int(k), flipped)
+            out[rows] = self._maps[key][i[rows] - int(k) * size]
+        return torch.from_numpy(out)
 
     def shard(self, k: int, flipped: bool = False) -> np.ndarray:
         """Shard ``k`` as a read-only memory map ``float32 [n, C, h, w]``."""
