@@ -10,3 +10,8 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class CondnoiseWarning(UserWarning):
+    """Something the user should know that does not stop the command (a stale lock taken
+    over, ...). The CLI prints ``condnoise: warning: <message>`` on one line."""

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -151,7 +150,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     (broken / "b.png").write_bytes(b"\x89PNG garbage")
     (tmp / "empty" / "cls").mkdir(parents=True)
     return [
-        (["digits", "--kind", "symmetric", "--ratio", "1.5"], "--ratio must lie in [0, 1], got 1.5"),
+        (["digits", "--kind", "symmetric", "--ratio", "1.5"], "--ratio: must be a finite number in [0, 1], got 1.5"),
         (["digits", "--kind", "symmetric", "--ratio", "-0.1"], "got -0.1"),
         (["fashion-mnist", "--kind", "asymmetric", "--ratio", "0.1", "--classes", "Coat,Hat"],
          "unknown class name 'Hat'"),
@@ -194,8 +193,6 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, sce
 
 
 def test_help_lists_defaults(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["corrupt", "--help"])
-    assert e.value.code == 0
+    assert main(["corrupt", "--help"]) == 0
     text = capsys.readouterr().out
     assert "--ratio" in text and "(default: train)" in text and "--rewriter" in text

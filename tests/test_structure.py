@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "condnoise"
-SHARED = {"errors", "io", "paths", "rng", "stats", "schema", "plotting", "provenance"}
+SHARED = {"errors", "io", "locks", "paths", "rng", "stats", "schema", "plotting", "provenance"}
 STAGES = ("data", "conditioning", "models", "diffusion", "training", "evaluation", "theory",
           "study")  # fmt: skip
 #: the allowed-imports table of docs/architecture.md (besides the shared modules)

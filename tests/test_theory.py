@@ -172,7 +172,7 @@ def test_cli_end_to_end(tmp_path) -> None:
     out = tmp_path / "lab"
     rc = main(["theory", "gmm", "--d", "3,8", "--n", "6,400", "--gamma", "0,0.1,0.3",
                "--seeds", "2", "--sweep-points", "9", "--sweep-seeds", "3",
-               "--sgd-iters", "150", "--sample-budget", "120000", "--out", str(out), "--quiet"])
+               "--sgd-iters", "150", "--sample-budget", "120000", "--out", str(out), "--no-progress"])
     assert rc == 0
     for name in ("table.csv", "table.json", "results.json", "provenance.json"):
         assert (out / name).is_file()
@@ -196,6 +196,39 @@ def test_cli_end_to_end(tmp_path) -> None:
     (["--d", "0"], "--d"),
 ])
 def test_bad_input_is_a_user_error(tmp_path, capsys, argv, needle) -> None:
-    rc = main(["theory", "gmm", *argv, "--out", str(tmp_path / "x"), "--quiet"])
+    rc = main(["theory", "gmm", *argv, "--out", str(tmp_path / "x"), "--no-progress"])
     assert rc == 2
     assert needle in capsys.readouterr().err
+
+
+def test_a_single_n_runs_and_says_why_there_is_no_slope(tmp_path, capsys) -> None:
+    out = tmp_path / "lab"
+    rc = main(["theory", "gmm", "--d", "4", "--n", "30", "--gamma", "0,0.3", "--seeds", "1",
+               "--sweep-points", "5", "--sweep-seeds", "2", "--sgd-iters", "20", "--steps", "32",
+               "--no-figures", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "log g* vs log n slope: needs two or more --n values" in text
+    assert json.loads((out / "results.json").read_text())["sweep"]["g_star_sim_loglog_slope"] is None
+
+
+def test_the_euler_w2_gap_error_is_the_integrator_not_the_closed_form(tmp_path) -> None:
+    """Euler's W2^2-gap error shrinks as 1/steps towards the finite-T closed form (first
+    order) and is within the lab's 5% tolerance with enough steps; Heun is within it at 128.
+    So the closed form is right and the README's Euler example needs its step count."""
+    from condnoise.theory.lab import GMMLabConfig, run_gmm_lab
+
+    def worst(integrator: str, steps: int):
+        cfg = GMMLabConfig(d=[8], n=[50], gamma=[0.0, 0.3], integrator=integrator, steps=steps,
+                           sweep_points=5, sweep_seeds=2, sgd_iters=10, figures=False)
+        res = run_gmm_lab(cfg, tmp_path / f"{integrator}-{steps}")
+        return max(r["w2_gap_relerr"] for r in res.rows if r["gamma"] > 0), res
+
+    e400, _ = worst("euler", 400)
+    e1600, _ = worst("euler", 1600)
+    e6400, res = worst("euler", 6400)
+    assert e400 > 0.05  # outside the tolerance
+    assert 3.0 < e400 / e1600 < 5.0 and 3.0 < e1600 / e6400 < 5.0  # error ~ 1/steps
+    assert res.all_within_tolerance, res.rows
+    heun, res = worst("heun", 128)
+    assert res.all_within_tolerance and heun < e1600

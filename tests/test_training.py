@@ -57,9 +57,11 @@ def test_training_run_writes_everything_and_learns(tmp_path):
     assert prov["seed"] == 0 and "torch" in prov["versions"]
     info = json.loads((run / "run.json").read_text())
     assert info["class_names"] == [str(i) for i in range(10)] and info["image_shape"] == [1, 8, 8]
-    # the sample grid: 10 classes x 2 samples of 8x8 with 2px padding
-    grid = Image.open(run / "samples" / "step_00000060.png")
-    assert grid.size == (2 * 10 + 2, 10 * 10 + 2)
+    # the sample grid: 10 labelled rows x 2 samples of 8x8 shown 3x (24 px) with 2px padding
+    grid = np.asarray(Image.open(run / "samples" / "step_00000060.png"))
+    assert grid.shape[0] == 10 * 26 + 2 and grid.shape[1] > 2 * 26 + 2
+    label_column = grid[:, : grid.shape[1] - (2 * 26 + 2)]
+    assert (label_column < 128).any(axis=1).sum() > 10 * 5  # dark text in every row band
 
 
 def test_load_run_gives_ema_model_in_eval_mode(tmp_path):
@@ -131,8 +133,10 @@ def test_sample_grid_from_ema_model(tmp_path):
     trainer.run()
     path = write_sample_grid(trainer, 3)
     img = np.asarray(Image.open(path))
-    assert img.shape == (10 * 10 + 2, 3 * 10 + 2)
-    assert img[2:10, 2:10].std() > 0  # not a blank tile
+    width = 3 * 26 + 2  # 3 samples of 8x8 shown 3x, 2px padding; the labels on their left
+    assert img.shape[0] == 10 * 26 + 2 and img.shape[1] > width
+    left = img.shape[1] - width
+    assert img[2:26, left + 2:left + 26].std() > 0  # not a blank tile
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):

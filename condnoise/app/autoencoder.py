@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from condnoise.app.common import HelpFormatter, IntermixedParser
+from condnoise.app.common import (
+    IntermixedParser,
+    add_device_option,
+    add_group_parser,
+    add_parser,
+    add_progress_option,
+    positive_int,
+    seed_int,
+    show_progress,
+)
 from condnoise.errors import UserError
 
 TRAIN_EPILOG = """\
@@ -24,17 +33,15 @@ as YAML), e.g. model.codebook_size=1024 loss.disc_start=500 train.lr=2e-4.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("autoencoder", formatter_class=HelpFormatter,
+    _, sub = add_group_parser(subparsers, "autoencoder", "ACTION",
                               help="train / evaluate VQ and KL autoencoders for latent diffusion")
-    sub = p.add_subparsers(dest="autoencoder_command", metavar="ACTION")
-    _register_train(sub, HelpFormatter)
-    _register_eval(sub, HelpFormatter)
-    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+    _register_train(sub)
+    _register_eval(sub)
 
 
-def _register_train(sub: argparse._SubParsersAction, formatter: type) -> None:
-    t = sub.add_parser(
-        "train", formatter_class=formatter, epilog=TRAIN_EPILOG,
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    t = add_parser(
+        sub, "train", epilog=TRAIN_EPILOG,
         help="train a VQ-f4 / KL-f8 style autoencoder (resumable)",
         description="Train a diffusers VQModel or AutoencoderKL with the LDM first-stage losses "
                     "(L1, perceptual, PatchGAN with adaptive weight, VQ / KL term); writes a run "
@@ -46,27 +53,27 @@ def _register_train(sub: argparse._SubParsersAction, formatter: type) -> None:
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. model.codebook_size=1024 loss.disc_start=500")
     t.add_argument("--run-dir", default=None, help="run directory; None: runs/ae-<preset>-s<seed>")
-    t.add_argument("--max-steps", type=int, default=None,
+    t.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this step and save (train.steps, the schedule's length, is "
                         "kept, so --resume continues); None: train to train.steps")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its latest checkpoint")
     t.add_argument("--kind", default=None, help="vq (VQModel) or kl (AutoencoderKL); None: model.kind")
-    t.add_argument("--downsample", type=int, default=None,
+    t.add_argument("--downsample", type=positive_int, default=None,
                    help="spatial downsampling factor 4 or 8; None: model.downsample")
     t.add_argument("--source", default=None,
                    help="data source spec (fashion-mnist, digits, imagefolder:PATH, wds:PATTERN, "
                         "...); None: data.source")
-    t.add_argument("--seed", type=int, default=None, help="seed; None: train.seed")
-    t.add_argument("--device", default=None, help="torch device; None: cuda when available, else cpu")
-    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("--seed", type=seed_int, default=None, help="seed; None: train.seed")
+    add_device_option(t, "torch device; None: cuda when available, else cpu")
+    add_progress_option(t)
     t.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     t.set_defaults(func=run_train)
 
 
-def _register_eval(sub: argparse._SubParsersAction, formatter: type) -> None:
-    e = sub.add_parser(
-        "eval", formatter_class=formatter, help="PSNR, SSIM, rFID and codebook usage on a split",
+def _register_eval(sub: argparse._SubParsersAction) -> None:
+    e = add_parser(
+        sub, "eval", help="PSNR, SSIM, rFID and codebook usage on a split",
         description="Reconstruct a data split with an autoencoder (VQ: quantised; KL: posterior "
                     "mean) and write OUT/metrics.json (psnr, ssim, rfid per extractor, code usage), "
                     "OUT/reconstructions.png and, for VQ models, OUT/code_usage.png.")
@@ -79,16 +86,18 @@ def _register_eval(sub: argparse._SubParsersAction, formatter: type) -> None:
                         "or none")
     e.add_argument("--out", default=None, help="output folder; None: <folder's parent>/eval-<split>")
     e.add_argument("--kind", default="auto", help="auto (from config.json), vq or kl (checked)")
-    e.add_argument("--image-size", type=int, default=None,
+    e.add_argument("--image-size", type=positive_int, default=None,
                    help="image size of the data; None: the autoencoder's sample_size")
-    e.add_argument("--max-samples", type=int, default=None, help="use only the first N images")
-    e.add_argument("--crop", type=int, default=None,
+    e.add_argument("--max-samples", type=positive_int, default=None, help="use only the first N images")
+    e.add_argument("--crop", type=positive_int, default=None,
                    help="also report PSNR / SSIM on the central NxN pixels (28: Fashion-MNIST "
                         "padded to 32)")
-    e.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    e.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     e.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see condnoise corrupt)")
-    e.add_argument("--device", default="cpu", help="torch device")
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads; None: as torch chooses")
+    add_device_option(e, "torch device; None: cpu")
+    e.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads; None: as torch chooses")
+    add_progress_option(e)
     e.set_defaults(func=run_eval)
 
 
@@ -118,15 +127,12 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise UserError("autoencoder train: name a preset or YAML file (presets: " + ", ".join(presets) + ")")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
     cfg = load_autoencoder_config(args.config, train_overrides(args))
     if args.source is not None:  # set verbatim (a spec is not YAML)
         cfg.data.source = args.source
     if args.run_dir is not None:
         cfg.run.dir = args.run_dir
-    if args.no_progress:
-        cfg.run.progress = False
+    cfg.run.progress = cfg.run.progress and show_progress(args)
     from condnoise.training.autoencoder import train_autoencoder
 
     bar, progress = _train_bar(cfg, args.max_steps)
@@ -178,10 +184,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for flag in ("max_samples", "batch_size", "image_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     features = tuple(f.strip() for f in args.features.split(",") if f.strip() and f.strip() != "none")
     out = Path(args.out) if args.out else resolve_folder(args.path).parent / f"eval-{args.split}"
     r = evaluate_autoencoder(args, features, out)
@@ -203,6 +205,7 @@ def evaluate_autoencoder(args: argparse.Namespace, features: tuple[str, ...], ou
 
     from condnoise.data.sources import open_source
     from condnoise.evaluation.reconstruction import evaluate_reconstructions
+    from condnoise.locks import folder_lock
     from condnoise.models.first_stage import load_first_stage
     from condnoise.provenance import write_provenance
     from condnoise.training.image_stream import (
@@ -211,7 +214,8 @@ def evaluate_autoencoder(args: argparse.Namespace, features: tuple[str, ...], ou
         save_reconstruction_grid,
     )
 
-    model, kind, folder = load_first_stage(args.path, args.kind, args.device)
+    device = args.device or "cpu"
+    model, kind, folder = load_first_stage(args.path, args.kind, device)
     size = args.image_size or int(model.config.sample_size)
     src = open_source(args.source, args.split, data_dir=args.data_dir, image_size=size)
     data_name = f"{src.meta.name}:{args.split}"
@@ -221,13 +225,14 @@ def evaluate_autoencoder(args: argparse.Namespace, features: tuple[str, ...], ou
     images = ImageBatches(src, 0, max_samples=args.max_samples)
     info = {"autoencoder": str(folder), "kind": kind, "data": data_name,
             "image_shape": list(src.meta.image_shape)}
-    with tqdm(desc="reconstruct", unit="img", leave=False) as bar:
+    with folder_lock(out, "autoencoder eval"), \
+            tqdm(desc="reconstruct", unit="img", leave=False, disable=not show_progress(args)) as bar:
         r = evaluate_reconstructions(
-            reconstructions(model, images, args.batch_size, args.device), out_dir=out,
+            reconstructions(model, images, args.batch_size, device), out_dir=out,
             features=features, crop=args.crop, info=info, progress=bar,
             codebook_size=int(model.config.num_vq_embeddings) if kind == "vq" else None)
-    save_reconstruction_grid(model, images, out / "reconstructions.png", 16, args.device)
-    write_provenance(out, {"autoencoder": str(folder), "source": args.source, "split": args.split,
-                           "features": list(features), "image_size": size,
-                           "max_samples": args.max_samples, "crop": args.crop}, None)
+        save_reconstruction_grid(model, images, out / "reconstructions.png", 16, device)
+        write_provenance(out, {"autoencoder": str(folder), "source": args.source, "split": args.split,
+                               "features": list(features), "image_size": size,
+                               "max_samples": args.max_samples, "crop": args.crop}, None)
     return r

@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from condnoise.app.common import add_parser
+from condnoise.app.common import (
+    add_group_parser,
+    add_parser,
+    add_progress_option,
+    float_range,
+    seed_int,
+    show_progress,
+)
 
 KIND_CHOICES = ("symmetric", "asymmetric", "swap", "rewrite")  # = corruption.KINDS
 
@@ -20,14 +27,13 @@ def register(subparsers: Any) -> None:
 
 
 def _register_data(subparsers: Any) -> None:
-    data = add_parser(subparsers, "data", help="data utilities (check that Fashion-MNIST is installed)")
-    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    _, dsub = add_group_parser(subparsers, "data", "ACTION",
+                               help="data utilities (check that Fashion-MNIST is installed)")
     check = add_parser(dsub, "check", help="exit 0 when Fashion-MNIST is found, else say how to get it",
                        description="Look for the Fashion-MNIST IDX files (--data-dir, "
                                    "$CONDNOISE_DATA, the Debian package dataset-fashion-mnist).")
     check.add_argument("--data-dir", default=None, help="folder holding the IDX files")
     check.set_defaults(func=run_data_check)
-    data.set_defaults(func=lambda args: (data.print_help(), 0)[1])
 
 
 def run_data_check(args: argparse.Namespace) -> int:
@@ -55,16 +61,16 @@ def _register_corrupt(subparsers: Any) -> None:
     )
     p.add_argument("data", metavar="DATA", help="data source spec")
     p.add_argument("--kind", choices=KIND_CHOICES, required=True, help="corruption kind")
-    p.add_argument("--ratio", type=float, required=True,
+    p.add_argument("--ratio", type=float_range(0, 1), required=True,
                    help="fraction of samples to corrupt, in [0, 1] (paper: 0.025 to 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (numpy PCG64)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (numpy PCG64)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--classes", default=None,
                    help="asymmetric only: comma-separated class names (or indices) of the subset")
     p.add_argument("--split", default="train", help="dataset split")
     p.add_argument("--force", action="store_true", help="overwrite an existing manifest")
     p.add_argument("--data-dir", default=None,
-                   help="folder with the Fashion-MNIST IDX files (default: Debian package)")
+                   help="folder with the Fashion-MNIST IDX files (None: the Debian package)")
     p.add_argument("--rewriter", default=None, metavar="NAME|MODULE:NAME",
                    help="rewrite only: a built-in rewriter (rule; for scenes also attributes, "
                         "paraphrase: same attributes, other words) or a Rewriter to import "
@@ -72,6 +78,7 @@ def _register_corrupt(subparsers: Any) -> None:
                         "scenes, rule otherwise")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking that every image file of a file-based source decodes")
+    add_progress_option(p)
     p.set_defaults(func=run_corrupt)
 
 
@@ -93,44 +100,20 @@ def load_rewriter(spec: str):
 
 
 def run_corrupt(args: argparse.Namespace) -> int:
-    from condnoise.data.corruption import corrupt
     from condnoise.data.manifest import MANIFEST
-    from condnoise.data.sources import open_source
     from condnoise.errors import UserError
+    from condnoise.locks import folder_lock
 
     start = time.perf_counter()
-    if not 0.0 <= args.ratio <= 1.0:
-        raise UserError(f"--ratio must lie in [0, 1], got {args.ratio}")
     if (args.out / MANIFEST).exists() and not args.force:
         raise UserError(f"{args.out / MANIFEST} already exists; pass --force to overwrite it")
     if args.rewriter and args.kind != "rewrite":
         raise UserError("--rewriter applies only to --kind rewrite")
-    source = open_source(args.data, args.split, data_dir=args.data_dir)
-    classes = None
-    if args.classes is not None:
-        classes = [c for c in args.classes.split(",") if c.strip()]
     rewriter = args.rewriter  # a built-in name, resolved by corrupt()
     if args.rewriter and ":" in args.rewriter:
         rewriter = load_rewriter(args.rewriter)
-    manifest = corrupt(
-        source, args.kind, args.ratio, args.seed, classes=classes, rewriter=rewriter
-    )
-    if hasattr(source, "verify_images") and not args.no_verify:
-        source.verify_images(progress=True)
-    config = {
-        "command": "corrupt",
-        "data": args.data,
-        "source": source.meta.name,
-        "split": args.split,
-        "kind": args.kind,
-        "ratio": args.ratio,
-        "seed": args.seed,
-        "classes": classes,
-        "rewriter": args.rewriter,
-        "data_dir": args.data_dir,
-        "out": str(args.out),
-    }
-    summary = manifest.save(args.out, source.conditions(), force=args.force, config=config)
+    with folder_lock(args.out, "corrupt"):
+        source, summary, classes = _corrupt_and_save(args, rewriter)
     elapsed = time.perf_counter() - start
     print(
         f"corrupted {summary['n_corrupted']:,} of {summary['n']:,} {source.meta.condition_kind} "
@@ -144,3 +127,25 @@ def run_corrupt(args: argparse.Namespace) -> int:
     extra = "".join(f", {name}" for name in summary["sidecars"])
     print(f"wrote {args.out / MANIFEST}, summary.json, provenance.json{extra}")
     return 0
+
+
+def _corrupt_and_save(args: argparse.Namespace, rewriter: Any) -> tuple[Any, dict, list | None]:
+    """Open the source, corrupt it, verify file-based images, save the manifest."""
+    from condnoise.data.corruption import corrupt
+    from condnoise.data.sources import open_source
+
+    source = open_source(args.data, args.split, data_dir=args.data_dir)
+    classes = None
+    if args.classes is not None:
+        classes = [c for c in args.classes.split(",") if c.strip()]
+    manifest = corrupt(source, args.kind, args.ratio, args.seed, classes=classes, rewriter=rewriter)
+    if hasattr(source, "verify_images") and not args.no_verify:
+        source.verify_images(progress=show_progress(args))
+    config = {
+        "command": "corrupt", "data": args.data, "source": source.meta.name,
+        "split": args.split, "kind": args.kind, "ratio": args.ratio, "seed": args.seed,
+        "classes": classes, "rewriter": args.rewriter, "data_dir": args.data_dir,
+        "out": str(args.out),
+    }  # fmt: skip
+    summary = manifest.save(args.out, source.conditions(), force=args.force, config=config)
+    return source, summary, classes

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from condnoise.app.common import add_parser, split_list
+from condnoise.app.common import (
+    add_group_parser,
+    add_parser,
+    add_progress_option,
+    float_range,
+    positive_int,
+    seed_int,
+    show_progress,
+    split_list,
+)
 from condnoise.errors import UserError
 
 
@@ -15,22 +24,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_features(subparsers: argparse._SubParsersAction) -> None:
-    feat = add_parser(subparsers, "features",
-                      help="feature extractors (train the fmnist-classifier, list extractors)")
-    fsub = feat.add_subparsers(dest="features_command", metavar="ACTION")
+    _, fsub = add_group_parser(
+        subparsers, "features", "ACTION",
+        help="feature extractors (train the fmnist-classifier, list extractors)")
     tr = add_parser(fsub, "train", help="train and cache the fmnist-classifier",
                     description="Train the Fashion-MNIST CNN used as feature extractor and "
-                                "classifier; fails if test accuracy < 90%%.")
+                                "classifier; fails if test accuracy < 90%.")
     tr.add_argument("--out", default=None,
                     help="folder for the weights; None: $CONDNOISE_CACHE or ~/.cache/condnoise")
-    tr.add_argument("--epochs", type=int, default=3, help="training epochs")
-    tr.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic)")
-    tr.add_argument("--batch-size", type=int, default=128, help="mini-batch size")
-    tr.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    tr.add_argument("--epochs", type=positive_int, default=3, help="training epochs")
+    tr.add_argument("--seed", type=seed_int, default=0,
+                    help="random seed (training is deterministic)")
+    tr.add_argument("--batch-size", type=positive_int, default=128, help="mini-batch size")
+    tr.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    add_progress_option(tr)
     tr.set_defaults(func=_train)
     ls = add_parser(fsub, "list", help="list the registered extractors")
     ls.set_defaults(func=_list)
-    feat.set_defaults(func=lambda args: (feat.print_help(), 0)[1])
 
 
 def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
@@ -49,30 +59,32 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--metrics", default="fid,pr,dc,is,condition-accuracy,rmd",
                     help="comma-separated: fid, sfid, pr, dc, top-pr, is, condition-accuracy, "
                          "rmd, knn-l2, memorization, entropy (VQ latent runs)")
-    ev.add_argument("--k", type=int, default=3, help="k of improved precision/recall")
-    ev.add_argument("--dc-k", type=int, default=5, help="k of density/coverage")
-    ev.add_argument("--shrinkage", type=float, default=0.0,
+    ev.add_argument("--k", type=positive_int, default=3, help="k of improved precision/recall")
+    ev.add_argument("--dc-k", type=positive_int, default=5, help="k of density/coverage")
+    ev.add_argument("--shrinkage", type=float_range(0, 1), default=0.0,
                     help="covariance shrinkage in [0, 1] for FID/sFID/RMD (needed when samples <= dim)")
-    ev.add_argument("--max-ref", type=int, default=None, help="use only the first N reference images")
-    ev.add_argument("--max-train", type=int, default=None,
-                    help="use only the first N training images (knn-l2, memorization)")
-    ev.add_argument("--memorization-threshold", type=float, default=None,
+    ev.add_argument("--max-ref", type=positive_int, default=None,
+                    help="use only the first N reference images (None: all)")
+    ev.add_argument("--max-train", type=positive_int, default=None,
+                    help="use only the first N training images (knn-l2, memorization; None: all)")
+    ev.add_argument("--memorization-threshold", type=float_range(0), default=None,
                     help="L2 threshold; None: the --memorization-percentile of reference -> train "
                          "nearest-neighbour distances")
-    ev.add_argument("--memorization-percentile", type=float, default=1.0,
-                    help="percentile used for the default memorization threshold")
-    ev.add_argument("--entropy-tau", type=float, default=1.0,
+    ev.add_argument("--memorization-percentile", type=float_range(0, 100), default=1.0,
+                    help="percentile in [0, 100] used for the default memorization threshold")
+    ev.add_argument("--entropy-tau", type=float_range(0, lo_open=True), default=1.0,
                     help="temperature tau of the sample entropy softmax(-||x - C_k||^2 / tau)")
-    ev.add_argument("--entropy-pool", type=int, default=32768,
+    ev.add_argument("--entropy-pool", type=positive_int, default=32768,
                     help="latent vectors in the code-usage histogram (fixed: comparable across runs)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of TopP&R's bootstrap")
-    ev.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ev.add_argument("--seed", type=seed_int, default=0, help="seed of TopP&R's bootstrap")
+    ev.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     ev.add_argument("--replace", action="store_true",
                     help="start each metrics.json afresh; by default values of an earlier call on "
                          "the same samples and settings are kept and merged")
     ev.add_argument("--out", default=None,
                     help="also write a combined JSON of all folders to this file, with a "
                          "Markdown table (.md) and, for a guidance sweep, a figure (.png) beside it")
+    add_progress_option(ev)
     ev.set_defaults(func=_evaluate)
 
 
@@ -80,12 +92,13 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from condnoise.evaluation.classifier import cache_dir, train_classifier
+    from condnoise.locks import folder_lock
 
     torch.set_num_threads(args.threads)
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
     out = Path(args.out) if args.out else cache_dir()
-    card = train_classifier(out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size)
+    with folder_lock(out, "features train"):
+        card = train_classifier(out, epochs=args.epochs, seed=args.seed,
+                                batch_size=args.batch_size, progress=show_progress(args))
     print(f"fmnist-classifier: test accuracy {card['test_accuracy']:.4f}, "
           f"saved to {out} ({card['train_seconds']} s)")
     return 0
@@ -110,9 +123,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     from condnoise.evaluation.records import write_metrics
     from condnoise.evaluation.summary import markdown_table
+    from condnoise.locks import folder_locks
     from condnoise.provenance import environment
 
-    torch.set_num_threads(args.threads)
     cfg = EvalConfig(
         ref=args.ref, train_ref=args.train_ref, extractors=split_list(args.features, "--features"),
         metrics=split_list(args.metrics, "--metrics"), k=args.k, dc_k=args.dc_k,
@@ -125,18 +138,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).suffix in (".md", ".png"):
         raise UserError(f"--out {args.out}: give the combined JSON's path (e.g. metrics_all.json); "
                         "the .md table and .png figure are written beside it")
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a folder; give the combined JSON's file path")
+    folders = list(dict.fromkeys(f for s in args.samples for f in find_sample_folders(s)))
+    torch.set_num_threads(args.threads)
     combined = []
-    for folder in [f for s in args.samples for f in find_sample_folders(s)]:
-        samples = load_samples(folder)
-        result = evaluate_samples(samples, cfg, autoencoder=_vq_autoencoder(samples, cfg)).record
-        result["provenance"] = {"config": vars(cfg) | {"extractors": list(cfg.extractors),
-                                                         "metrics": list(cfg.metrics)},
-                                "seed": args.seed, **environment()}
-        result, note = write_metrics(folder, result, replace=args.replace)
-        combined.append(result)
-        summary = ", ".join(f"{m}@{e}={v:.4g}" for m, d in result["metrics"].items()
-                            for e, v in d.items())
-        print(f"{folder}: {summary}" + (f"\n  ({note})" if note else ""))
+    with folder_locks(folders, "evaluate"):
+        for folder in folders:
+            samples = load_samples(folder)
+            result = evaluate_samples(samples, cfg, progress=show_progress(args),
+                                      autoencoder=_vq_autoencoder(samples, cfg)).record
+            result["provenance"] = {"config": vars(cfg) | {"extractors": list(cfg.extractors),
+                                                             "metrics": list(cfg.metrics)},
+                                    "seed": args.seed, **environment()}
+            result, note = write_metrics(folder, result, replace=args.replace)
+            combined.append(result)
+            summary = ", ".join(f"{m}@{e}={v:.4g}" for m, d in result["metrics"].items()
+                                for e, v in d.items())
+            print(f"{folder}: {summary}" + (f"\n  ({note})" if note else ""))
     table = markdown_table(combined)
     print("\n" + table, end="")
     if args.out:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
-from condnoise.app.common import add_parser
-from condnoise.errors import UserError
+from condnoise.app.common import (
+    add_device_option,
+    add_group_parser,
+    add_parser,
+    add_progress_option,
+    float_range,
+    nonneg_int,
+    positive_int,
+    show_progress,
+)
 
 EPILOG = """\
 examples:
@@ -22,8 +31,8 @@ resumes (existing shards are kept); the cache is complete once DIR/index.json ex
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = add_parser(subparsers, "latents", help="pre-extract autoencoder latents of a dataset")
-    sub = p.add_subparsers(dest="latents_command", metavar="ACTION")
+    _, sub = add_group_parser(subparsers, "latents", "ACTION",
+                              help="pre-extract autoencoder latents of a dataset")
     e = add_parser(
         sub, "extract", epilog=EPILOG,
         help="encode a whole split into memory-mapped latent shards (resumable, split over ranks)",
@@ -38,43 +47,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(uses RUN/autoencoder)")
     e.add_argument("--out", required=True, metavar="DIR", help="cache folder")
     e.add_argument("--split", default="train", help="data split")
-    e.add_argument("--image-size", type=int, default=32,
+    e.add_argument("--image-size", type=nonneg_int, default=32,
                    help="image size the source is resized to (the run's data.image_size); "
                         "0: the source's native size")
     e.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see condnoise corrupt)")
     e.add_argument("--kind", default="auto", help="auto (from config.json), vq or kl (checked)")
-    e.add_argument("--scaling-factor", type=float, default=None,
+    e.add_argument("--scaling-factor", type=float_range(0, lo_open=True), default=None,
                    help="latent scale; None: the folder's scaling_factor")
     e.add_argument("--quantize", action="store_true",
                    help="VQ: store the nearest codebook vectors (model.autoencoder.quantize)")
     e.add_argument("--flips", action="store_true",
                    help="also store the latents of horizontally flipped images")
-    e.add_argument("--shard-size", type=int, default=4096, help="latents per shard file")
-    e.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    e.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding files")
-    e.add_argument("--device", default=None, help="torch device; None: cuda:<LOCAL_RANK> or cpu")
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads; None: as torch chooses")
-    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.add_argument("--shard-size", type=positive_int, default=4096, help="latents per shard file")
+    e.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    e.add_argument("--num-workers", type=nonneg_int, default=0, help="DataLoader workers decoding files")
+    add_device_option(e, "torch device; None: cuda:<LOCAL_RANK> when available, else cpu")
+    e.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads; None: as torch chooses")
+    add_progress_option(e)
     e.set_defaults(func=run_extract)
-    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
 
 def run_extract(args: argparse.Namespace) -> int:
     import torch
 
+    from condnoise.locks import folder_lock
     from condnoise.training.runtime import barrier, cleanup_distributed, init_distributed
 
-    for flag in ("shard_size", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     info = init_distributed(args.device)
+    # rank 0 holds the folder's lock: another extraction into it stops with one line
+    lock = folder_lock(args.out, "latents extract") if info.rank == 0 else contextlib.nullcontext()
     try:
-        index = _extract(args, info)
-        barrier(info)
-        if index is None and info.rank == 0:  # other ranks made the last shards
+        with lock:
             index = _extract(args, info)
+            barrier(info)
+            if index is None and info.rank == 0:  # other ranks made the last shards
+                index = _extract(args, info)
     finally:
         cleanup_distributed()
     if info.rank == 0:
@@ -98,7 +108,7 @@ def _extract(args: argparse.Namespace, info) -> Path | None:  # type: ignore[no-
     src = open_source(args.source, args.split, data_dir=args.data_dir,
                       image_size=args.image_size or None)
     bar = tqdm(total=len(src), desc=f"latents (rank {info.rank})", unit="img",
-               disable=args.no_progress, leave=False)
+               disable=not show_progress(args), leave=False)
     with bar:
         index = extract_latents(src, ae, args.out, flips=args.flips, shard_size=args.shard_size,
                                 batch_size=args.batch_size, rank=info.rank,

@@ -6,7 +6,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from condnoise.app.common import add_parser
+from condnoise.app.common import (
+    add_device_option,
+    add_parser,
+    add_progress_option,
+    float_range,
+    int_range,
+    nonneg_int,
+    positive_int,
+    seed_int,
+    show_progress,
+)
 
 SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++")  # = samplers.SAMPLERS (no torch import for --help)
 CLIP_CHOICES = ("auto", "on", "off")
@@ -30,14 +40,15 @@ def register(subparsers: Any) -> None:
     _add_run_options(p, pipeline=True)
     p.add_argument("--guidance", default="1.5,2,3",
                    help="comma-separated CFG scales s (1 = conditional only, 0 = unconditional)")
-    p.add_argument("--num", "--num-samples", dest="num", type=int, default=1000,
+    p.add_argument("--num", "--num-samples", dest="num", type=positive_int, default=1000,
                    help="samples per guidance scale (under torchrun spell it --num-samples: "
                         "torchrun reads --num as its own --numa-binding)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="dpm++",
                    help="ddpm (ancestral), ddim (eta=0) or dpm++ (DPM-Solver++ 2M)")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampler steps")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="sweep seed (per-sample noise and classes)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="sweep seed (per-sample noise and classes)")
     p.add_argument("--classes", default="balanced",
                    help="'balanced' (index i -> class i %% K), 'random' (from the seed), or a "
                         "comma-separated list of class names / indices used round-robin")
@@ -50,16 +61,17 @@ def register(subparsers: Any) -> None:
                         "i, paired with its image; captions and source indices are saved)")
     p.add_argument("--data", default=None, metavar="SPEC",
                    help="data source of --captions-from (None: the run's training source)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per sampler batch")
-    p.add_argument("--shard-size", type=int, default=1000,
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per sampler batch")
+    p.add_argument("--shard-size", type=positive_int, default=1000,
                    help="images per shard file (the unit of resume and of torchrun work)")
     p.add_argument("--png", action="store_true", help="also write one PNG per image")
-    p.add_argument("--grid-per-class", type=int, default=8,
+    p.add_argument("--grid-per-class", type=nonneg_int, default=8,
                    help="images per class row in grid.png (0: no grid)")
     p.add_argument("--keep-shards", action="store_true",
                    help="keep shards/ after merging into samples.npz")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast precision of the model forward")
+    add_progress_option(p)
     p.set_defaults(func=run_sample)
 
     w = add_parser(
@@ -75,13 +87,14 @@ def register(subparsers: Any) -> None:
     _add_run_options(w)
     w.add_argument("--class", dest="class_name", required=True,
                    help="class name (case-insensitive) or index")
-    w.add_argument("--frames", type=int, default=16, help="frames per circle")
-    w.add_argument("--rows", type=int, default=1, help="independent circles (rows of the strip)")
-    w.add_argument("--seed", type=int, default=0, help="seed of the circles' noise (z1, z2)")
-    w.add_argument("--guidance", type=float, default=2.0, help="CFG scale s")
+    w.add_argument("--frames", type=int_range(2), default=16, help="frames per circle")
+    w.add_argument("--rows", type=positive_int, default=1,
+                   help="independent circles (rows of the strip)")
+    w.add_argument("--seed", type=seed_int, default=0, help="seed of the circles' noise (z1, z2)")
+    w.add_argument("--guidance", type=float_range(0), default=2.0, help="CFG scale s")
     w.add_argument("--sampler", choices=("ddim", "dpm++"), default="ddim",
                    help="deterministic sampler")
-    w.add_argument("--steps", type=int, default=50, help="sampler steps")
+    w.add_argument("--steps", type=positive_int, default=50, help="sampler steps")
     w.add_argument("--out", type=Path, default=None, help="output folder (None: RUN_DIR/walks)")
     w.set_defaults(func=run_walk)
 
@@ -94,10 +107,11 @@ def _add_run_options(p: argparse.ArgumentParser, pipeline: bool = False) -> None
                        help="a diffusers LDMTextToImagePipeline or DiTPipeline folder instead of a run")
     else:
         p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="training run directory")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step to load (None: the latest)")
+    p.add_argument("--step", type=nonneg_int, default=None,
+                   help="checkpoint step to load (None: the latest)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="EMA or raw model weights")
-    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    add_device_option(p, "torch device (None: cuda when available, else cpu)")
     p.add_argument("--clip-x0", choices=CLIP_CHOICES, default="auto",
                    help="clip predicted x0 to [-1,1] each step (auto: on in pixel space only)")
 
@@ -108,8 +122,9 @@ def _clip(choice: str, autoencoder: Any) -> bool:
     return {"on": True, "off": False}.get(choice, is_pixel_space(autoencoder))
 
 
-def _prompts(args: argparse.Namespace, run: Any) -> Any:
-    """The ``Prompts`` of --prompt / --prompts / --captions-from (None: none given)."""
+def _prompts(args: argparse.Namespace, data: Any) -> Any:
+    """The ``Prompts`` of --prompt / --prompts / --captions-from (None: none given); ``data``:
+    the run's data section (None for a pipeline)."""
     from condnoise.diffusion.sampling import Prompts, read_prompt_file
     from condnoise.errors import UserError
 
@@ -126,7 +141,7 @@ def _prompts(args: argparse.Namespace, run: Any) -> Any:
     if args.captions_from:
         from condnoise.data import open_source
 
-        d = getattr(run.config, "data", None)
+        d = data
         spec = args.data or (d.source if d is not None else None)
         if spec is None:
             raise UserError("--captions-from needs --data SPEC (the data source of the captions)")
@@ -140,11 +155,8 @@ def _prompts(args: argparse.Namespace, run: Any) -> Any:
 
 def _load(args: argparse.Namespace, device: Any) -> Any:
     """A training run, or with --pipeline a diffusers pipeline folder, ready to sample."""
-    from condnoise.errors import UserError
     from condnoise.training.runtime import load_run
 
-    if (args.run_dir is None) == (args.pipeline is None):
-        raise UserError("sample: give a RUN_DIR or --pipeline PATH (one of them)")
     if args.pipeline is not None:
         from condnoise.training.pipelines import load_pipeline
 
@@ -152,37 +164,65 @@ def _load(args: argparse.Namespace, device: Any) -> Any:
     return load_run(args.run_dir, ema=args.weights == "ema", device=device, step=args.step)
 
 
+def _run_facts(run_dir: Path) -> tuple[list[str], int, Any]:
+    """The class names (empty for a text run), training noise steps and data section of a
+    run, read without loading its model."""
+    from condnoise.errors import UserError
+    from condnoise.training.rundir import read_run_config, read_run_info
+
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    names = read_run_info(run_dir).get("class_names")
+    if not isinstance(names, list):
+        raise UserError(f"{Path(run_dir) / 'run.json'}: no class_names list")
+    config = read_run_config(run_dir)
+    return [str(n) for n in names], config.diffusion.num_steps, config.data
+
+
 def run_sample(args: argparse.Namespace) -> int:
+    import contextlib
+
     from condnoise.diffusion.sampling import SweepConfig, parse_guidance, run_sweep, scale_dirname
     from condnoise.diffusion.seeding import parse_classes
+    from condnoise.errors import UserError
+    from condnoise.locks import folder_lock
     from condnoise.provenance import write_provenance
     from condnoise.training.runtime import barrier, cleanup_distributed, init_distributed
 
     guidances = parse_guidance(args.guidance)
+    if (args.run_dir is None) == (args.pipeline is None):
+        raise UserError("sample: give a RUN_DIR or --pipeline PATH (one of them)")
+    facts = _run_facts(args.run_dir) if args.run_dir is not None else None
+    prompts = _prompts(args, facts[2] if facts else None)
+    classes = "balanced" if prompts or facts is None else parse_classes(args.classes, facts[0])
+    cfg = SweepConfig(
+        guidances=guidances, num=args.num, sampler=args.sampler, steps=args.steps,
+        seed=args.seed, classes=classes, batch_size=args.batch_size,
+        shard_size=args.shard_size, precision=args.precision, png=args.png,
+        grid_per_class=args.grid_per_class, keep_shards=args.keep_shards, prompts=prompts,
+    )  # fmt: skip
+    if facts is not None:
+        cfg.validate(facts[1])  # every setting checked before the model is loaded
     info = init_distributed(args.device)
+    lock = folder_lock(args.out, "sample") if info.is_main else contextlib.nullcontext()
     try:
-        run = _load(args, info.device)
-        prompts = _prompts(args, run)
-        cfg = SweepConfig(
-            guidances=guidances, num=args.num, sampler=args.sampler, steps=args.steps,
-            seed=args.seed,
-            classes=parse_classes(args.classes, run.class_names) if prompts is None else "balanced",
-            batch_size=args.batch_size, shard_size=args.shard_size,
-            clip_x0=_clip(args.clip_x0, run.autoencoder), precision=args.precision,
-            png=args.png, grid_per_class=args.grid_per_class, keep_shards=args.keep_shards,
-            prompts=prompts,
-        )  # fmt: skip
-        cfg.validate(len(run.schedule.betas))
-        source = run.run_dir
-        if info.is_main:
-            config = {**vars(cfg), "prompts": prompts.source if prompts else None,
-                      "run_dir": str(source), "checkpoint_step": run.step,
-                      "weights": args.weights, "world_size": info.world_size}  # fmt: skip
-            write_provenance(args.out, config, args.seed)
-        folders = run_sweep(
-            run, source, args.out, cfg, rank=info.rank, world_size=info.world_size,
-            barrier=(lambda: barrier(info)), ema=args.weights == "ema",
-        )  # fmt: skip
+        with lock:
+            run = _load(args, info.device)
+            if facts is None:  # a pipeline: its classes and schedule are known now
+                cfg.classes = "balanced" if prompts else parse_classes(args.classes, run.class_names)
+                cfg.validate(len(run.schedule.betas))
+            cfg.clip_x0 = _clip(args.clip_x0, run.autoencoder)
+            source = run.run_dir
+            if info.is_main:
+                config = {**vars(cfg), "prompts": prompts.source if prompts else None,
+                          "run_dir": str(source), "checkpoint_step": run.step,
+                          "weights": args.weights, "world_size": info.world_size}  # fmt: skip
+                write_provenance(args.out, config, args.seed)
+            folders = run_sweep(
+                run, source, args.out, cfg, rank=info.rank, world_size=info.world_size,
+                barrier=(lambda: barrier(info)), ema=args.weights == "ema",
+                progress=show_progress(args),
+            )  # fmt: skip
     finally:
         cleanup_distributed()
     if info.is_main:
@@ -200,31 +240,34 @@ def run_walk(args: argparse.Namespace) -> int:
     from condnoise.diffusion.seeding import class_index
     from condnoise.diffusion.walk import noise_walk
     from condnoise.io import atomic_open, write_json
+    from condnoise.locks import folder_lock
     from condnoise.provenance import write_provenance
     from condnoise.training.runtime import load_run, pick_device
 
-    run = load_run(
-        args.run_dir, ema=args.weights == "ema", device=pick_device(0, args.device), step=args.step
-    )
-    k = class_index(args.class_name, run.class_names)
-    check_sampler(args.sampler, args.steps, len(run.schedule.betas))
-    images, thetas = noise_walk(
-        run.model, run.schedule, run.autoencoder, k, shape=latent_shape(run), frames=args.frames,
-        rows=args.rows, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
-        steps=args.steps, clip_x0=_clip(args.clip_x0, run.autoencoder),
-    )  # fmt: skip
+    class_names, num_steps, _ = _run_facts(args.run_dir)
+    k = class_index(args.class_name, class_names)
+    check_sampler(args.sampler, args.steps, num_steps)
     out = args.out if args.out is not None else Path(args.run_dir) / "walks"
-    stem = f"walk_{safe_name(run.class_names[k])}_s{args.guidance:g}"
-    save_grid(images, out / f"{stem}.png", nrow=args.frames)
-    with atomic_open(out / f"{stem}.npz", "wb") as f:
-        np.savez(f, images=images, thetas=thetas, label=np.int64(k))
-    config = {
-        "run_dir": str(args.run_dir), "checkpoint_step": run.step, "weights": args.weights,
-        "class": run.class_names[k], "class_index": k, "frames": args.frames, "rows": args.rows,
-        "seed": args.seed, "guidance": args.guidance, "sampler": args.sampler,
-        "steps": args.steps, "clip_x0": _clip(args.clip_x0, run.autoencoder),
-    }  # fmt: skip
-    write_json(out / f"{stem}.json", {**config, "thetas": thetas.tolist()})
-    write_provenance(out, config, args.seed)
+    with folder_lock(out, "walk"):
+        run = load_run(args.run_dir, ema=args.weights == "ema", device=pick_device(0, args.device),
+                       step=args.step)  # fmt: skip
+        clip = _clip(args.clip_x0, run.autoencoder)
+        images, thetas = noise_walk(
+            run.model, run.schedule, run.autoencoder, k, shape=latent_shape(run),
+            frames=args.frames, rows=args.rows, seed=args.seed, guidance=args.guidance,
+            sampler=args.sampler, steps=args.steps, clip_x0=clip,
+        )  # fmt: skip
+        stem = f"walk_{safe_name(run.class_names[k])}_s{args.guidance:g}"
+        save_grid(images, out / f"{stem}.png", nrow=args.frames)
+        with atomic_open(out / f"{stem}.npz", "wb") as f:
+            np.savez(f, images=images, thetas=thetas, label=np.int64(k))
+        config = {
+            "run_dir": str(args.run_dir), "checkpoint_step": run.step, "weights": args.weights,
+            "class": run.class_names[k], "class_index": k, "frames": args.frames,
+            "rows": args.rows, "seed": args.seed, "guidance": args.guidance,
+            "sampler": args.sampler, "steps": args.steps, "clip_x0": clip,
+        }  # fmt: skip
+        write_json(out / f"{stem}.json", {**config, "thetas": thetas.tolist()})
+        write_provenance(out, config, args.seed)
     print(f"walk: {out / f'{stem}.png'} ({args.rows} x {args.frames} frames)")
     return 0

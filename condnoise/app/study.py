@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from condnoise.app.common import add_parser
+from condnoise.app.common import add_device_option, add_parser, add_progress_option, show_progress
 
 DEMO_PRESET = "fmnist-quick"
 
@@ -25,10 +25,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
                    help="override a study field, e.g. --set seeds=[0,1,2] --set "
                         "sample.num_samples=500")  # fmt: skip
-    p.add_argument("--device", default=None,
-                   help="torch device for every cell (default: cuda if present, else cpu; "
-                        "under torchrun cuda:LOCAL_RANK)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_device_option(p, "torch device for every cell (None: cuda if present, else cpu; "
+                         "under torchrun cuda:LOCAL_RANK)")
+    add_progress_option(p)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,7 +71,7 @@ def run_study_command(args: argparse.Namespace) -> int:
         return 0
     t0 = time.perf_counter()
     result = run_study(spec, study_dir, stages=args.stage, only=args.only, device=args.device,
-                       progress=not args.no_progress)  # fmt: skip
+                       progress=show_progress(args))  # fmt: skip
     print(
         f"study {spec.name}: ran {len(result.ran)} cell(s), {len(result.skipped)} already done, "
         f"in {format_seconds(time.perf_counter() - t0)}"

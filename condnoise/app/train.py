@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from condnoise.app.common import IntermixedParser, add_parser
+from condnoise.app.common import (
+    IntermixedParser,
+    add_device_option,
+    add_parser,
+    add_progress_option,
+    float_range,
+    positive_int,
+    seed_int,
+    show_progress,
+)
 
 EPILOG = """\
 examples:
@@ -38,22 +47,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="dotted config overrides, e.g. train.lr=2e-4 model.perturbation.gamma=0.5")
     p.add_argument("--run-dir", default=None,
                    help="run directory; None: runs/<preset>-<perturbation>-s<seed>")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--max-steps", type=positive_int, default=None,
                    help="total optimizer steps (overrides train.steps)")
-    p.add_argument("--ckpt-every", type=int, default=None,
+    p.add_argument("--ckpt-every", type=positive_int, default=None,
                    help="checkpoint every K steps (overrides train.ckpt_every)")
-    p.add_argument("--seed", type=int, default=None, help="seed (overrides train.seed)")
+    p.add_argument("--seed", type=seed_int, default=None, help="seed (overrides train.seed)")
     p.add_argument("--perturb", default=None, metavar="NAME",
                    help="condition perturbation: none, cep-u, cep-g, cep-fixed, dropout, "
                         "label-smoothing, random-flip, ip (sets model.perturbation.name)")
-    p.add_argument("--gamma", type=float, default=None,
+    p.add_argument("--gamma", type=float_range(0), default=None,
                    help="CEP strength gamma (sets model.perturbation.gamma; paper default 1)")
     p.add_argument("--corruption", default=None, metavar="MANIFEST_DIR",
                    help="train on a fixed corruption written by `condnoise corrupt`")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its latest checkpoint")
-    p.add_argument("--device", default=None,
-                   help="torch device; None: cuda:<LOCAL_RANK> when available, else cpu")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run in a non-empty --run-dir that holds no condnoise run "
+                        "(refused otherwise, so that no other files are overwritten)")
+    add_device_option(p, "torch device; None: cuda:<LOCAL_RANK> when available, else cpu")
+    add_progress_option(p)
     p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     p.set_defaults(func=run_train)
 
@@ -80,6 +92,15 @@ def build_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _status(message: str) -> None:
+    """One line on stderr that does not break a progress bar."""
+    import sys
+
+    from tqdm import tqdm
+
+    tqdm.write(f"condnoise train: {message}", file=sys.stderr)
+
+
 def run_train(args: argparse.Namespace) -> int:
     from condnoise.training.config import list_presets, load_config
 
@@ -97,7 +118,9 @@ def run_train(args: argparse.Namespace) -> int:
         cfg.data.corruption = args.corruption
     if args.run_dir is not None:
         cfg.run.dir = args.run_dir
-    result = train(cfg, resume=args.resume, device=args.device)
+    cfg.run.progress = cfg.run.progress and show_progress(args)
+    result = train(cfg, resume=args.resume, device=args.device, force=args.force,
+                   status=_status)  # fmt: skip
     from condnoise.training.runtime import cleanup_distributed
 
     cleanup_distributed()

@@ -1,10 +1,17 @@
-"""Image grids as PNG (Pillow only, no torchvision): sample sheets and walk strips."""
+"""Image grids as PNG (Pillow only, no torchvision): sample sheets and walk strips.
+
+:func:`save_labelled_grid` is the one grid with a text label per row (a class name in a
+column on the left, or a long prompt wrapped above its row); the trainer's sample grids,
+``condnoise sample``'s ``grid.png`` and the study report's grids use it, so that one look
+tells whether every row shows its class.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -69,6 +76,98 @@ def save_grid(images: Any, path: str | os.PathLike, nrow: int, *, padding: int =
         img.save(f, format="PNG")
 
 
+MIN_CELL = 24  # images smaller than this are enlarged (nearest) so that the grid reads
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)  # Pillow's built-in font: no font files needed
+
+
+def _wrap(text: str, font: Any, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def labelled_grid(images: Any, row_labels: Sequence[str], nrow: int, *, padding: int = 2,
+                  font_size: int = 11) -> np.ndarray:  # fmt: skip
+    """:func:`make_grid` with ``row_labels[r]`` written beside (or, when long, above) row r.
+
+    Images smaller than :data:`MIN_CELL` pixels are enlarged by an integer factor (nearest
+    neighbour). Labels that fit in 40% of the image area's width go in a column on the
+    left, otherwise each is wrapped to the grid width above its row. Returns uint8
+    ``[H', W', C]`` (black text on the white padding).
+    """
+    from PIL import Image, ImageDraw
+
+    arr = images if isinstance(images, np.ndarray) and images.dtype == np.uint8 else to_uint8(images)
+    rows = math.ceil(len(arr) / max(1, min(nrow, len(arr))))
+    if len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} rows of {nrow} images")
+    k = max(1, math.ceil(MIN_CELL / arr.shape[1]))
+    arr = arr.repeat(k, axis=1).repeat(k, axis=2) if k > 1 else arr
+    grid = make_grid(arr, nrow, padding=padding)
+    cell, font = arr.shape[1] + padding, _font(font_size)
+    widths = [font.getlength(str(t)) for t in row_labels]
+    mode = "L" if grid.shape[2] == 1 else "RGB"
+    body = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid[..., :3])
+    ink = 0 if mode == "L" else (0, 0, 0)
+    if max(widths, default=0) <= 0.4 * grid.shape[1]:  # a label column on the left
+        left = int(max(widths, default=0)) + 2 * padding + 4
+        out = Image.new(mode, (grid.shape[1] + left, grid.shape[0]), 255 if mode == "L" else (255,) * 3)
+        out.paste(body, (left, 0))
+        draw = ImageDraw.Draw(out)
+        for r, text in enumerate(row_labels):
+            y = padding + r * cell + (cell - padding) / 2
+            draw.text((padding + 2, y), str(text), fill=ink, font=font, anchor="lm")
+        return np.asarray(out).reshape(out.size[1], out.size[0], -1)
+    return _labels_above(body, [str(t) for t in row_labels], cell, padding, font, ink)
+
+
+def _labels_above(body: Any, labels: list[str], cell: int, padding: int, font: Any, ink: Any
+                  ) -> np.ndarray:  # fmt: skip
+    """Each row preceded by its label wrapped to the grid width (long prompts)."""
+    from PIL import Image, ImageDraw
+
+    line = font_size_px(font) + 2
+    wrapped = [_wrap(t, font, body.size[0] - 2 * padding) for t in labels]
+    height = body.size[1] + sum(len(w) * line for w in wrapped)
+    out = Image.new(body.mode, (body.size[0], height), 255 if body.mode == "L" else (255,) * 3)
+    draw, y = ImageDraw.Draw(out), 0
+    for r, lines in enumerate(wrapped):
+        for text in lines:
+            draw.text((padding, y + 1), text, fill=ink, font=font)
+            y += line
+        top = padding + r * cell - (padding if r else 0)
+        out.paste(body.crop((0, top, body.size[0], padding + (r + 1) * cell)), (0, y))
+        y += padding + (r + 1) * cell - top
+    return np.asarray(out).reshape(out.size[1], out.size[0], -1)
+
+
+def font_size_px(font: Any) -> int:
+    """Line height of ``font`` in pixels."""
+    box = font.getbbox("Ag")
+    return int(box[3] - box[1]) + 2
+
+
+def save_labelled_grid(images: Any, row_labels: Sequence[str], path: str | os.PathLike,
+                       nrow: int, *, padding: int = 2) -> None:  # fmt: skip
+    """Write :func:`labelled_grid` as a PNG (atomic write); one label per row of ``nrow``."""
+    from PIL import Image
+
+    grid = labelled_grid(images, row_labels, nrow, padding=padding)
+    img = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)
+    with atomic_open(path, "wb") as f:
+        img.save(f, format="PNG")
+
+
 def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
     """Write one uint8 ``[H,W,C]`` image as PNG (atomic write)."""
     from PIL import Image
@@ -82,55 +181,3 @@ def safe_name(name: str) -> str:
     """A file-name-safe form of a class name (``T-shirt/top`` -> ``T-shirt_top``)."""
     out = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
     return out or "class"
-
-
-def _wrap(text: str, width: float, measure: Any) -> list[str]:
-    """Greedy word wrap of ``text`` to lines no wider than ``width`` pixels."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and measure(f"{lines[-1]} {word}") <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines or [""]
-
-
-def save_labelled_grid(
-    images: Any, row_labels: list[str], path: str | os.PathLike, nrow: int, *, padding: int = 2,
-    scale: int = 1,
-) -> None:
-    """A grid with a text label above each row of ``nrow`` images (a class name, or a prompt
-    wrapped to the grid width), in Pillow's default font; ``scale`` enlarges the images
-    (nearest neighbour). Atomic PNG write; gray images are written as RGB."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    arr = np.asarray(images) if not hasattr(images, "detach") else to_uint8(images)
-    if arr.dtype != np.uint8:
-        arr = to_uint8(arr)
-    if arr.ndim != 4 or arr.shape[0] == 0:
-        raise ValueError(f"expected a non-empty image batch [N,H,W,C], got shape {arr.shape}")
-    if scale > 1:
-        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
-    rows = math.ceil(arr.shape[0] / nrow)
-    if len(row_labels) != rows:
-        raise ValueError(f"{len(row_labels)} labels for {rows} rows of {nrow} images")
-    arr = np.repeat(arr, 3, axis=3) if arr.shape[3] == 1 else arr[..., :3]
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    width = min(nrow, arr.shape[0]) * (arr.shape[2] + padding) + padding
-    line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 2
-    strips = []
-    for r, label in enumerate(row_labels):
-        lines = _wrap(str(label), width - 2 * padding, lambda t: probe.textlength(t, font=font))
-        band = Image.new("RGB", (width, line_h * len(lines) + padding), "white")
-        draw = ImageDraw.Draw(band)
-        for k, line in enumerate(lines):
-            draw.text((padding, padding + k * line_h), line, fill="black", font=font)
-        strips += [np.asarray(band), make_grid(arr[r * nrow : (r + 1) * nrow], nrow, padding=padding)]
-    canvas = np.full((sum(s.shape[0] for s in strips), width, 3), 255, np.uint8)
-    y = 0
-    for s in strips:
-        canvas[y : y + s.shape[0], : s.shape[1]] = s
-        y += s.shape[0]
-    with atomic_open(path, "wb") as f:
-        Image.fromarray(canvas).save(f, format="PNG")

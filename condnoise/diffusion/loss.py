@@ -1,7 +1,13 @@
-"""eps-prediction MSE loss (paper Sec. 3: ``E||eps - eps_theta(x_t, t, c + delta)||^2``).
+"""Diffusion training loss (paper Sec. 3: ``E||eps - eps_theta(x_t, t, c + delta)||^2``).
+
+The regression target follows the schedule's prediction type (``eps``, the paper's, or
+``v``; :meth:`~condnoise.diffusion.schedule.NoiseSchedule.target`). Optional min-SNR
+weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+Strategy", Eq. 5 ff.): per-sample weight ``min(SNR_t, gamma) / SNR_t`` for eps and
+``min(SNR_t, gamma) / (SNR_t + 1)`` for v, which puts both on the min-SNR-weighted x0 loss.
 
 Input perturbation (IP, Ning et al. 2023; a baseline of the paper's Sec. 3): the network
-sees ``x_t`` built from ``eps + xi * eps'`` while the regression target stays ``eps``.
+sees ``x_t`` built from ``eps + xi * eps'`` while the regression target is built from ``eps``.
 """
 
 from __future__ import annotations
@@ -14,11 +20,25 @@ import torch
 from condnoise.diffusion.schedule import NoiseSchedule
 from condnoise.errors import UserError
 
+LOSS_WEIGHTINGS = ("none", "min-snr")
+
 
 class DiffusionLoss(NamedTuple):
-    loss: torch.Tensor  #: scalar mean over the batch (what to backpropagate)
-    per_sample: torch.Tensor  #: float32 [B], detached, mean over pixels per sample
+    loss: torch.Tensor  #: scalar: weighted mean over the batch (what to backpropagate)
+    per_sample: torch.Tensor  #: float32 [B], detached, unweighted MSE per sample (pixel mean)
     t: torch.Tensor  #: int64 [B], the timesteps used
+
+
+def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, weighting: str = "none",
+                 gamma: float = 5.0) -> torch.Tensor | None:  # fmt: skip
+    """Per-sample loss weights float32 [B] (None for ``none``), min-SNR-gamma of Hang et al."""
+    if weighting == "none":
+        return None
+    if weighting != "min-snr":
+        raise UserError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+    snr = schedule.snr(t)
+    clipped = torch.clamp(snr, max=float(gamma))
+    return clipped / (snr + 1.0) if schedule.prediction == "v" else clipped / snr
 
 
 def diffusion_loss(
@@ -31,15 +51,17 @@ def diffusion_loss(
     noise: torch.Tensor | None = None,
     ip_xi: float | None = None,
     generator: torch.Generator | None = None,
+    weighting: str = "none",
+    min_snr_gamma: float = 5.0,
     **model_kwargs,
 ) -> DiffusionLoss:
-    """Sample ``t`` and ``eps``, build ``x_t`` and return the eps-prediction MSE.
+    """Sample ``t`` and ``eps``, build ``x_t`` and return the (weighted) MSE to the target.
 
-    ``model(x_t, t, cond, **model_kwargs) -> eps`` (``cond``: labels ``[B]`` or token ids
-    ``[B, L]``; e.g. a ``ConditionalDiffusionModel``; pass ``sample_index=...`` through
-    ``model_kwargs``). ``ip_xi`` defaults to the model's
-    ``input_perturbation`` attribute (0 when absent); IP is applied in training mode only.
-    Random draws use ``generator`` or the global RNG of ``x0``'s device (checkpointable).
+    ``model(x_t, t, cond, **model_kwargs) -> eps or v`` (``cond``: labels ``[B]`` or token
+    ids ``[B, L]``; e.g. a ``ConditionalDiffusionModel``; pass ``sample_index=...`` through ``model_kwargs``).
+    ``ip_xi`` defaults to the model's ``input_perturbation`` attribute (0 when absent); IP
+    is applied in training mode only. Random draws use ``generator`` or the global RNG of
+    ``x0``'s device (checkpointable).
     """
     b = x0.shape[0]
     if cond.shape[0] != b:
@@ -56,8 +78,11 @@ def diffusion_loss(
     else:
         x_t = schedule.q_sample(x0, t, noise)
     pred = model(x_t, t, cond, **model_kwargs)
-    per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
-    return DiffusionLoss(per_sample.mean(), per_sample.detach(), t)
+    target = schedule.target(x0, noise, t)
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    w = loss_weights(schedule, t, weighting, min_snr_gamma)
+    loss = per_sample.mean() if w is None else (w.to(per_sample.dtype) * per_sample).mean()
+    return DiffusionLoss(loss, per_sample.detach(), t)
 
 
 def bin_losses(

@@ -9,8 +9,10 @@ pure-noise end) and the last one lands on the data (alpha_bar = 1).
 Classifier-free guidance (Ho & Salimans 2022), one batched forward on ``[x, x]`` with
 ``[cond, null]`` (``model.null_like(cond)``: the null class or the empty caption)::
 
-    eps = eps_u + s * (eps_c - eps_u)
+    out = out_u + s * (out_c - out_u)
 
+on the model's output whatever its type (eps or v: the combination is linear, as in
+diffusers' pipelines); the scheduler gets the schedule's ``prediction_type``.
 s = 1 is the purely conditional model (the unconditional half is skipped), s = 0 the
 purely unconditional one (the conditional half is skipped). The paper's sweeps use
 s in {1.5, ..., 10} (section 5).
@@ -59,7 +61,8 @@ def check_sampler(sampler: str, steps: int, num_train_steps: int) -> None:
 
 
 def make_scheduler(schedule: Any, sampler: str, *, clip_x0: bool = False) -> Any:
-    """A fresh diffusers scheduler for ``sampler`` on ``schedule``'s betas.
+    """A fresh diffusers scheduler for ``sampler`` on ``schedule``'s betas and prediction
+    type (``schedule.prediction_type``: ``epsilon`` or ``v_prediction``).
 
     ``clip_x0`` clips the predicted x0 to [-1, 1] at every step (pixel space only; for
     DPM-Solver++ this is dynamic thresholding with ``sample_max_value=1``, which reduces to
@@ -71,7 +74,7 @@ def make_scheduler(schedule: Any, sampler: str, *, clip_x0: bool = False) -> Any
     common = dict(
         num_train_timesteps=len(betas),
         trained_betas=betas,
-        prediction_type="epsilon",
+        prediction_type=getattr(schedule, "prediction_type", "epsilon"),
         timestep_spacing="trailing",
     )
     if sampler == "ddpm":
@@ -105,7 +108,7 @@ def guided_eps(
     guidance: float,
     **extra: Any,
 ) -> torch.Tensor:
-    """Classifier-free guided noise prediction, ``eps_u + s (eps_c - eps_u)``.
+    """Classifier-free guided model output, ``out_u + s (out_c - out_u)`` (eps or v).
 
     One forward on the concatenated batch ``[x, x]`` with ``[cond, model.null_like(cond)]``
     (labels ``[B]`` or token ids ``[B, L]``); s = 1 runs only the conditional half, s = 0
@@ -152,10 +155,10 @@ def sample(
     """Run the reverse process from ``noise`` (x_T) to x_0, with classifier-free guidance.
 
     Args:
-        model: ``forward(x_t, t, cond) -> eps`` with ``null_like(cond)``; put it in eval
-            mode (CEP and other training-time perturbations must be off when sampling,
+        model: ``forward(x_t, t, cond) -> eps or v`` with ``null_like(cond)``; put it in
+            eval mode (CEP and other training-time perturbations must be off when sampling,
             paper section 3).
-        schedule: the training NoiseSchedule (uses ``.betas``).
+        schedule: the training NoiseSchedule (uses ``.betas`` and ``.prediction_type``).
         cond: int64 requested conditions, class labels ``[B]`` or token ids ``[B, L]``.
         noise: ``[B,C,H,W]`` initial Gaussian noise, on the model's device.
         guidance: CFG scale s >= 0 (1 = conditional only).

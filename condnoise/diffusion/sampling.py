@@ -13,8 +13,8 @@ Layout written by :func:`run_sweep` for every guidance scale s (directory name
                                           int64 [N] (its index in the split for
                                           --captions-from, else -1)
     OUT/s{s}/meta.json                    run dir, checkpoint step, sampler, steps, guidance, ...
-    OUT/s{s}/grid.png                     a few samples per class / prompt, one row each
-                                          (prompts printed above their rows)
+    OUT/s{s}/grid.png                     a few samples per class / prompt, one labelled row
+                                          each (prompts printed above their rows)
     OUT/s{s}/png/{class}/{i:06d}.png      optional, one file per image
 
 Shards have a fixed size, are written atomically and skipped when present (resume).
@@ -41,7 +41,7 @@ from condnoise.diffusion.grids import safe_name, save_grid, save_labelled_grid, 
 from condnoise.diffusion.samplers import check_sampler, sample
 from condnoise.diffusion.seeding import initial_noise, requested_labels, sample_generators
 from condnoise.errors import UserError
-from condnoise.io import atomic_open, write_json
+from condnoise.io import atomic_open, read_json, read_npz, write_json
 from condnoise.models.autoencoder import IdentityAutoencoder
 
 SPEC_FIELDS = (
@@ -240,7 +240,7 @@ def sample_grid(
     finally:
         model.train(was_training)
     if row_labels is not None:
-        save_labelled_grid(images, list(row_labels), path, nrow=per_class, scale=2)
+        save_labelled_grid(images, list(row_labels), path, nrow=per_class)
     else:
         save_grid(images, path, nrow=per_class)
     return images
@@ -262,27 +262,25 @@ def _shard_done(path: Path, expected: range) -> bool:
     if not path.is_file():
         return False
     try:
-        with np.load(path) as data:
-            idx = data["indices"]
-            return (
-                len(idx) == len(expected)
-                and int(idx[0]) == expected.start
-                and int(idx[-1]) == expected[-1]
-                and data["images"].shape[0] == len(expected)
-            )
-    except (OSError, ValueError, KeyError, EOFError):
+        data = read_npz(path, ("indices", "images", "labels"))
+    except UserError:  # damaged (e.g. by a full disk): made again
         return False
+    idx = data["indices"]
+    return (
+        len(idx) == len(expected)
+        and int(idx[0]) == expected.start
+        and int(idx[-1]) == expected[-1]
+        and data["images"].shape[0] == len(expected)
+    )
 
 
 def _check_spec(scale_dir: Path, spec: dict[str, Any]) -> None:
     """Refuse to mix shards made with other settings; record the spec for later resumes."""
-    import json
-
     path = scale_dir / "shards" / "spec.json"
     for made in (scale_dir / "meta.json", path):
         if not made.is_file():
             continue
-        old = json.loads(made.read_text(encoding="utf-8"))
+        old = read_json(made)
         diff = [k for k in SPEC_FIELDS if old.get(k) != spec.get(k)]
         if diff:
             k = diff[0]
@@ -295,12 +293,10 @@ def _check_spec(scale_dir: Path, spec: dict[str, Any]) -> None:
 
 
 def _is_complete(scale_dir: Path, spec: dict[str, Any], num: int) -> bool:
-    import json
-
     meta_path, samples = scale_dir / "meta.json", scale_dir / "samples.npz"
     if not (meta_path.is_file() and samples.is_file()):
         return False
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_json(meta_path)
     return meta.get("num") == num and all(meta.get(k) == spec.get(k) for k in SPEC_FIELDS)
 
 
@@ -316,16 +312,16 @@ def merge_shards(scale_dir: Path, num: int, shard_size: int) -> tuple[np.ndarray
         path = shard_path(scale_dir, k)
         if not _shard_done(path, expected):
             raise UserError(f"{path} is missing or incomplete; run the same command again")
-        with np.load(path) as data:
-            images.append(data["images"])
-            labels.append(data["labels"])
+        data = read_npz(path, ("images", "labels"))
+        images.append(data["images"])
+        labels.append(data["labels"])
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
 def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int,
                names: Sequence[str] | None = None) -> None:  # fmt: skip
-    """One row per class or prompt (at most 16), the first ``per_class`` samples of each;
-    ``names`` (the prompts) are printed above their rows."""
+    """One row per class or prompt (at most 16), the first ``per_class`` samples of each,
+    labelled with ``names[label]`` (class names or prompts) when given."""
     classes = np.unique(labels)[:16]
     first = [np.flatnonzero(labels == c)[:per_class] for c in classes]
     n = min(per_class, min(len(f) for f in first))
@@ -335,7 +331,7 @@ def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: in
     if names is None:
         save_grid(images[picked], path, nrow=n)
     else:
-        save_labelled_grid(images[picked], [names[int(c)] for c in classes], path, nrow=n, scale=2)
+        save_labelled_grid(images[picked], [str(names[int(c)]) for c in classes], path, nrow=n)
 
 
 def run_sweep(
@@ -348,12 +344,13 @@ def run_sweep(
     world_size: int = 1,
     barrier: Any = None,
     ema: bool = True,
+    progress: bool = True,
 ) -> list[Path]:
     """Generate ``cfg.num`` samples per guidance scale of ``cfg`` into ``out_dir``.
 
     ``run`` is a :class:`~condnoise.training.LoadedRun` (model on its device, eval mode).
-    ``barrier`` (callable) synchronises ranks before rank 0 merges. Returns the scale
-    folders (complete ones on rank 0).
+    ``barrier`` (callable) synchronises ranks before rank 0 merges; ``progress`` draws a
+    bar per scale on rank 0. Returns the scale folders (complete ones on rank 0).
     """
     cfg.validate(len(run.schedule.betas))
     kind = getattr(run.model, "condition_kind", "class")
@@ -376,7 +373,7 @@ def run_sweep(
         if _is_complete(scale_dir, spec, cfg.num):
             continue
         _check_spec(scale_dir, spec)
-        _make_shards(run, scale_dir, scale, cfg, rank, world_size)
+        _make_shards(run, scale_dir, scale, cfg, rank, world_size, progress)
         if barrier is not None:
             barrier()
         if rank == 0:
@@ -385,7 +382,7 @@ def run_sweep(
 
 
 def _make_shards(run: Any, scale_dir: Path, scale: float, cfg: SweepConfig, rank: int,
-                 world_size: int) -> None:  # fmt: skip
+                 world_size: int, progress: bool = True) -> None:  # fmt: skip
     """This rank's missing shards (k % world_size == rank) of one guidance scale."""
     from tqdm.auto import tqdm
 
@@ -393,7 +390,8 @@ def _make_shards(run: Any, scale_dir: Path, scale: float, cfg: SweepConfig, rank
     mine = [k for k in range(len(ranges)) if k % world_size == rank]
     todo = [k for k in mine if not _shard_done(shard_path(scale_dir, k), ranges[k])]
     bar = tqdm(
-        total=sum(len(ranges[k]) for k in todo), unit="img", disable=rank != 0 or not todo,
+        total=sum(len(ranges[k]) for k in todo), unit="img",
+        disable=not progress or rank != 0 or not todo,
         desc=f"{scale_dirname(scale)} {cfg.sampler} {cfg.steps} steps",
     )  # fmt: skip
     conds_of = _prompt_conditions(run, cfg.prompts)
@@ -437,8 +435,8 @@ def _finish_scale(scale_dir: Path, spec: dict[str, Any], cfg: SweepConfig, run: 
     with atomic_open(scale_dir / "samples.npz", "wb") as f:
         np.savez(f, images=images, labels=labels, **text)
     if cfg.grid_per_class > 0:
-        names = cfg.prompts.texts if cfg.prompts is not None else None
-        write_grid(images, labels, scale_dir / "grid.png", cfg.grid_per_class, names)
+        names = cfg.prompts.texts if cfg.prompts is not None else run.class_names
+        write_grid(images, labels, scale_dir / "grid.png", cfg.grid_per_class, names or None)
     if cfg.png and cfg.prompts is not None:
         for i, (img, y) in enumerate(zip(images, labels)):
             save_png(img, scale_dir / "png" / f"prompt_{int(y):05d}" / f"{i:06d}.png")

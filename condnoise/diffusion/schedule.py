@@ -1,7 +1,12 @@
-"""Discrete-time DDPM noise schedules (paper Sec. 4: linear betas, 1000 steps, eps-prediction).
+"""Discrete-time DDPM noise schedules and the model's prediction target.
 
 ``q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)`` with ``abar_t = prod_{s<=t} (1 - beta_s)``
 (Ho et al. 2020, Eq. 4). Timesteps are 0-based: ``t in {0, ..., num_steps - 1}``.
+
+Prediction targets (the paper's models all predict eps, Sec. 4): ``eps`` or ``v =
+sqrt(abar) eps - sqrt(1 - abar) x0`` (Salimans & Ho 2022, "Progressive distillation",
+Sec. 4). :meth:`NoiseSchedule.to_x0_eps` is the one place that turns a model output of
+either type back into ``(x0, eps)``; samplers, distillation and adapters use it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ SCHEDULES: dict[str, tuple[str, float, float]] = {
     "scaled-linear": ("scaled_linear", 0.00085, 0.012),  # LDM: linear in sqrt(beta)
     "cosine": ("squaredcos_cap_v2", 0.0, 0.999),  # Nichol & Dhariwal 2021; end = beta cap
 }
+
+#: prediction target -> diffusers' ``prediction_type``
+PREDICTIONS: dict[str, str] = {"eps": "epsilon", "v": "v_prediction"}
 
 
 def _betas(kind: str, num_steps: int, beta_start: float, beta_end: float) -> np.ndarray:
@@ -51,13 +59,17 @@ class NoiseSchedule:
         *,
         beta_start: float | None = None,
         beta_end: float | None = None,
+        prediction: str = "eps",
     ) -> None:
         if kind not in SCHEDULES:
             raise UserError(f"unknown noise schedule {kind!r}; choose one of {sorted(SCHEDULES)}")
         if not isinstance(num_steps, int) or num_steps < 2:
             raise UserError(f"noise schedule num_steps must be an integer >= 2, got {num_steps!r}")
+        if prediction not in PREDICTIONS:
+            raise UserError(f"unknown prediction target {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         _, default_start, default_end = SCHEDULES[kind]
         self.kind = kind
+        self.prediction = prediction
         self.num_steps = num_steps
         self.beta_start = default_start if beta_start is None else float(beta_start)
         self.beta_end = default_end if beta_end is None else float(beta_end)
@@ -76,7 +88,7 @@ class NoiseSchedule:
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
-        return f"NoiseSchedule(kind={self.kind!r}, num_steps={self.num_steps})"
+        return f"NoiseSchedule(kind={self.kind!r}, num_steps={self.num_steps}, prediction={self.prediction!r})"
 
     def config(self) -> dict:
         """Plain-dict description (for run configs and ``NoiseSchedule(**config)``)."""
@@ -85,7 +97,13 @@ class NoiseSchedule:
             "num_steps": self.num_steps,
             "beta_start": self.beta_start,
             "beta_end": self.beta_end,
+            "prediction": self.prediction,
         }
+
+    @property
+    def prediction_type(self) -> str:
+        """diffusers' name of the prediction target (``epsilon`` / ``v_prediction``)."""
+        return PREDICTIONS[self.prediction]
 
     def diffusers_config(self) -> dict:
         """Keyword arguments for diffusers schedulers (``DDPMScheduler(**cfg)`` etc.)."""
@@ -112,7 +130,40 @@ class NoiseSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (Ho et al. Eq. 4), t int64 [B]."""
-        a, s = self._coefs(x0.device)
-        shape = (-1,) + (1,) * (x0.dim() - 1)
+        a, s = self._at(t, x0)
+        return a * x0 + s * noise
+
+    def _at(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sqrt(abar_t)``, ``sqrt(1 - abar_t)`` broadcastable against ``like`` [B, ...]."""
+        a, s = self._coefs(like.device)
+        shape = (-1,) + (1,) * (like.dim() - 1)
         t = t.long()
-        return a[t].view(shape).to(x0.dtype) * x0 + s[t].view(shape).to(x0.dtype) * noise
+        return a[t].view(shape).to(like.dtype), s[t].view(shape).to(like.dtype)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio ``abar_t / (1 - abar_t)``, float32 [B] on ``t``'s device."""
+        abar = self.alphas_cumprod.to(t.device)[t.long()]
+        return abar / (1.0 - abar)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+               prediction: str | None = None) -> torch.Tensor:  # fmt: skip
+        """What the model regresses: ``noise`` (eps) or ``v = sqrt(abar) eps - sqrt(1-abar) x0``."""
+        if (prediction or self.prediction) == "eps":
+            return noise
+        a, s = self._at(t, x0)
+        return a * noise - s * x0
+
+    def to_x0_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                  prediction: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Model output (``prediction``, default the schedule's) -> ``(x0, eps)`` at ``x_t``.
+
+        eps: ``x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)``; v (Salimans & Ho 2022, Eq. 10
+        ff.): ``x0 = sqrt(abar) x_t - sqrt(1-abar) v``, ``eps = sqrt(1-abar) x_t + sqrt(abar) v``.
+        """
+        pred = prediction or self.prediction
+        if pred not in PREDICTIONS:
+            raise UserError(f"unknown prediction target {pred!r}; choose one of {', '.join(PREDICTIONS)}")
+        a, s = self._at(t, x_t)
+        if pred == "eps":
+            return (x_t - s * out) / a, out
+        return a * x_t - s * out, s * x_t + a * out

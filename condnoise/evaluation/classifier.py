@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from condnoise.errors import UserError
-from condnoise.io import atomic_path, write_json
+from condnoise.io import atomic_path, follow_umask, write_json
 from condnoise.paths import cache_dir
 from condnoise.provenance import environment
 
@@ -106,6 +106,7 @@ def train_classifier(out_dir: str | Path | None = None, *, epochs: int = 3, seed
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp))
+        follow_umask(tmp)  # safetensors writes 0600
     card = {
         "test_accuracy": acc, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
         "train_seconds": round(time.time() - start, 1), "feature_dim": FEATURE_DIM,
@@ -132,12 +133,14 @@ def load_classifier(folder: str | Path | None = None, *, train_if_missing: bool 
                             "`condnoise features train`")
         print(f"condnoise: fmnist-classifier not found in {folder}; training it now "
               "(about 1-2 minutes on 2 CPU cores)", flush=True)
-        train_classifier(folder)
+        train_classifier(folder, progress=False)  # the app decides about bars, not this
     try:
         card = json.loads(card_path.read_text())
         model = FMNISTNet()
         model.load_state_dict(load_file(str(weights)))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load fmnist-classifier from {weights}: {e}; delete it and run "
-                        "`condnoise features train`") from None
+    except Exception as e:  # OSError, JSON, safetensors, state-dict mismatch: one line
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load fmnist-classifier from {folder}: {reason}; delete "
+                        f"{weights.name} and {card_path.name} and run `condnoise features "
+                        "train`") from None
     return model.eval(), card

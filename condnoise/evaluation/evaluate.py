@@ -9,7 +9,6 @@ features are cached per (data, split, size limit, extractor fingerprint) as ``.n
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,16 @@ from condnoise import stats
 from condnoise.errors import UserError
 from condnoise.evaluation import metrics as M
 from condnoise.evaluation.classifier import cache_dir
-from condnoise.evaluation.features import Extractor, check_images, fit_resolution, get_extractor
+from condnoise.evaluation.features import (
+    Extractor,
+    available_extractors,
+    check_images,
+    fit_resolution,
+    get_extractor,
+    round_trip,
+)
 from condnoise.evaluation.records import samples_hash, value_settings
-from condnoise.io import atomic_path
+from condnoise.io import atomic_path, read_json, read_npz
 
 SCHEMA = "condnoise.metrics/1"
 # metric option -> needs ("features": per extractor, "probs": classifier, "spatial": sFID net)
@@ -62,23 +68,21 @@ def find_sample_folders(path: str | Path) -> list[Path]:
 
 
 def load_samples(folder: Path) -> Samples:
+    """The images, labels and meta.json of a sample folder; UserError naming the file when
+    one is missing, damaged, truncated or of the wrong shape."""
     path = folder / "samples.npz"
-    try:
-        with np.load(path) as z:
-            missing = {"images", "labels"} - set(z.files)
-            if missing:
-                raise UserError(f"{path}: missing array(s) {sorted(missing)}")
-            images, labels = z["images"], z["labels"]
-            latents = z["latents"] if "latents" in z.files else None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    z = read_npz(path, ("images", "labels"))
+    images, labels = z["images"], z["labels"]
+    latents = z.get("latents")  # the sampler's output, when saved
     if images.ndim == 3:
         images = images[..., None]
     check_images(images, str(path))
     if labels.shape != (len(images),):
         raise UserError(f"{path}: {len(images)} images but labels of shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: labels must be integers, got {labels.dtype}")
     meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_json(meta_path) if meta_path.exists() else {}
     return Samples(folder, images, labels.astype(np.int64), meta, latents)
 
 
@@ -111,24 +115,35 @@ def load_reference(spec: str, limit: int | None = None) -> tuple[np.ndarray, np.
         x, y = ds.tensors()
         images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         images, labels = images.permute(0, 2, 3, 1).numpy(), y.numpy()
-    if limit:
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"reference size limit must be >= 1, got {limit}")
         images, labels = images[:limit], labels[:limit]
     return np.ascontiguousarray(images), np.asarray(labels, np.int64)
 
 
 def reference_features(extractor: Extractor, spec: str, limit: int | None = None,
-                       *, with_probs: bool = False) -> dict[str, np.ndarray]:
-    """Features of the reference set, cached as ``.npz`` (mu, sigma, features, labels[, probs])."""
+                       *, with_probs: bool = False, resolution: int | None = None
+                       ) -> dict[str, np.ndarray]:  # fmt: skip
+    """Features of the reference set, cached as ``.npz`` (mu, sigma, features, labels[, probs]).
+
+    ``resolution``: pass the images through a model of that size's pipeline first
+    (:func:`~condnoise.evaluation.features.round_trip`); None keeps them as they are."""
     data, split = parse_ref(spec)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{data}-{split}")
-    name = f"{safe}-n{limit or 'all'}-{extractor.name}-{extractor.fingerprint()}.npz"
+    res = f"-r{resolution}" if resolution else ""
+    name = f"{safe}-n{limit or 'all'}{res}-{extractor.name}-{extractor.fingerprint()}.npz"
     path = cache_dir() / "features" / name
     if path.is_file():
-        with np.load(path) as z:
-            cached = {k: z[k] for k in z.files}
-        if not with_probs or "probs" in cached:
+        try:
+            cached = read_npz(path, ("features", "labels", "mu", "sigma"))
+        except UserError:  # a damaged cache entry (killed mid-write by an older version)
+            cached = {}
+        if cached and (not with_probs or "probs" in cached):
             return cached
     images, labels = load_reference(spec, limit)
+    if resolution:
+        images = round_trip(images, resolution)
     feats = extractor.extract(images)
     out = {"features": feats, "labels": labels, "mu": feats.mean(0, dtype=np.float64),
            "sigma": np.cov(feats.astype(np.float64), rowvar=False)}
@@ -163,13 +178,39 @@ class EvalConfig:
     entropy_pool: int = 32768  # latent vectors in the code-usage histogram
 
 
+#: EvalConfig fields with a natural range: (low, high, what)
+_RANGES = {
+    "k": (1, None, "--k"), "dc_k": (1, None, "--dc-k"), "shrinkage": (0.0, 1.0, "--shrinkage"),
+    "max_ref": (1, None, "--max-ref"), "max_train": (1, None, "--max-train"),
+    "memorization_threshold": (0.0, None, "--memorization-threshold"),
+    "memorization_percentile": (0.0, 100.0, "--memorization-percentile"),
+    "top_pr_seed": (0, None, "--seed"), "is_splits": (1, None, "is_splits"),
+    "entropy_tau": (1e-12, None, "--entropy-tau"), "entropy_pool": (1, None, "--entropy-pool"),
+}  # fmt: skip
+
+
 def validate_config(cfg: EvalConfig) -> None:
+    """Every setting of ``cfg`` (ranges, metric and extractor names), checked without
+    building an extractor or reading any data; UserError naming the first bad one."""
+    import math
+
+    for key, (lo, hi, flag) in _RANGES.items():
+        value = getattr(cfg, key)
+        if value is None and key in ("max_ref", "max_train", "memorization_threshold"):
+            continue
+        bad = not isinstance(value, int | float) or not math.isfinite(value) \
+            or value < lo or (hi is not None and value > hi)  # fmt: skip
+        if bad:
+            span = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise UserError(f"{flag} must be {span}, got {value}")
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown:
         raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from "
                         f"{', '.join(sorted(METRICS))}")
+    names = available_extractors()
     for name in cfg.extractors:
-        get_extractor_cached(name)  # raises UserError for unknown names
+        if name not in names:
+            raise UserError(f"unknown feature extractor {name!r}; choose from {', '.join(names)}")
 
 
 _EXTRACTORS: dict[str, Extractor] = {}
@@ -215,19 +256,27 @@ class _Collector:
         self.per_sample.setdefault(extractor, {})[name] = np.asarray(values, np.float64)
 
 
-def evaluate_samples(samples: Samples, cfg: EvalConfig, *, autoencoder: Any = None) -> EvalResult:
+def evaluate_samples(samples: Samples, cfg: EvalConfig, *, progress: bool = False,
+                     autoencoder: Any = None) -> EvalResult:
     """All requested metrics for one sample folder (``record`` = the metrics.json object)
-    plus the per-sample scores behind them. ``autoencoder``: the run's VQ autoencoder, which
-    ``entropy`` needs (``training.runtime.load_vq_autoencoder``)."""
-    images = fit_resolution(samples.images, reference_size(cfg.ref),
-                            what=str(samples.folder / "samples.npz"))  # fmt: skip
+    plus the per-sample scores behind them; ``progress``: bars over feature batches;
+    ``autoencoder``: the run's VQ autoencoder, which ``entropy`` needs
+    (``training.runtime.load_vq_autoencoder``)."""
+    validate_config(cfg)
+    for name in (*cfg.extractors, *(["inception-spatial"] if "sfid" in cfg.metrics else [])):
+        get_extractor_cached(name).progress = progress
+    ref_size = reference_size(cfg.ref)
+    images = fit_resolution(samples.images, ref_size, what=str(samples.folder / "samples.npz"))
+    size = samples.images.shape[1]
+    resolution = size if size < ref_size else None  # reference through the same pipeline
     train_ref = cfg.train_ref or f"{parse_ref(cfg.ref)[0]}:train"
     out = _Collector()
     if "entropy" in cfg.metrics:  # first: a KL / pixel run fails before any feature work
         _entropy_metrics(samples, cfg, autoencoder, out)
     per_extractor = any(METRICS[m] in ("features", "train", "probs") for m in cfg.metrics)
     for name in cfg.extractors if per_extractor else ():
-        _evaluate_extractor(get_extractor_cached(name), images, samples, cfg, train_ref, out)
+        _evaluate_extractor(get_extractor_cached(name), images, samples, cfg, train_ref, out,
+                            resolution)  # fmt: skip
     probs_wanted = [m for m in cfg.metrics if METRICS[m] == "probs"]
     if probs_wanted and not any(hasattr(get_extractor_cached(n), "probs") for n in cfg.extractors):
         raise UserError(f"metric(s) {', '.join(probs_wanted)} need a classifier extractor "
@@ -245,7 +294,8 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig, *, autoencoder: Any = No
         "sample_meta": samples.meta,
         "samples_sha256": samples_hash(samples.images, samples.labels),
         "settings": value_settings(cfg),
-        "reference": {"spec": cfg.ref, "train_spec": train_ref, "max_ref": cfg.max_ref},
+        "reference": {"spec": cfg.ref, "train_spec": train_ref, "max_ref": cfg.max_ref,
+                      "resolution": resolution},
         "metrics": out.metrics,
         "details": out.details,
     }
@@ -264,17 +314,20 @@ def _entropy_metrics(samples: Samples, cfg: EvalConfig, autoencoder: Any, out: _
 
 
 def _evaluate_extractor(ex: Extractor, images: np.ndarray, samples: Samples, cfg: EvalConfig,
-                        train_ref: str, out: _Collector) -> None:
-    """Every requested metric of one extractor: features once, reference features cached."""
+                        train_ref: str, out: _Collector, resolution: int | None = None) -> None:
+    """Every requested metric of one extractor: features once, reference features cached
+    (through the samples' resolution pipeline when ``resolution`` is set)."""
     feats = ex.extract(images)
     has_probs = hasattr(ex, "probs")
     needs_probs = has_probs and any(METRICS[m] == "probs" for m in cfg.metrics)
-    ref = reference_features(ex, cfg.ref, cfg.max_ref, with_probs=needs_probs)
+    ref = reference_features(ex, cfg.ref, cfg.max_ref, with_probs=needs_probs, resolution=resolution)
     _feature_metrics(ex.name, feats, ref, samples, cfg, out)
     if needs_probs:
-        _probability_metrics(ex.name, ex.probs(images), ref, samples.labels, cfg, out)
+        native = ref if resolution is None else reference_features(ex, cfg.ref, cfg.max_ref,
+                                                                    with_probs=True)  # fmt: skip
+        _probability_metrics(ex.name, ex.probs(images), ref, samples.labels, cfg, out, native)
     if {"knn-l2", "memorization"} & set(cfg.metrics):
-        train = reference_features(ex, train_ref, cfg.max_train)["features"]
+        train = reference_features(ex, train_ref, cfg.max_train, resolution=resolution)["features"]
         _train_metrics(ex.name, feats, ref["features"], train, cfg, out)
 
 
@@ -303,8 +356,10 @@ def _feature_metrics(name: str, feats: np.ndarray, ref: dict, samples: Samples,
 
 
 def _probability_metrics(name: str, probs: np.ndarray, ref: dict, labels: np.ndarray,
-                         cfg: EvalConfig, out: _Collector) -> None:
-    """IS-style score (samples and reference) and condition accuracy from a classifier."""
+                         cfg: EvalConfig, out: _Collector, native: dict) -> None:
+    """IS-style score (samples and reference) and condition accuracy from a classifier, with
+    the classifier's accuracy on the real reference images through the samples' pipeline
+    (``real_accuracy``) and as they are (``real_accuracy_native``)."""
     if "is" in cfg.metrics:
         mean, std = M.inception_score(probs, min(cfg.is_splits, len(probs)))
         out.put("is", name, mean)
@@ -312,6 +367,8 @@ def _probability_metrics(name: str, probs: np.ndarray, ref: dict, labels: np.nda
         out.put("is_real", name, M.inception_score(ref["probs"], cfg.is_splits)[0])
     if "condition-accuracy" in cfg.metrics:
         out.put("condition_accuracy", name, M.condition_accuracy(probs, labels))
+        out.put("real_accuracy", name, M.condition_accuracy(ref["probs"], ref["labels"]))
+        out.put("real_accuracy_native", name, M.condition_accuracy(native["probs"], native["labels"]))
 
 
 def _train_metrics(name: str, feats: np.ndarray, real: np.ndarray, train: np.ndarray,

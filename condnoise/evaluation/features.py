@@ -14,9 +14,12 @@ classifiers also give ``probs``. Built in:
 - ``fmnist-classifier``: see ``condnoise.evaluation.classifier``; 28 x 28 input.
 
 Resolution rule: an extractor with a native size (``fmnist-classifier``: 28) centre-crops
-larger inputs (e.g. 32 x 32 samples of a model trained on padded Fashion-MNIST); the
-evaluate command applies the same crop to samples before every extractor so that real
-and generated images always show the same content.
+larger inputs (e.g. 32 x 32 samples of a model trained on padded Fashion-MNIST) and
+upsamples smaller ones (bicubic, e.g. 16 x 16 samples); the evaluate command applies the
+same rule to samples before every extractor, and passes the real reference images through
+the same resolution pipeline (:func:`round_trip`: down to the samples' size as the
+training data was made, back up as the samples are) so that real and generated images
+always show the same content at the same resolution.
 """
 
 from __future__ import annotations
@@ -35,16 +38,44 @@ INCEPTION_SIZE = 299
 
 
 def fit_resolution(images: np.ndarray, size: int, *, what: str = "images") -> np.ndarray:
-    """Centre-crop square ``images`` [N,H,W,C] down to ``size`` (no-op when equal)."""
+    """Square ``images`` [N,H,W,C] to ``size``: centre-crop larger ones, upsample smaller ones
+    (:func:`upsample`); no-op when equal."""
     check_images(images, what)
     h, w = images.shape[1:3]
     if (h, w) == (size, size):
         return images
+    if h == w and h < size:
+        return upsample(images, size)
     if h < size or w < size or (h - size) % 2 or (w - size) % 2:
         raise UserError(f"{what}: {h}x{w} images cannot be centre-cropped to {size}x{size}; "
                         "resize them to match the reference first")
     t, left = (h - size) // 2, (w - size) // 2
     return np.ascontiguousarray(images[:, t:t + size, left:left + size])
+
+
+def _resize(images: np.ndarray, size: int, fn: Callable[[torch.Tensor, int], torch.Tensor]
+            ) -> np.ndarray:  # fmt: skip
+    """uint8 [N,H,W,C] -> float [-1, 1] -> ``fn(x, size)`` -> uint8 [N,size,size,C] (rounded)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    y = fn(x, size).clamp(-1.0, 1.0)
+    return ((y + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def upsample(images: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic upsampling of uint8 [N,h,h,C] to ``size`` (how small samples meet an
+    extractor's native size)."""
+    return _resize(images, size, lambda x, s: nn.functional.interpolate(
+        x, size=(s, s), mode="bicubic", align_corners=False))  # fmt: skip
+
+
+def round_trip(images: np.ndarray, size: int) -> np.ndarray:
+    """Real images through a ``size``-pixel model's resolution pipeline: down to ``size`` as
+    the training data is made (``data.transforms.resize_center_crop``, antialiased, then
+    uint8), back up to their own size by :func:`upsample`."""
+    from condnoise.data.transforms import resize_center_crop
+
+    native = images.shape[1]
+    return upsample(_resize(images, size, resize_center_crop), native)
 
 
 def check_images(images: np.ndarray, what: str = "images") -> None:
@@ -65,6 +96,7 @@ class Extractor:
     dim: int = 0
     native_size: int | None = None  # centre-crop inputs to this size (None: any size)
     batch_size: int = 256
+    progress: bool = False  # a bar over batches (set by the caller, e.g. evaluate_samples)
 
     def fingerprint(self) -> str:
         """Identifies the weights (used in feature cache file names)."""
@@ -83,7 +115,8 @@ class Extractor:
             images = fit_resolution(images, self.native_size, what=f"{self.name} input")
         out = []
         n = len(images)
-        with tqdm(total=n, desc=desc, disable=n <= self.batch_size, leave=False) as bar:
+        quiet = not self.progress or n <= self.batch_size  # one batch: nothing to follow
+        with tqdm(total=n, desc=desc, disable=quiet, leave=False) as bar:
             for s in range(0, n, self.batch_size):
                 x = torch.from_numpy(np.array(images[s:s + self.batch_size]))
                 out.append(fn(x.permute(0, 3, 1, 2).float()).float().cpu())

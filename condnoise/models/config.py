@@ -2,10 +2,12 @@
 
 YAML stays flat (every key has a default; the run's ``config.yaml`` holds them all)::
 
-    family: dit | unet
-    size: DiT "<T|S|B|L|XL>/<2|4|8>" or U-Net preset "ldm" | "fmnist" | "tiny"
+    family: dit | unet | conv-unet
+    size: DiT "<T|S|B|L|XL>/<2|4|8>", U-Net preset "ldm" | "fmnist" | "tiny",
+          conv U-Net "tiny" | "xs" | "s" | "m"
     hidden, depth, heads, patch, mlp_ratio                     # dit overrides (null: from size)
     channels, attention, layers_per_block, heads, norm_groups  # unet overrides (null: from size)
+    channels, layers_per_block, norm_groups, class_embed       # conv-unet overrides
     learn_sigma: false      # eps only (true doubles the output channels, as official DiT)
     checkpointing: false    # activation checkpointing: true = every block, k = the first k blocks
     cond_dim: null          # embedding size; null = DiT hidden / U-Net preset context size
@@ -37,6 +39,7 @@ from condnoise import schema
 from condnoise.conditioning.perturb import build_perturbation, perturbation_choices
 from condnoise.conditioning.text import ENCODERS
 from condnoise.errors import UserError
+from condnoise.models.conv_unet import CONV_UNET_PRESETS, ConvUNet, time_embed_dim
 from condnoise.models.dit import DIT_CONFIGS, DiT, dit_sizes
 from condnoise.models.unet import UNET_PRESETS, UNet
 
@@ -306,8 +309,54 @@ class UNetConfig(ModelConfig):
         return UNet(**kw, **self.architecture())
 
 
+@dataclass
+class ConvUNetConfig(ModelConfig):
+    """Convolutional U-Net (diffusers ``UNet2DConditionModel`` without attention), the class
+    vector added to the time embedding (``models/conv_unet.py``)."""
+
+    family: str = "conv-unet"
+    channels: list[int] | None = None
+    layers_per_block: int | None = None
+    norm_groups: int | None = None
+    class_embed: Literal["projection", "identity"] = "projection"
+
+    DEFAULT_SIZE: ClassVar[str] = "xs"
+    DEFAULT_EMBED_STD: ClassVar[float] = 1.0  # nn.Embedding's N(0, 1), as LDM's class embedder
+
+    @staticmethod
+    def sizes() -> list[str]:
+        return list(CONV_UNET_PRESETS)
+
+    def architecture(self) -> dict[str, Any]:
+        arch = copy.deepcopy(CONV_UNET_PRESETS[self.size_name])
+        arch |= {k: copy.deepcopy(getattr(self, k)) for k in arch if getattr(self, k) is not None}
+        return arch | {"class_embed": self.class_embed}
+
+    def validate(self, origin: str = "model config", prefix: str = "model.") -> ModelConfig:
+        if self.channels is not None and (not self.channels or min(self.channels) < 1):
+            raise UserError(f"{origin}: {prefix}channels must be a list of positive integers, "
+                            f"got {self.channels!r}")  # fmt: skip
+        cfg = super().validate(origin, prefix)
+        arch = self.architecture()
+        if self.class_embed == "identity" and self.cond_dim not in (None, time_embed_dim(arch["channels"])):
+            raise UserError(f"{origin}: {prefix}cond_dim must be {time_embed_dim(arch['channels'])} "
+                            f"(4 x channels[0]) with class_embed identity, got {self.cond_dim}")  # fmt: skip
+        return cfg
+
+    def resolved_checkpointing(self) -> bool | int:
+        return self.checkpointing if isinstance(self.checkpointing, bool) else self.checkpointing > 0
+
+    def default_cond_dim(self, arch: dict[str, Any]) -> int:
+        return time_embed_dim(arch["channels"])
+
+    def build_denoiser(self, *, in_channels: int, image_size: int, cond_dim: int | None = None) -> nn.Module:
+        kw = self._common_kwargs(in_channels, image_size) | ({"cond_dim": cond_dim} if cond_dim else {})
+        return ConvUNet(**kw, **self.architecture())
+
+
 #: family name -> its config class (the one registry of denoiser families)
-FAMILIES: dict[str, type[ModelConfig]] = {"dit": DiTConfig, "unet": UNetConfig}
+FAMILIES: dict[str, type[ModelConfig]] = {"dit": DiTConfig, "unet": UNetConfig,
+                                          "conv-unet": ConvUNetConfig}  # fmt: skip
 
 
 def resolve_model_config(model_cfg: dict[str, Any] | ModelConfig) -> dict[str, Any]:

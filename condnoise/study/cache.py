@@ -5,7 +5,8 @@ cells it depends on), so changing anything upstream changes every key downstream
 A cell counts as finished only when ``CELL_DIR/done.json`` exists; it is written
 atomically as the very last step, so a study killed at any point resumes cleanly.
 The cell log (``STUDY_DIR/cells.jsonl``) records one JSON line per start / end / skip
-event with UTC timestamps, which the tests and ``--dry-run`` read back.
+event with UTC timestamps (``end``: wall ``seconds`` and the process's ``cpu_seconds``),
+which the tests and ``--dry-run`` read back.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from condnoise.io import write_json
+from condnoise.io import read_json, write_json
+from condnoise.locks import DEFAULT_HEARTBEAT, DEFAULT_STALE_AFTER, Lock
 
 KEY_LENGTH = 16
 DONE_FILE = "done.json"
@@ -53,7 +53,7 @@ def mark_done(cell_dir: Path, info: dict[str, Any]) -> None:
 
 
 def read_done(cell_dir: Path) -> dict[str, Any]:
-    return json.loads((cell_dir / DONE_FILE).read_text())
+    return read_json(cell_dir / DONE_FILE)
 
 
 def reset_cell(cell_dir: Path) -> None:
@@ -74,7 +74,7 @@ class CellLog:
             {"time_utc": now_utc(), "event": event, "cell": cell_id, "key": key, **extra}
         )
         # One short write per line with O_APPEND: lines from concurrent workers stay whole.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # umask applies
         try:
             os.write(fd, (line + "\n").encode())
         finally:
@@ -97,50 +97,27 @@ class CellLog:
         return {e["key"]: float(e["seconds"]) for e in self.events() if e["event"] == "end"}
 
 
-def _lock_is_stale(lock: Path) -> bool:
-    """A lock is stale when its owner on this host is gone, or it is older than a day."""
-    try:
-        host, pid = lock.read_text().rsplit(":", 1)
-        age = time.time() - lock.stat().st_mtime
-    except (OSError, ValueError):
-        return True
-    if age > 86400:
-        return True
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
+def cell_lock_path(cell_dir: Path) -> Path:
+    """``cells/{stage}/.{key}.lock``: beside the cell folder, which a restart may delete."""
+    return cell_dir.parent / f".{cell_dir.name}.lock"
 
 
 @contextmanager
-def claim(cell_dir: Path) -> Iterator[bool]:
+def claim(cell_dir: Path, *, heartbeat: float | None = DEFAULT_HEARTBEAT,
+          stale_after: float = DEFAULT_STALE_AFTER) -> Iterator[bool]:  # fmt: skip
     """Exclusive claim on a cell for one worker (several processes / torchrun ranks).
 
-    Yields ``True`` when this process owns the cell. A lock left by a killed process on
-    this host (or older than a day) is taken over. The lock file is removed on exit.
+    Yields ``True`` when this process owns the cell. The claim is a
+    :class:`condnoise.locks.Lock` that heartbeats every ``heartbeat`` seconds: another worker
+    takes it over (with a warning) when its holder on the same host is gone, or when its
+    last beat is older than ``stale_after`` seconds. The lock file is removed on exit.
     """
-    cell_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock = cell_dir.parent / f".{cell_dir.name}.lock"
-    fd = None
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            if not _lock_is_stale(lock):
-                break
-            lock.unlink(missing_ok=True)
-    if fd is None:
+    lock = Lock(cell_lock_path(cell_dir), "study cell", heartbeat=heartbeat,
+                stale_after=stale_after)  # fmt: skip
+    if not lock.try_acquire():
         yield False
         return
     try:
-        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
-        os.close(fd)
         yield True
     finally:
-        lock.unlink(missing_ok=True)
+        lock.release()

@@ -5,7 +5,10 @@ on 2 CPU cores (the official DiT blocks: 242 training img/s, 787 forward img/s; 
 "anchor" column of BENCHMARKS.md) and of DiT-XL/2 on 32x32x4 latents on one H100 in bf16
 (planning figures of the official code, 355 training / 1,077 forward img/s; not measured
 in this repository). A model's rate is the reference divided by its compute relative to
-the reference model. The plan replaces these estimates by measured durations where the
+the reference model. A study's ``cost`` section replaces the reference by measured rates
+of its own first architecture (``train_img_per_s``, ``forward_img_per_s`` on 2 idle CPU
+cores; other architectures are scaled by compute relative to it) and of the evaluation
+(``eval_img_per_s``). The plan replaces these estimates by measured durations where the
 cell log has them (:func:`condnoise.study.grid.plan_table`).
 """
 
@@ -47,6 +50,9 @@ def model_compute(model: dict[str, Any], image_shape: tuple[int, int, int]) -> f
     if cfg.family == "dit":
         tokens = (h // arch["patch"]) * (w // arch["patch"])
         ratio = arch["hidden"] ** 2 * arch["depth"] * tokens / REF_COMPUTE
+    elif cfg.family == "conv-unet":  # fitted to the tiny / xs / s rates in BENCHMARKS.md
+        width = sum(ch**2 / 4**k for k, ch in enumerate(arch["channels"])) / 2048
+        ratio = 0.42 * (width * arch["layers_per_block"] * h * w / 256 + 0.13)
     else:  # U-Net: width^2 x resolution x blocks, relative to a DiT-sized budget; rough
         width = sum(ch**2 for ch in arch["channels"]) / len(arch["channels"])
         ratio = 6.0 * width * arch["layers_per_block"] * h * w / (128**2 * 6 * 1024)
@@ -55,14 +61,17 @@ def model_compute(model: dict[str, Any], image_shape: tuple[int, int, int]) -> f
 
 class CostModel:
     """Per-stage estimates for a study: ``overrides`` are the study's ``cost`` section
-    (``train_img_per_s``, ``forward_img_per_s``, ``eval_img_per_s`` on the CPU)."""
+    (``train_img_per_s``, ``forward_img_per_s``: measured CPU rates of ``ref_model``, the
+    study's first architecture; ``eval_img_per_s``)."""
 
     def __init__(self, image_shape: tuple[int, int, int], overrides: dict[str, float],
-                 extractors: list[str]) -> None:  # fmt: skip
+                 extractors: list[str], ref_model: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.shape = image_shape
         self.overrides = dict(overrides)
         self.extractors = list(extractors)
         self._rates: dict[str, tuple[float, float, float, float]] = {}
+        # an override is the rate of ref_model: as a reference rate it is that times its compute
+        self._ref = model_compute(ref_model, image_shape) if ref_model else 1.0
 
     def _rate(self, model: dict[str, Any]) -> tuple[float, float, float, float]:
         """(CPU train, CPU forward, GPU train, GPU forward) img/s of ``model``."""
@@ -70,9 +79,12 @@ class CostModel:
         if key not in self._rates:
             compute = model_compute(model, self.shape)
             gpu_ratio = model_compute(GPU_XL2, self.shape) / compute
+            train, fwd = (self.overrides.get(k, ref) * (self._ref if k in self.overrides else 1.0)
+                          for k, ref in (("train_img_per_s", REF_TRAIN_IMG_PER_S),
+                                         ("forward_img_per_s", REF_FORWARD_IMG_PER_S)))  # fmt: skip
             self._rates[key] = (
-                self.overrides.get("train_img_per_s", REF_TRAIN_IMG_PER_S) / compute,
-                self.overrides.get("forward_img_per_s", REF_FORWARD_IMG_PER_S) / compute,
+                train / compute,
+                fwd / compute,
                 min(GPU_TRAIN_IMG_PER_S * gpu_ratio, GPU_CAP_TRAIN),
                 min(GPU_FORWARD_IMG_PER_S * gpu_ratio, GPU_CAP_FORWARD),
             )

@@ -80,7 +80,8 @@ class _Cells:
 
 def build_cells(spec: StudySpec) -> list[Cell]:
     """Expand the study into cells in a valid execution order (dependencies first)."""
-    cost = CostModel(image_shape(spec), spec.cost, list(spec.evaluate["extractors"]))
+    cost = CostModel(image_shape(spec), spec.cost, list(spec.evaluate["extractors"]),
+                     ref_model=next(iter(spec.architectures.values())))  # fmt: skip
     cells = _Cells(spec.name)
     for v in spec.variants:
         for arch in v.architectures or tuple(spec.architectures):
@@ -146,7 +147,9 @@ def _walk_cell(spec: StudySpec, cost: CostModel, train: Cell, arch: str,
     frames, per_class = int(spec.report["walk_frames"]), int(spec.report["grid_per_class"])
     config = {
         "stage": "walk", "train_key": train.key,
-        "sample": {k: settings.get(k) for k in ("sampler", "steps")}, "scale": _walk_scale(spec),
+        "sample": {k: settings.get(k) for k in ("sampler", "steps")}
+                  | ({"clip_x0": settings["clip_x0"]} if "clip_x0" in settings else {}),
+        "scale": _walk_scale(spec),
         "frames": frames, "grid_per_class": per_class, "seed": meta["seed"],
         "rng_version": rng.VERSION,
     }  # fmt: skip

@@ -19,7 +19,7 @@ from typing import Any
 
 from condnoise import stats
 from condnoise.io import write_json, write_text
-from condnoise.study import figures
+from condnoise.study import accuracy, figures
 from condnoise.study.aggregate import Estimate, Verdict, compare, estimate
 from condnoise.study.blocks import (
     HtmlRenderer,
@@ -75,7 +75,8 @@ def _group(v: Variant) -> str:
 
 
 VERDICT_COLUMNS = ["arch", "variant", "group", "best s", "FID", "clean best s", "clean FID",
-                   "diff (95% CI)", "verdict", "per guidance scale"]  # fmt: skip
+                   "diff (95% CI)", "verdict", "per guidance scale", "accuracy",
+                   "clean accuracy", "accuracy diff (95% CI)", "accuracy verdict"]  # fmt: skip
 
 
 def verdict_section(res: StudyResults) -> Section:
@@ -111,7 +112,8 @@ def _verdict_row(res: StudyResults, arch: str, v: Variant, tally: dict[str, dict
     ci = "" if math.isnan(d.low) else f" [{d.low:+.3g}, {d.high:+.3g}]"
     return [arch, v.name, _group(v), f"{s1:g}", est.fmt(), f"{s0:g}", clean.fmt(),
             f"{d.diff:+.3g}{ci}", word,
-            f"{better} better / {worse} worse / {len(per_scale) - better - worse} indistinguishable"]
+            f"{better} better / {worse} worse / {len(per_scale) - better - worse} indistinguishable",
+            *accuracy.accuracy_difference(res, arch, v.name, s1, s0)]
 
 
 def _verdict_text(res: StudyResults, tally: dict[str, dict[str, int]]) -> list[str]:
@@ -132,6 +134,13 @@ def _verdict_text(res: StudyResults, tally: dict[str, dict[str, int]]) -> list[s
         lines.append(f"**{g}**: helped in {t['helped']}, hurt in {t['hurt']}, "
                      f"indistinguishable in {t['indistinguishable']} of {sum(t.values())} "
                      "comparison(s).")  # fmt: skip
+    if tally and not any(t["helped"] or t["hurt"] for t in tally.values()):
+        lines.append("**Not resolved at this scale**: no FID difference from the clean model "
+                     f"is larger than the seed noise of {n_seeds} seed(s); more seeds or "
+                     "samples would be needed to tell whether the effect exists here.")  # fmt: skip
+    if res.has("accuracy"):
+        lines.append("Condition accuracy (last columns) is compared at the same guidance scales, "
+                     "higher is better, with the same Welch 95% rule.")  # fmt: skip
     return lines
 
 
@@ -281,6 +290,8 @@ def _table_section(res: StudyResults, sid: str, title: str, names: list[str], no
     rows = _table_rows(res, models, cols)
     if not rows:
         return _absent(sid, title, Status.INCOMPLETE, "no evaluated cells yet")
+    for arch in dict.fromkeys(r[0] for r in rows):
+        rows += accuracy.reference_rows(res, arch, cols, lead=3)
     sec.text(note)
     sec.table(["arch", "model", "best s"] + [METRICS[c][1] for c in cols], rows)
     return _incomplete(res, sec)
@@ -387,9 +398,10 @@ def build_sections(res: StudyResults) -> list[Section]:
         lambda: trade_off_section(res, "precision-recall", "Precision vs recall (paper Fig. 3)",
                                   "recall", "precision"),
         lambda: rmd_section(res),
-        lambda: metric_section(res, "accuracy", "Condition accuracy vs guidance", ["accuracy"],
-                               "no classifier extractor in this preset (condition accuracy "
-                               "needs e.g. fmnist-classifier)"),
+        lambda: accuracy.accuracy_table(res, metric_section(
+            res, "accuracy", "Condition accuracy vs guidance", ["accuracy"],
+            "no classifier extractor in this preset (condition accuracy needs e.g. "
+            "fmnist-classifier)")),
         lambda: metric_section(res, "memorization", "Memorization: top-5 L2 and memorization "
                                "ratio vs guidance", ["top5_l2", "memorization"],
                                "the evaluation gave no nearest-neighbour metrics"),

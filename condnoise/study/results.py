@@ -9,13 +9,13 @@ the study's first feature extractor, so the report follows the evaluation stage'
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from condnoise.io import read_json, read_npz
 from condnoise.study.aggregate import Estimate, estimate, flatten
 from condnoise.study.cache import is_done
 from condnoise.study.grid import Cell, build_cells
@@ -30,6 +30,10 @@ METRICS: dict[str, tuple[tuple[str, ...], str, bool]] = {
     "recall": (("recall",), "recall", False),
     "accuracy": (("accuracy", "condition_accuracy", "cond_accuracy"), "condition accuracy",
                  False),
+    "real_accuracy": (("real_accuracy",), "classifier accuracy on real test images "
+                      "(through the samples' resolution pipeline)", False),
+    "real_accuracy_native": (("real_accuracy_native",), "classifier accuracy on real test "
+                             "images (as they are)", False),
     "rmd_top1": (("rmd_top1", "top1_rmd", "rmd_top1pct", "rmd_top_1"), "top-1% RMD", False),
     "top5_l2": (("top5_l2", "avg_top5_l2", "avg_topk_l2"), "average top-5 L2", False),
     "memorization": (("memorization_ratio", "memorization"), "memorization ratio", True),
@@ -91,6 +95,16 @@ class StudyResults:
                 out.setdefault(r["scale"], []).append(self.value(r, name))
         return {s: estimate(v) for s, v in sorted(out.items()) if estimate(v).n}
 
+    def reference_accuracy(self, arch: str) -> tuple[float, float] | None:
+        """The classifier's accuracy on the real reference images, (through the samples'
+        resolution pipeline, as they are), from ``arch``'s evaluated records; None if absent."""
+        for r in self.records:
+            if r["arch"] == arch:
+                a, b = self.value(r, "real_accuracy"), self.value(r, "real_accuracy_native")
+                if a == a:  # not NaN
+                    return a, (b if b == b else a)
+        return None
+
     def best_scale(self, arch: str, variant: str, name: str = "fid") -> float | None:
         """Scale with the best seed-mean of ``name`` (chosen on means: no seed picking)."""
         ps = self.per_scale(arch, variant, name)
@@ -113,7 +127,7 @@ def collect(spec: StudySpec, study_dir: Path) -> StudyResults:
             continue
         m = c.meta
         if c.stage == "evaluate":
-            raw = json.loads((d / "metrics.json").read_text())
+            raw = read_json(d / "metrics.json")
             if "schema" in raw:  # condnoise.metrics/1: {"metrics": {metric: {extractor: v}}}
                 raw = raw["metrics"]
             res.records.append({
@@ -122,7 +136,7 @@ def collect(spec: StudySpec, study_dir: Path) -> StudyResults:
             })  # fmt: skip
             res.eval_dirs[(m["arch"], m["variant"], m["seed"], float(m["scale"]))] = d
         elif c.stage == "train" and (d / "shift.json").is_file():
-            s = json.loads((d / "shift.json").read_text())["mean_l2_shift"]
+            s = read_json(d / "shift.json").get("mean_l2_shift", float("nan"))
             shifts.setdefault((m["arch"], m["variant"]), []).append(float(s))
         elif c.stage == "walk":
             res.images[(m["arch"], m["variant"])] = {
@@ -139,6 +153,6 @@ def load_rmd_scores(eval_dir: Path, extractor: str) -> np.ndarray | None:
     path = eval_dir / "per_sample.npz"
     if not path.is_file():
         return None
-    with np.load(path) as data:
-        key = f"rmd@{extractor}"
-        return np.asarray(data[key], dtype=np.float64) if key in data.files else None
+    data = read_npz(path)
+    key = f"rmd@{extractor}"
+    return np.asarray(data[key], dtype=np.float64) if key in data else None

@@ -227,7 +227,7 @@ def _run_cell(
     dep_dirs = {ctx.cells[d].stage: ctx.cells[d].dir(ctx.study_dir) for d in cell.deps}
     write_provenance(cell_dir, {"cell": cell.id, **cell.config}, cell.meta.get("seed"))
     log.append("start", cell.id, cell.key, rank=worker.rank)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         info = fns[cell.stage](cell, cell_dir, dep_dirs, ctx) or {}
     except BaseException as e:
@@ -236,9 +236,13 @@ def _run_cell(
         if not isinstance(e, UserError | KeyboardInterrupt):
             (cell_dir / "error.txt").write_text(traceback.format_exc())
         raise
-    seconds = time.perf_counter() - t0
-    mark_done(cell_dir, {"cell": cell.id, "seconds": seconds, "meta": cell.meta, **info})
-    log.append("end", cell.id, cell.key, rank=worker.rank, seconds=round(seconds, 3))
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    mark_done(cell_dir, {"cell": cell.id, "seconds": seconds, "cpu_seconds": cpu, "meta": cell.meta,
+                         **info})  # fmt: skip
+    # wall seconds (what --dry-run rescales by) and CPU-seconds of this process, all threads
+    # (comparable across machine loads, unlike wall time on a shared machine)
+    log.append("end", cell.id, cell.key, rank=worker.rank, seconds=round(seconds, 3),
+               cpu_seconds=round(cpu, 3))  # fmt: skip
 
 
 def _wait_all(cells: list[Cell], study_dir: Path) -> None:

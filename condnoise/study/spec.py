@@ -27,7 +27,7 @@ TOP_LEVEL = {
     "name", "description", "data", "seeds", "architectures", "variants", "corruption_grid",
     "ablation", "train", "sample", "evaluate", "report", "cost", "out_dir",
 }  # fmt: skip
-SAMPLE_KEYS = {"sampler", "steps", "num_samples", "guidance", "batch_size"}
+SAMPLE_KEYS = {"sampler", "steps", "num_samples", "guidance", "batch_size", "clip_x0"}
 EVALUATE_KEYS = {
     "extractors", "metrics", "reference_split", "reference_samples", "train_samples", "shrinkage",
 }  # fmt: skip
@@ -343,8 +343,9 @@ def _check_name_and_seeds(raw: dict[str, Any], where: str) -> tuple[str, list[in
     _need(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), where,
           f"'name' {name!r} must be a short identifier (letters, digits, - and _)")  # fmt: skip
     seeds = raw.get("seeds", [0])
-    _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds), where,
-          f"'seeds' {seeds!r} must be a non-empty list of integers")  # fmt: skip
+    _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool)
+                                                    and s >= 0 for s in seeds), where,
+          f"'seeds' {seeds!r} must be a non-empty list of integers >= 0")  # fmt: skip
     _need(len(set(seeds)) == len(seeds), where, f"'seeds' {seeds!r} has duplicates")
     return name, list(seeds)
 

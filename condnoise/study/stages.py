@@ -15,7 +15,6 @@ Each function takes ``(cell, cell_dir, dep_dirs, ctx)``, writes its outputs unde
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,8 +124,9 @@ def run_sample(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContex
         batch_size=int(s.get("batch_size", 256)),
         shard_size=max(int(s.get("batch_size", 256)), 1000),
         grid_per_class=8,
+        clip_x0=bool(s.get("clip_x0", False)),
     )
-    (folder,) = run_sweep(run, run_dir, cell_dir, cfg)
+    (folder,) = run_sweep(run, run_dir, cell_dir, cfg, progress=ctx.progress)
     return {"samples": str(folder.relative_to(cell_dir) / "samples.npz")}
 
 
@@ -156,7 +156,7 @@ def run_evaluate(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunCont
         from condnoise.training.runtime import load_vq_autoencoder
 
         autoencoder = load_vq_autoencoder(samples.meta.get("run_dir"))
-    result = evaluate_samples(samples, cfg, autoencoder=autoencoder)
+    result = evaluate_samples(samples, cfg, progress=ctx.progress, autoencoder=autoencoder)
     write_json(cell_dir / "metrics.json", result.record)
     with atomic_open(cell_dir / PER_SAMPLE_FILE, "wb") as f:
         np.savez(f, **result.score_arrays())
@@ -198,8 +198,9 @@ def run_walk(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext)
         run.model, run.schedule, run.num_classes, int(c["grid_per_class"]),
         cell_dir / "grid.png", shape=run.latent_shape, guidance=float(c["scale"]),
         steps=steps, seed=int(c["seed"]), sampler=sampler, autoencoder=run.autoencoder,
+        clip_x0=bool(c["sample"].get("clip_x0", False)), row_labels=[str(n) for n in run.class_names] or None,
     )  # fmt: skip
-    from condnoise.diffusion.grids import save_grid
+    from condnoise.diffusion.grids import save_labelled_grid
     from condnoise.diffusion.walk import noise_walk
 
     frames = int(c["frames"])
@@ -208,9 +209,11 @@ def run_walk(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext)
         images, _ = noise_walk(
             run.model, run.schedule, run.autoencoder, k, shape=run.latent_shape, frames=frames,
             seed=int(c["seed"]), guidance=float(c["scale"]), sampler=sampler, steps=steps,
+            clip_x0=bool(c["sample"].get("clip_x0", False)),
         )  # fmt: skip
         rows.append(images)
-    save_grid(np.concatenate(rows), cell_dir / "walk.png", nrow=frames)
+    save_labelled_grid(np.concatenate(rows), [str(n) for n in run.class_names[:len(rows)]],
+                       cell_dir / "walk.png", nrow=frames)  # fmt: skip
     return {}
 
 
@@ -235,11 +238,9 @@ def run_theory(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContex
 
 
 def read_metrics(eval_dir: Path) -> dict[str, Any]:
-    path = eval_dir / "metrics.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    from condnoise.io import read_json
+
+    return read_json(eval_dir / "metrics.json")
 
 
 STAGE_FUNCTIONS = {

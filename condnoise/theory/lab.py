@@ -87,6 +87,11 @@ class GMMLabConfig:
             raise UserError("--mean-scale and --sweep-gamma-max must be > 0, --sweep-points >= 5")
         if self.sweep_d is not None and self.sweep_d < 1:
             raise UserError(f"--sweep-d must be >= 1, got {self.sweep_d}")
+        for name in ("seed", "sample_budget", "sgd_iters", "sgd_batch"):
+            lo = 0 if name == "seed" else 1
+            if int(getattr(self, name)) < lo:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {lo}, "
+                                f"got {getattr(self, name)}")  # fmt: skip
         return self
 
     @property

@@ -380,11 +380,16 @@ def train_autoencoder(cfg: AutoencoderConfig, *, run_dir: str | Path | None = No
                       max_steps: int | None = None,
                       progress: Callable[[dict[str, Any]], None] | None = None,
                       classifier: nn.Module | None = None) -> AETrainResult:
-    """Validate ``cfg`` and train (resuming from the last checkpoint with ``resume``).
+    """Validate ``cfg`` and train (resuming from the last checkpoint with ``resume``),
+    holding the run folder's lock (:func:`condnoise.locks.folder_lock`).
 
     ``classifier``: the network of ``loss.perceptual: classifier`` (the fmnist-classifier,
     ``condnoise.evaluation.classifier.load_classifier(loss.classifier_dir)[0]``)."""
+    from condnoise.locks import folder_lock
+
     cfg.validate(f"config of autoencoder run {cfg.run.name or '(unnamed)'}")
-    trainer = AutoencoderTrainer(cfg, run_dir=run_dir, resume=resume, device=device,
-                                 progress=progress, classifier=classifier)
-    return trainer.run(max_steps)
+    path = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
+    with folder_lock(path, "autoencoder train"):  # one process per run folder
+        trainer = AutoencoderTrainer(cfg, run_dir=path, resume=resume, device=device,
+                                     progress=progress, classifier=classifier)
+        return trainer.run(max_steps)

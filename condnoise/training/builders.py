@@ -14,11 +14,13 @@ from condnoise.errors import UserError
 
 
 def build_schedule(cfg: Any) -> Any:
-    """The training noise schedule (paper section 4: linear betas, 1000 steps)."""
+    """The training noise schedule and prediction target (paper section 4: linear betas,
+    1000 steps, eps; ``diffusion.prediction``, missing in older runs' config.yaml, is eps)."""
     from condnoise.diffusion.schedule import NoiseSchedule
 
     d = cfg.diffusion
-    return NoiseSchedule(d.schedule, d.num_steps, beta_start=d.beta_start, beta_end=d.beta_end)
+    return NoiseSchedule(d.schedule, d.num_steps, beta_start=d.beta_start, beta_end=d.beta_end,
+                         prediction=getattr(d, "prediction", "eps"))  # fmt: skip
 
 
 def build_autoencoder(cfg: Any, device: torch.device | str = "cpu") -> torch.nn.Module:

@@ -27,6 +27,7 @@ from safetensors.torch import load_model, save_model
 
 from condnoise import rng
 from condnoise.errors import UserError
+from condnoise.io import follow_umask
 
 CKPT_DIR = "checkpoints"
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -115,6 +116,7 @@ def save_checkpoint_files(
         for name, module in weights.items():
             save_model(module, str(tmp / name))
         torch.save(state, tmp / "state.pt")
+        follow_umask(tmp)  # safetensors writes 0600
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -143,10 +145,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_weights(module: torch.nn.Module, path: Path) -> None:
-    """Load a safetensors file written by ``save_checkpoint`` into ``module`` (strict)."""
+def load_weights(module: torch.nn.Module, path: Path, *, hint: str = "") -> None:
+    """Load a safetensors file written by ``save_checkpoint`` into ``module`` (strict).
+
+    A file that does not fit raises a UserError naming the first mismatching parameter with
+    both shapes (and ``hint``, e.g. the config key that differs)."""
     if not path.is_file():
         raise UserError(f"checkpoint file missing: {path}")
+    suffix = f"; {hint}" if hint else ""
+    mismatch = first_shape_mismatch(module, path)
+    if mismatch:
+        raise UserError(f"{path} does not fit the model built from config.yaml: {mismatch}{suffix}")
     try:
         missing, unexpected = load_model(module, str(path), strict=False)
     except Exception as e:  # safetensors / size mismatch -> one clear line
@@ -154,8 +163,50 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     if missing or unexpected:
         raise UserError(
             f"weights in {path} do not match the model built from config.yaml "
-            f"(missing: {list(missing)[:3]}, unexpected: {list(unexpected)[:3]})"
+            f"(missing: {list(missing)[:3]}, unexpected: {list(unexpected)[:3]}){suffix}"
         )
+
+
+def first_shape_mismatch(module: torch.nn.Module, path: Path) -> str | None:
+    """``"parameter 'blocks.0.attn.qkv.weight' is [96, 32] in the checkpoint, [192, 64] in the
+    model"`` for the first parameter (in the model's order) whose shapes differ, else None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # not a safetensors file, truncated, ...
+        raise UserError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from None
+    for name, tensor in module.state_dict().items():
+        if name in stored and stored[name] != list(tensor.shape):
+            return (f"parameter {name!r} is {stored[name]} in the checkpoint, "
+                    f"{list(tensor.shape)} in the model")  # fmt: skip
+    return None
+
+
+def config_difference(recorded: dict[str, Any] | None, built: dict[str, Any] | None) -> str:
+    """The model config keys where the config recorded when the run started (``run.json``)
+    and the one built now differ: ``"config.yaml differs from the run's start in model.hidden
+    (32 -> 48)"``; empty when they agree or nothing was recorded."""
+    if not isinstance(recorded, dict) or not isinstance(built, dict):
+        return ""
+    diffs = _differences(recorded, built, "model")
+    if not diffs:
+        return ""
+    shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in diffs[:3])
+    more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+    return f"config.yaml differs from the run's start (run.json) in {shown}{more}"
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str) -> list[tuple[str, Any, Any]]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}.{key}")
+        elif x != y:
+            out.append((f"{prefix}.{key}", x, y))
+    return out
 
 
 def load_state(path: Path) -> dict[str, Any]:

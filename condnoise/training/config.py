@@ -46,6 +46,9 @@ class DiffusionConfig:
     num_steps: int = 1000
     beta_start: float | None = None  # null: the schedule's default
     beta_end: float | None = None
+    prediction: Literal["eps", "v"] = "eps"  # the model's output (v: Salimans & Ho 2022)
+    loss_weighting: Literal["none", "min-snr"] = "none"  # min-snr: Hang et al. 2023
+    min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (their default)
     # CFG dropout (model.cfg_dropout) and input perturbation (model.perturbation.ip, or
     # --perturb ip) belong to the model section: the model applies them in training mode.
 
@@ -140,13 +143,15 @@ def _check_ranges(cfg: Config, origin: str) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"{origin}: {key} must be >= 1, got {value}")
-    nonneg = {"train.warmup": t.warmup, "train.sample_every": t.sample_every,
+    nonneg = {"train.warmup": t.warmup, "train.sample_every": t.sample_every, "train.seed": t.seed,
               "train.num_workers": t.num_workers, "train.weight_decay": t.weight_decay}  # fmt: skip
     for key, value in nonneg.items():
         if value < 0:
             raise UserError(f"{origin}: {key} must be >= 0, got {value}")
     if not t.lr > 0:
         raise UserError(f"{origin}: train.lr must be > 0, got {t.lr}")
+    if not cfg.diffusion.min_snr_gamma > 0:
+        raise UserError(f"{origin}: diffusion.min_snr_gamma must be > 0, got {cfg.diffusion.min_snr_gamma}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"{origin}: train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
@@ -189,11 +194,18 @@ def _read_yaml(path: Path | Any, origin: str) -> dict[str, Any]:
     except OSError as e:
         raise UserError(f"cannot read config {origin}: {e}") from None
     except yaml.YAMLError as e:
-        msg = str(e).replace("\n", " ")
-        raise UserError(f"invalid YAML in {origin}: {msg}") from None
+        raise UserError(f"invalid YAML in {origin}: {_yaml_message(e)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{origin}: expected a mapping of sections at the top level")
     return raw
+
+
+def _yaml_message(e: yaml.YAMLError) -> str:
+    """One line: the problem and where (``line L column C``, 1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def resolve_source(preset_or_yaml: str) -> tuple[dict[str, Any], str, str]:
@@ -260,7 +272,9 @@ def config_from_yaml_text(text: str, origin: str) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"invalid YAML in {origin}: {e}") from None
+        raise UserError(f"invalid YAML in {origin}: {_yaml_message(e)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{origin}: expected a mapping of sections at the top level")
     cfg = Config.from_dict(raw, origin=origin)
     _check_ranges(cfg, origin)
     return cfg

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from condnoise.errors import UserError
-from condnoise.io import write_json, write_text
+from condnoise.io import read_json, write_json, write_text
 from condnoise.provenance import write_provenance
 
 #: settings that may change when a run is resumed (they do not change the trajectory)
@@ -51,16 +51,62 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
 
 
+RUN_FILES = ("config.yaml", "run.json", "provenance.json", "metrics.jsonl")
+RUN_FOLDERS = ("checkpoints", "samples", "tensorboard")
+
+
 def is_started(run_dir: Path) -> bool:
     return any((run_dir / n).exists() for n in ("config.yaml", "checkpoints", "metrics.jsonl"))
 
 
-def check_fresh(run_dir: Path) -> None:
-    if is_started(run_dir):
+def has_progress(run_dir: Path) -> bool:
+    """Whether the run got past step 1: a checkpoint, or a logged step."""
+    from condnoise.training.checkpoint import list_checkpoints
+
+    metrics = run_dir / "metrics.jsonl"
+    return bool(list_checkpoints(run_dir)) or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
+def check_fresh(run_dir: Path, *, force: bool = False) -> None:
+    """A new run may start in ``run_dir``: it is absent or empty, holds a run that never got
+    to step 1 (started afresh), or ``force`` is given; a run with progress needs --resume and
+    a folder of other files (a corruption manifest, ...) is not overwritten."""
+    from condnoise.locks import LOCK_NAME
+
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} exists and is not a folder")
+    if has_progress(run_dir):
         raise UserError(
             f"run directory {run_dir} already holds a run; pass --resume to continue it, "
             "or choose a new --run-dir"
         )
+    if is_started(run_dir):
+        return
+    others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
+    if others and not force:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(
+            f"run directory {run_dir} is not empty and holds no condnoise run ({shown}); "
+            "choose another --run-dir, or pass --force to train into it"
+        )
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """Remove the run files of a run that failed before step 1 (a rerun then starts it
+    cleanly); a run with progress, and files that are not the run's, are left alone."""
+    import shutil
+
+    if not run_dir.is_dir() or has_progress(run_dir):
+        return
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        folder = run_dir / name
+        if folder.is_dir() and not any(p for p in folder.rglob("*") if p.is_file()
+                                       and not p.name.startswith(".tmp")):  # fmt: skip
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_resumable(run_dir: Path, cfg: Any) -> None:
@@ -88,10 +134,7 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a training run directory (no run.json)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    return read_json(path)
 
 
 def read_run_config(run_dir: Path) -> Any:
@@ -100,7 +143,11 @@ def read_run_config(run_dir: Path) -> Any:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a training run directory (no config.yaml)")
-    return config_from_yaml_text(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    return config_from_yaml_text(text, str(path))
 
 
 class MetricsLog:

@@ -47,13 +47,40 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def pick_device(local_rank: int = 0, device: str | None = None) -> torch.device:
-    """``cuda:<local_rank>`` when CUDA is available (or requested), else CPU."""
-    if device is not None:
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has; UserError for a misspelt device, a
+    backend that is not available or a device index beyond the devices present."""
+    try:
         dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device {device!r} requested but CUDA is not available")
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"device {device!r}: not a torch device (expected "
+                        f"{', '.join(DEVICE_TYPES)} or TYPE:INDEX, e.g. cuda:1)") from None
+    if dev.type not in DEVICE_TYPES:
+        raise UserError(f"device {device!r}: device type {dev.type!r} is not supported "
+                        f"(expected one of {', '.join(DEVICE_TYPES)})")
+    if dev.type == "cpu":
         return dev
+    if dev.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, dev.type)
+        available = bool(backend.is_available())
+        count = backend.device_count() if available else 0
+    if not available:
+        raise UserError(f"device {device!r} requested but {dev.type.upper()} is not available")
+    if dev.index is not None and dev.index >= count:
+        raise UserError(f"device {device!r}: this machine has {count} {dev.type} device(s)")
+    return dev
+
+
+def pick_device(local_rank: int = 0, device: str | None = None) -> torch.device:
+    """``device`` (checked by :func:`check_device`), else ``cuda:<local_rank>`` when CUDA
+    is available, else CPU."""
+    if device is not None:
+        return check_device(device)
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
@@ -161,7 +188,12 @@ def load_run(
     """
     from condnoise.training.builders import build_autoencoder, build_schedule
     from condnoise.training.builders import build_model as build_run_model
-    from condnoise.training.checkpoint import list_checkpoints, load_weights, step_dir
+    from condnoise.training.checkpoint import (
+        config_difference,
+        list_checkpoints,
+        load_weights,
+        step_dir,
+    )
     from condnoise.training.rundir import read_run_config, read_run_info
 
     run_dir = Path(run_dir)
@@ -178,9 +210,17 @@ def load_run(
         step = steps[-1]
     elif step not in steps:
         raise UserError(f"{run_dir} has no checkpoint for step {step}; kept steps: {steps}")
-    latent_shape = tuple(info["latent_shape"])
-    model = build_run_model(cfg, latent_shape, len(info["class_names"]))
-    load_weights(model, step_dir(run_dir, step) / ("ema.safetensors" if ema else "model.safetensors"))
+    try:
+        latent_shape = tuple(int(v) for v in info["latent_shape"])
+        class_names = tuple(str(c) for c in info["class_names"])
+        image_shape = tuple(int(v) for v in info["image_shape"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{run_dir / 'run.json'}: missing or invalid latent_shape, image_shape "
+                        "or class_names") from None
+    model = build_run_model(cfg, latent_shape, len(class_names))
+    hint = config_difference(info.get("model_config"), getattr(model, "config", None))
+    load_weights(model, step_dir(run_dir, step) / ("ema.safetensors" if ema else "model.safetensors"),
+                 hint=hint)  # fmt: skip
     dev = torch.device(device)
     model.to(dev).eval().requires_grad_(False)
     autoencoder = build_autoencoder(cfg, dev)
@@ -189,8 +229,8 @@ def load_run(
         schedule=build_schedule(cfg),
         autoencoder=autoencoder,
         config=cfg,
-        class_names=tuple(info["class_names"]),
-        image_shape=tuple(info["image_shape"]),
+        class_names=class_names,
+        image_shape=image_shape,  # type: ignore[arg-type]
         latent_shape=latent_shape,  # type: ignore[arg-type]
         step=step,
         run_dir=run_dir,

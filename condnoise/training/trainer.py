@@ -1,7 +1,8 @@
 """The training loop shared by DiT and U-Net models (paper sections 3-4).
 
 Per optimizer step: one global batch (``train.batch_size`` samples over all ranks and
-``grad_accum`` micro-steps), loss ``E||eps - eps_theta(x_t, t, c + delta)||^2`` (the
+``grad_accum`` micro-steps), loss ``E||eps - eps_theta(x_t, t, c + delta)||^2`` (or its
+v-prediction / min-SNR-weighted form, ``diffusion.prediction`` / ``loss_weighting``; the
 perturbation delta and CFG dropout happen inside the model in training mode), AdamW
 with linear warm-up, global-norm gradient clipping, then an EMA update.
 
@@ -97,6 +98,8 @@ class Trainer:
     ``sample_hook(trainer, step)`` writes a sample grid (default: :func:`write_sample_grid`
     with the EMA model); pass ``None`` to disable grids. ``data`` replaces the
     ``TrainData`` built from ``cfg.data`` (benchmarks feed synthetic latents this way).
+    ``force`` lets a new run start in a non-empty folder that holds no run; ``status``
+    receives one-line messages on what the trainer is doing (e.g. its final sample grid).
     """
 
     def __init__(
@@ -109,8 +112,11 @@ class Trainer:
         dist: DistInfo | None = None,
         sample_hook: SampleHook | None = None,
         data: TrainData | None = None,
+        force: bool = False,
+        status: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg, self.resume, self.sample_hook = cfg, resume, sample_hook
+        self.force, self.status = force, status
         self.dist = dist or init_distributed(device)
         self.device = self.dist.device
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
@@ -228,7 +234,7 @@ class Trainer:
     def _check_run_dir(self) -> int | None:
         """Validate fresh/resume against the run directory; the step to resume from."""
         if not self.resume:
-            check_fresh(self.run_dir)
+            check_fresh(self.run_dir, force=self.force)
             return None
         if not self.run_dir.is_dir() or not is_started(self.run_dir):
             raise UserError(
@@ -357,6 +363,8 @@ class Trainer:
                         self.forward_model, self.schedule, x0, cond,
                         t=t_all[rows], noise=noise_all[rows].to(x0.dtype),
                         ip_xi=self.model.input_perturbation,  # type: ignore[arg-type]
+                        weighting=self.cfg.diffusion.loss_weighting,
+                        min_snr_gamma=self.cfg.diffusion.min_snr_gamma,
                         sample_index=index, step=step,
                     )
                 (out.loss / t_cfg.grad_accum).backward()
@@ -395,8 +403,7 @@ class Trainer:
                     self.save()
                 if self.sample_hook is not None and self.dist.is_main and t_cfg.sample_every \
                         and self._due(t_cfg.sample_every):  # fmt: skip
-                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                        self.sample_hook(self, self.step)
+                    self._sample(bar)
         finally:
             for closing in (bar, log):
                 if closing is not None:
@@ -404,6 +411,17 @@ class Trainer:
         result.step, result.seconds = self.step, time.perf_counter() - t0
         result.img_per_s = (self.step - result.start_step) * t_cfg.batch_size / max(result.seconds, 1e-9)
         return result
+
+    def _sample(self, bar: Any) -> None:
+        """Call the sample hook (outside the training RNG streams); say so for the final grid,
+        which can take a while after the progress bar reached its end."""
+        if self.status is not None and self.step == self.cfg.train.steps:
+            t = self.cfg.train
+            self.status(f"drawing the final sample grid (step {self.step}: up to 10 classes x "
+                        f"{t.sample_per_class}, {t.sample_sampler} {t.sample_steps} steps)")
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self.sample_hook(self, self.step)  # type: ignore[misc]
 
     def _due(self, every: int) -> bool:
         """Whether the current step is a multiple of ``every`` or the last one."""
@@ -446,8 +464,9 @@ class Trainer:
 def write_sample_grid(trainer: Trainer, step: int) -> Path:
     """``samples/step_{step}.png``: ``sample_per_class`` EMA samples per row with
     classifier-free guidance ``train.sample_guidance``; rows are up to 10 classes (evenly
-    spaced) or, for text models, the first 8 training captions, printed above their row
-    (:func:`condnoise.diffusion.sampling.sample_grid` with the trainer's settings)."""
+    spaced) or, for text models, the first 8 training captions, each row labelled with its
+    class name or caption (:func:`condnoise.diffusion.sampling.sample_grid` with the
+    trainer's settings)."""
     from condnoise.diffusion.sampling import sample_grid
 
     t = trainer.cfg.train
@@ -458,7 +477,8 @@ def write_sample_grid(trainer: Trainer, step: int) -> Path:
     else:
         k = trainer.num_classes
         rows = torch.linspace(0, k - 1, steps=min(k, 10)).round().long().unique().tolist()
-        labels = None
+        names = trainer.data.meta.class_names
+        labels = [str(names[c]) for c in rows] if names else None
     path = trainer.run_dir / "samples" / f"step_{step:08d}.png"
     sample_grid(
         trainer.ema.module, trainer.schedule, rows, t.sample_per_class, path,
@@ -478,8 +498,27 @@ def train(
     resume: bool = False,
     device: str | None = None,
     sample_hook: SampleHook | None = write_sample_grid,
+    force: bool = False,
+    status: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Validate ``cfg`` and train (joins a torchrun process group when one is set up)."""
+    """Validate ``cfg`` and train (joins a torchrun process group when one is set up).
+
+    Rank 0 holds the run folder's lock (:func:`condnoise.locks.folder_lock`) for the whole
+    run; a run that fails before its first step leaves no run files behind.
+    """
+    from condnoise.locks import folder_lock
+    from condnoise.training.rundir import discard_unstarted
+
     cfg.validate(f"config of run {cfg.run.name or '(unnamed)'}")
-    trainer = Trainer(cfg, run_dir=run_dir, resume=resume, device=device, sample_hook=sample_hook)
-    return trainer.run()
+    dist = init_distributed(device)
+    path = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
+    lock = folder_lock(path, "train") if dist.is_main else contextlib.nullcontext()
+    with lock:
+        trainer = Trainer(cfg, run_dir=path, resume=resume, dist=dist, sample_hook=sample_hook,
+                          force=force, status=status)  # fmt: skip
+        try:
+            return trainer.run()
+        except BaseException:
+            if dist.is_main and not resume:  # only files this call wrote
+                discard_unstarted(path)
+            raise
