@@ -153,13 +153,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def perceptual_classifier(cfg):  # type: ignore[no-untyped-def]
-    """The fmnist-classifier network of ``loss.perceptual: classifier`` (else None)."""
+    """A loader of the fmnist-classifier network of ``loss.perceptual: classifier`` (else None)."""
     lo = cfg.loss
     if lo.perceptual != "classifier" or lo.perceptual_weight <= 0:
         return None
-    from condnoise.evaluation.classifier import load_classifier
 
-    return load_classifier(lo.classifier_dir)[0]
+    def load():  # type: ignore[no-untyped-def]
+        from condnoise.evaluation.classifier import load_classifier
+
+        return load_classifier(lo.classifier_dir)[0]
+
+    return load
 
 
 def _train_bar(cfg, max_steps):  # type: ignore[no-untyped-def]

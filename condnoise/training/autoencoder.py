@@ -78,9 +78,9 @@ class AutoencoderTrainer:
     def __init__(self, cfg: AutoencoderConfig, *, run_dir: str | Path | None = None,
                  resume: bool = False, device: str | None = None,
                  progress: Callable[[dict[str, Any]], None] | None = None,
-                 classifier: nn.Module | None = None) -> None:
+                 classifier: nn.Module | Callable[[], nn.Module] | None = None) -> None:
         self.cfg, self.resume, self.progress = cfg, resume, progress
-        self.classifier = classifier  # the perceptual stand-in's network (loss.perceptual)
+        self.classifier = classifier  # the perceptual stand-in's network (or its loader)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
         t = cfg.train
@@ -164,8 +164,11 @@ class AutoencoderTrainer:
             self.disc = self.disc.to(self.device, memory_format=fmt).train()
         self.perceptual = None
         if lo.perceptual != "none" and lo.perceptual_weight > 0:
+            net = self.classifier
+            if net is not None and not isinstance(net, nn.Module):
+                net = net()  # loaded only now: after the run folder checks
             self.perceptual = build_perceptual(lo.perceptual, lpips_path=lo.lpips_path,
-                                               classifier=self.classifier).to(self.device)
+                                               classifier=net).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas))  # type: ignore[arg-type]
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup, t.steps, t.lr_schedule))
@@ -379,12 +382,13 @@ def train_autoencoder(cfg: AutoencoderConfig, *, run_dir: str | Path | None = No
                       resume: bool = False, device: str | None = None,
                       max_steps: int | None = None,
                       progress: Callable[[dict[str, Any]], None] | None = None,
-                      classifier: nn.Module | None = None) -> AETrainResult:
+                      classifier: nn.Module | Callable[[], nn.Module] | None = None) -> AETrainResult:
     """Validate ``cfg`` and train (resuming from the last checkpoint with ``resume``),
     holding the run folder's lock (:func:`condnoise.locks.folder_lock`).
 
     ``classifier``: the network of ``loss.perceptual: classifier`` (the fmnist-classifier,
-    ``condnoise.evaluation.classifier.load_classifier(loss.classifier_dir)[0]``)."""
+    ``condnoise.evaluation.classifier.load_classifier(loss.classifier_dir)[0]``), or a
+    function returning it, called once the run folder has been checked."""
     from condnoise.locks import folder_lock
 
     cfg.validate(f"config of autoencoder run {cfg.run.name or '(unnamed)'}")
