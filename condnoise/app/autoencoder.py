@@ -88,12 +88,12 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--kind", default="auto", help="auto (from config.json), vq or kl (checked)")
     e.add_argument("--image-size", type=positive_int, default=None,
                    help="image size of the data; None: the autoencoder's sample_size")
-    e.add_argument("--max-samples", type=positive_int, default=None, help="use only the first N images")
+    e.add_argument("--max-samples", type=positive_int, default=None, help="use only the first N images; None: all")
     e.add_argument("--crop", type=positive_int, default=None,
                    help="also report PSNR / SSIM on the central NxN pixels (28: Fashion-MNIST "
-                        "padded to 32)")
+                        "padded to 32); None: whole images only")
     e.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
-    e.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see condnoise corrupt)")
+    e.add_argument("--data-dir", default=None, help="Fashion-MNIST folder; None: the installed dataset")
     add_device_option(e, "torch device; None: cpu")
     e.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads; None: as torch chooses")

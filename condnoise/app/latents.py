@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--image-size", type=nonneg_int, default=32,
                    help="image size the source is resized to (the run's data.image_size); "
                         "0: the source's native size")
-    e.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see condnoise corrupt)")
+    e.add_argument("--data-dir", default=None, help="Fashion-MNIST folder; None: the installed dataset")
     e.add_argument("--kind", default="auto", help="auto (from config.json), vq or kl (checked)")
     e.add_argument("--scaling-factor", type=float_range(0, lo_open=True), default=None,
                    help="latent scale; None: the folder's scaling_factor")
