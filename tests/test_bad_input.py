@@ -78,6 +78,7 @@ def _sample_folder(folder: Path) -> None:
 
 
 SAMPLE = "sample {root}/run --out {root}/gen --num 4 --steps 2"
+DISTILL = "distill lcm {root}/run --run-dir {root}/d"
 WALK = "walk {root}/run --class 3 --steps 2"
 EVAL = "evaluate {root}/samples/s1 --max-ref 50"
 GMM = "theory gmm --d 4 --n 20 --out {root}/lab"
@@ -148,6 +149,27 @@ CASES = [
     ("latents-no-out", "latents extract digits --autoencoder {root}/vq", ["--out"], None),
     ("latents-locked", "latents extract digits --autoencoder {root}/vq --out {root}/manifests",
      ["in use by"], "{root}/manifests"),
+    # distill
+    ("distill-no-method", "distill bogus", ["'bogus'"], None),
+    ("distill-no-teacher", "distill lcm {root}/nowhere --run-dir {root}/d", ["{root}/nowhere"], None),
+    ("distill-not-a-run", "distill lcm {root}/samples --run-dir {root}/d", ["{root}/samples"], None),
+    ("distill-range", DISTILL + " --guidance-range 3,1", ["--guidance-range", "'3,1'"], None),
+    ("distill-range-text", DISTILL + " --guidance-range x", ["--guidance-range", "'x'"], None),
+    ("distill-solver", DISTILL + " --solver-steps 0", ["--solver-steps", "0"], None),
+    ("distill-solver-high", DISTILL + " --solver-steps 1001", ["--solver-steps", "1001"], None),
+    ("distill-embed", DISTILL + " --w-embed-dim 2", ["--w-embed-dim", "2"], None),
+    ("distill-perturb", DISTILL + " --perturb dropout", ["--perturb", "'dropout'"], None),
+    ("distill-huber", DISTILL + " --huber-c 0", ["--huber-c", "0"], None),
+    ("distill-key", DISTILL + " train.bogus=1", ["bogus"], None),
+    ("distill-arch", DISTILL + " model.hidden=48", ["model.hidden", "48", "{root}/run"], None),
+    ("distill-teacher-step", DISTILL + " --teacher-step 999", ["999", "{root}/run"], None),
+    ("distill-no-run-dir", "distill lcm {root}/run", ["--run-dir"], None),
+    ("distill-not-a-run-dir", "distill lcm {root}/run --run-dir {root}/manifests", ["{root}/manifests", "--force"], None),
+    ("distill-existing", "distill lcm {root}/run --run-dir {root}/run", ["{root}/run", "--resume"], None),
+    ("distill-locked", "distill lcm {root}/run --run-dir {root}/manifests --force", ["in use by"], "{root}/manifests"),
+    ("sample-lcm-teacher", SAMPLE + " --sampler lcm", ["--sampler lcm", "LCM student"], None),
+    ("sample-steps-list", SAMPLE + " --steps 2,x", ["--steps", "'2,x'"], None),
+    ("sample-steps-twice", SAMPLE + " --steps 2,2", ["--steps", "twice"], None),
     # sample
     ("sample-guidance", SAMPLE + " --guidance abc", ["--guidance", "'abc'"], None),
     ("sample-guidance-neg", SAMPLE + " --guidance 1,-2", ["--guidance", "-2"], None),

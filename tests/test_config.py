@@ -15,7 +15,7 @@ from condnoise.training.rundir import config_differences, default_run_dir
 
 
 def test_presets_ship_and_validate():
-    assert list_presets() == ["fmnist-dit-s", "fmnist-unet-s", "in1k-dit-xl2", "in1k-ldm4", "scenes-dit-s",
+    assert list_presets() == ["fmnist-conv16", "fmnist-dit-s", "fmnist-unet-s", "in1k-dit-xl2", "in1k-ldm4", "scenes-dit-s",
                               "scenes-unet-s"]  # fmt: skip
     for name in list_presets():
         cfg = load_config(name)
@@ -73,7 +73,7 @@ def test_config_errors_are_clear_user_errors(override, message):
 
 
 def test_unknown_preset_and_bad_files(tmp_path):
-    with pytest.raises(UserError, match="unknown preset 'fmnist-dit-xx'.*presets: fmnist-dit-s"):
+    with pytest.raises(UserError, match="unknown preset 'fmnist-dit-xx'.*presets: .*fmnist-dit-s"):
         load_config("fmnist-dit-xx")
     with pytest.raises(UserError, match="config file not found"):
         load_config(str(tmp_path / "none.yaml"))

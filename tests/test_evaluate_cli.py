@@ -154,17 +154,21 @@ def test_evaluate_merges_successive_calls(sample_root, tmp_path, capsys):
     assert main([*base, "--metrics", "fid,condition-accuracy"]) == 0
     first = json.loads(path.read_text())["metrics"]
     assert main([*base, "--metrics", "pr", "--features", "tiny-test-net-cli"]) == 0
-    assert "merged with earlier values (2 kept)" in capsys.readouterr().out
+    assert "merged with earlier values (4 kept)" in capsys.readouterr().out
     rec = json.loads(path.read_text())
     assert rec["metrics"]["fid"] == first["fid"]
     assert set(rec["metrics"]["precision"]) == {"tiny-test-net-cli"}
-    assert rec["kept_from_earlier"] == ["condition_accuracy@fmnist-classifier",
-                                        "fid@fmnist-classifier"]
+    assert rec["kept_from_earlier"] == ["condition_accuracy@fmnist-classifier", "fid@fmnist-classifier",
+                                        "real_accuracy@fmnist-classifier",
+                                        "real_accuracy_native@fmnist-classifier"]
     # recomputing a kept value takes it off the kept list
     assert main([*base, "--metrics", "fid"]) == 0
     rec = json.loads(path.read_text())
     assert rec["kept_from_earlier"] == ["condition_accuracy@fmnist-classifier",
-                                        "precision@tiny-test-net-cli", "recall@tiny-test-net-cli"]
+                                        "precision@tiny-test-net-cli",
+                                        "real_accuracy@fmnist-classifier",
+                                        "real_accuracy_native@fmnist-classifier",
+                                        "recall@tiny-test-net-cli"]
     assert rec["metrics"]["fid"]["fmnist-classifier"] == pytest.approx(first["fid"]["fmnist-classifier"])
     capsys.readouterr()
     # another reference size: the old values are not comparable, so they go

@@ -168,7 +168,7 @@ def test_sample_with_prompts_files_and_split_captions(text_run, tmp_path, scenes
         assert list(z["captions"]) == ["a red bag", "two blue coats"] * 2 + ["a red bag"]
         first = z["images"].copy()
     grid = np.asarray(Image.open(out / "s2" / "grid.png"))
-    assert grid.shape[1] == 2 * (64 + 2) + 2 and grid.shape[0] > 2 * (64 + 2)  # 2 per row at 2x, labels above
+    assert grid.shape[1] == 2 * (32 + 2) + 2 and grid.shape[0] > 2 * (32 + 2)  # 2 per row, labels above
     assert main([*args, "--out", str(out), "--prompt", "a green bag"]) == 2  # other prompts, same --out
     file = tmp_path / "prompts.txt"
     file.write_text("a red bag\n\ntwo blue coats\n")

@@ -202,3 +202,15 @@ def show_progress(args: argparse.Namespace | None = None) -> bool:
     if env is not None and env.strip():
         return env.strip().lower() not in ("0", "false", "no", "off")
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def status_printer(command: str) -> Callable[[str], None]:
+    """A ``status(message)`` callback printing ``condnoise COMMAND: message`` on stderr without
+    breaking a progress bar (tqdm.write)."""
+
+    def status(message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"condnoise {command}: {message}", file=sys.stderr)
+
+    return status

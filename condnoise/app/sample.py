@@ -16,9 +16,10 @@ from condnoise.app.common import (
     positive_int,
     seed_int,
     show_progress,
+    typed_list,
 )
 
-SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++")  # = samplers.SAMPLERS (no torch import for --help)
+SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++", "lcm")  # = samplers.SAMPLERS (no torch import for --help)
 CLIP_CHOICES = ("auto", "on", "off")
 
 
@@ -31,7 +32,8 @@ def register(subparsers: Any) -> None:
             "Generate --num samples per guidance scale into OUT/s{scale}/ (samples.npz, "
             "meta.json, grid.png). Sample i gets its noise from seed hash(seed, i) and class "
             "i % K (balanced), or for a text run prompt i % P of --prompt / --prompts / "
-            "--captions-from, so two runs with the same --seed are paired. Resumable shard by "
+            "--captions-from, so two runs with the same --seed are paired. Several --steps "
+            "counts write OUT/steps{n}/s{scale}/ each. Resumable shard by "
             "shard; under torchrun each rank makes every world-th shard, rank 0 merges. "
             "--pipeline samples a diffusers LDMTextToImagePipeline / DiTPipeline folder "
             "(e.g. the paper's released models) the same way."
@@ -44,8 +46,12 @@ def register(subparsers: Any) -> None:
                    help="samples per guidance scale (under torchrun spell it --num-samples: "
                         "torchrun reads --num as its own --numa-binding)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="dpm++",
-                   help="ddpm (ancestral), ddim (eta=0) or dpm++ (DPM-Solver++ 2M)")
-    p.add_argument("--steps", type=positive_int, default=50, help="sampler steps")
+                   help="ddpm (ancestral), ddim (eta=0), dpm++ (DPM-Solver++ 2M) or lcm (an LCM "
+                        "student of `condnoise distill lcm`: guidance through its guidance "
+                        "embedding, one forward per step)")
+    p.add_argument("--steps", type=typed_list(int, "steps", positive_int), default=[50],
+                   metavar="N[,N...]",
+                   help="sampler steps; several (e.g. 1,2,4,8) write one OUT/steps{n}/ folder each")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--seed", type=seed_int, default=0,
                    help="sweep seed (per-sample noise and classes)")
@@ -165,8 +171,8 @@ def _load(args: argparse.Namespace, device: Any) -> Any:
 
 
 def _run_facts(run_dir: Path) -> tuple[list[str], int, Any]:
-    """The class names (empty for a text run), training noise steps and data section of a
-    run, read without loading its model."""
+    """The class names (empty for a text run), training noise steps and config of a run,
+    read without loading its model."""
     from condnoise.errors import UserError
     from condnoise.training.rundir import read_run_config, read_run_info
 
@@ -176,11 +182,36 @@ def _run_facts(run_dir: Path) -> tuple[list[str], int, Any]:
     if not isinstance(names, list):
         raise UserError(f"{Path(run_dir) / 'run.json'}: no class_names list")
     config = read_run_config(run_dir)
-    return [str(n) for n in names], config.diffusion.num_steps, config.data
+    return [str(n) for n in names], config.diffusion.num_steps, config
+
+
+def _check_lcm(sampler: str, steps: list[int], config: Any, guidances: list[float]) -> None:
+    """--sampler lcm needs an LCM student and at most its grid's N steps (checked before
+    loading); a warning for a student sampled otherwise or outside its distilled guidance range."""
+    import warnings
+
+    from condnoise.errors import CondnoiseWarning, UserError
+
+    lcm = getattr(config.model, "lcm", None)
+    if sampler == "lcm" and lcm is None:
+        raise UserError("--sampler lcm needs an LCM student (a run made by `condnoise distill lcm`); "
+                        "sample this run with ddpm, ddim or dpm++")  # fmt: skip
+    if sampler == "lcm" and max(steps) > lcm.solver_steps:
+        raise UserError(f"--steps {max(steps)}: this LCM student was distilled on a {lcm.solver_steps}-step "
+                        f"grid and samples in at most {lcm.solver_steps} steps")  # fmt: skip
+    if lcm is not None and sampler != "lcm":
+        warnings.warn(f"this run is an LCM student: --sampler {sampler} treats it as a diffusion model; "
+                      "--sampler lcm samples it as distilled", CondnoiseWarning, stacklevel=2)  # fmt: skip
+    d = getattr(config, "distill", None)
+    outside = [g for g in guidances if d is not None and not d.guidance_min <= g <= d.guidance_max]
+    if sampler == "lcm" and outside:
+        warnings.warn(f"--guidance {outside[0]:g} lies outside the range the student was distilled on "
+                      f"({d.guidance_min:g} to {d.guidance_max:g})", CondnoiseWarning, stacklevel=2)  # fmt: skip
 
 
 def run_sample(args: argparse.Namespace) -> int:
     import contextlib
+    import dataclasses
 
     from condnoise.diffusion.sampling import SweepConfig, parse_guidance, run_sweep, scale_dirname
     from condnoise.diffusion.seeding import parse_classes
@@ -193,16 +224,19 @@ def run_sample(args: argparse.Namespace) -> int:
     if (args.run_dir is None) == (args.pipeline is None):
         raise UserError("sample: give a RUN_DIR or --pipeline PATH (one of them)")
     facts = _run_facts(args.run_dir) if args.run_dir is not None else None
-    prompts = _prompts(args, facts[2] if facts else None)
+    prompts = _prompts(args, facts[2].data if facts else None)
     classes = "balanced" if prompts or facts is None else parse_classes(args.classes, facts[0])
+    steps = _step_counts(args.steps)
     cfg = SweepConfig(
-        guidances=guidances, num=args.num, sampler=args.sampler, steps=args.steps,
+        guidances=guidances, num=args.num, sampler=args.sampler, steps=steps[0],
         seed=args.seed, classes=classes, batch_size=args.batch_size,
         shard_size=args.shard_size, precision=args.precision, png=args.png,
         grid_per_class=args.grid_per_class, keep_shards=args.keep_shards, prompts=prompts,
     )  # fmt: skip
+    for n in steps if facts is not None else ():  # every setting checked before the model loads
+        dataclasses.replace(cfg, steps=n).validate(facts[1])
     if facts is not None:
-        cfg.validate(facts[1])  # every setting checked before the model is loaded
+        _check_lcm(args.sampler, steps, facts[2], guidances)
     info = init_distributed(args.device)
     lock = folder_lock(args.out, "sample") if info.is_main else contextlib.nullcontext()
     try:
@@ -210,25 +244,41 @@ def run_sample(args: argparse.Namespace) -> int:
             run = _load(args, info.device)
             if facts is None:  # a pipeline: its classes and schedule are known now
                 cfg.classes = "balanced" if prompts else parse_classes(args.classes, run.class_names)
-                cfg.validate(len(run.schedule.betas))
+                for n in steps:
+                    dataclasses.replace(cfg, steps=n).validate(len(run.schedule.betas))
             cfg.clip_x0 = _clip(args.clip_x0, run.autoencoder)
             source = run.run_dir
             if info.is_main:
-                config = {**vars(cfg), "prompts": prompts.source if prompts else None,
+                config = {**vars(cfg), "steps": steps if len(steps) > 1 else steps[0],
+                          "prompts": prompts.source if prompts else None,
                           "run_dir": str(source), "checkpoint_step": run.step,
                           "weights": args.weights, "world_size": info.world_size}  # fmt: skip
                 write_provenance(args.out, config, args.seed)
-            folders = run_sweep(
-                run, source, args.out, cfg, rank=info.rank, world_size=info.world_size,
-                barrier=(lambda: barrier(info)), ema=args.weights == "ema",
-                progress=show_progress(args),
-            )  # fmt: skip
+            done = []
+            for n in steps:
+                out = args.out if len(steps) == 1 else args.out / f"steps{n}"
+                folders = run_sweep(
+                    run, source, out, dataclasses.replace(cfg, steps=n), rank=info.rank,
+                    world_size=info.world_size, barrier=(lambda: barrier(info)),
+                    ema=args.weights == "ema", progress=show_progress(args),
+                )  # fmt: skip
+                done += [(n, g, f) for g, f in zip(guidances, folders)]
     finally:
         cleanup_distributed()
     if info.is_main:
-        for g, folder in zip(guidances, folders):
-            print(f"s={g:g}: {folder / 'samples.npz'} ({scale_dirname(g)})")
+        for n, g, folder in done:
+            many = f", {n} steps" if len(steps) > 1 else ""
+            print(f"s={g:g}{many}: {folder / 'samples.npz'} ({scale_dirname(g)})")
     return 0
+
+
+def _step_counts(steps: list[int]) -> list[int]:
+    """--steps values, each once (UserError on a repeat)."""
+    from condnoise.errors import UserError
+
+    if len(set(steps)) != len(steps):
+        raise UserError(f"--steps {','.join(map(str, steps))}: a step count is given twice")
+    return list(steps)
 
 
 def run_walk(args: argparse.Namespace) -> int:

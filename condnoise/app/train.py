@@ -13,6 +13,7 @@ from condnoise.app.common import (
     positive_int,
     seed_int,
     show_progress,
+    status_printer,
 )
 
 EPILOG = """\
@@ -92,15 +93,6 @@ def build_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _status(message: str) -> None:
-    """One line on stderr that does not break a progress bar."""
-    import sys
-
-    from tqdm import tqdm
-
-    tqdm.write(f"condnoise train: {message}", file=sys.stderr)
-
-
 def run_train(args: argparse.Namespace) -> int:
     from condnoise.training.config import list_presets, load_config
 
@@ -120,7 +112,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg.run.dir = args.run_dir
     cfg.run.progress = cfg.run.progress and show_progress(args)
     result = train(cfg, resume=args.resume, device=args.device, force=args.force,
-                   status=_status)  # fmt: skip
+                   status=status_printer("train"))  # fmt: skip
     from condnoise.training.runtime import cleanup_distributed
 
     cleanup_distributed()

@@ -3,7 +3,9 @@
 Every perturbation maps the clean embedding ``c = c_theta(y)`` (a
 :class:`~condnoise.conditioning.embedding.CondEmbedding`: class vectors as one token, or a
 caption's token embeddings ``[B, L, D]``) to ``c + delta`` in training mode only (eval mode
-returns ``c`` unchanged, so sampling is never perturbed). Padding tokens and rows holding
+returns ``c`` unchanged, so sampling is never perturbed) and while ``enabled`` (an explicit
+flag, True by default: an LCM distillation's target network sets it to False, whatever its
+mode). Padding tokens and rows holding
 the null condition (classifier-free-guidance dropout: the null class, the empty caption)
 are never perturbed: the null embedding is the unconditional anchor of CFG, not a
 condition, and CEP targets the conditions (paper Sec. 3 leaves this open; this is our
@@ -51,6 +53,8 @@ class Perturbation(nn.Module):
             raise UserError(f"perturbation field 'ip' (input perturbation xi) must be in [0, 10), got {ip}")
         self.input_perturbation = float(ip)
         self.generator: torch.Generator | None = None
+        #: False: never perturb, in any mode (e.g. the target network of LCM distillation)
+        self.enabled = True
         self.register_buffer("_l2_sum", torch.zeros(()), persistent=False)
         self.register_buffer("_changed", torch.zeros(()), persistent=False)
         self.register_buffer("_rows", torch.zeros(()), persistent=False)
@@ -88,7 +92,7 @@ class Perturbation(nn.Module):
         if isinstance(c, torch.Tensor):  # class vectors [B, D] -> [B, D]
             emb = CondEmbedding.from_vectors(c, encoder.is_null(cond))
             return self.forward(emb, cond, encoder=encoder, sample_index=sample_index, step=step).pooled
-        if not self.training or type(self).perturb is Perturbation.perturb:
+        if not (self.training and self.enabled) or type(self).perturb is Perturbation.perturb:
             return c
         out = self.perturb(c, cond, encoder, sample_index, step)
         real = ~c.null

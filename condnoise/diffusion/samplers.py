@@ -17,8 +17,14 @@ s = 1 is the purely conditional model (the unconditional half is skipped), s = 0
 purely unconditional one (the conditional half is skipped). The paper's sweeps use
 s in {1.5, ..., 10} (section 5).
 
-Sampling is deterministic given the initial noise; DDPM's ancestral noise is drawn from
-per-sample generators, so sample i sees the same noise whatever batch it is in.
+``lcm`` samples a latent consistency student (``condnoise distill lcm``) with diffusers'
+``LCMScheduler`` (Luo et al. 2023, Algorithm 3): at each of 1-8 steps the student's
+consistency output ``c_skip x + c_out x0`` is re-noised to the next timestep of the
+distillation's skipping-step grid. Guidance goes through the student's guidance embedding
+(``model.guidance_cond``): one forward per step, no unconditional half.
+
+Sampling is deterministic given the initial noise; DDPM's ancestral noise and LCM's re-noising
+are drawn from per-sample generators, so sample i sees the same noise whatever batch it is in.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 
 from condnoise.errors import UserError
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+SAMPLERS = ("ddpm", "ddim", "dpm++", "lcm")
 """Sampler names accepted by :func:`sample` and the CLI."""
 
 DETERMINISTIC_SAMPLERS = ("ddim", "dpm++")
@@ -60,15 +66,17 @@ def check_sampler(sampler: str, steps: int, num_train_steps: int) -> None:
         )
 
 
-def make_scheduler(schedule: Any, sampler: str, *, clip_x0: bool = False) -> Any:
+def make_scheduler(schedule: Any, sampler: str, *, clip_x0: bool = False, solver_steps: int = 50) -> Any:
     """A fresh diffusers scheduler for ``sampler`` on ``schedule``'s betas and prediction
     type (``schedule.prediction_type``: ``epsilon`` or ``v_prediction``).
 
     ``clip_x0`` clips the predicted x0 to [-1, 1] at every step (pixel space only; for
     DPM-Solver++ this is dynamic thresholding with ``sample_max_value=1``, which reduces to
-    clipping).
+    clipping). ``solver_steps``: the N of an LCM student's skipping-step grid (``lcm``).
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+
+    from condnoise.diffusion.consistency import TIMESTEP_SCALING
 
     betas = torch.as_tensor(schedule.betas, dtype=torch.float64).cpu().numpy()
     common = dict(
@@ -96,6 +104,11 @@ def make_scheduler(schedule: Any, sampler: str, *, clip_x0: bool = False) -> Any
             thresholding=clip_x0,
             sample_max_value=1.0,
         )
+    if sampler == "lcm":
+        return LCMScheduler(
+            **common, original_inference_steps=solver_steps, timestep_scaling=TIMESTEP_SCALING,
+            clip_sample=clip_x0, clip_sample_range=1.0, set_alpha_to_one=True,
+        )  # fmt: skip
     raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
@@ -105,27 +118,45 @@ def guided_eps(
     t: torch.Tensor,
     cond: torch.Tensor,
     *,
-    guidance: float,
+    guidance: float | torch.Tensor,
     **extra: Any,
 ) -> torch.Tensor:
     """Classifier-free guided model output, ``out_u + s (out_c - out_u)`` (eps or v).
 
     One forward on the concatenated batch ``[x, x]`` with ``[cond, model.null_like(cond)]``
-    (labels ``[B]`` or token ids ``[B, L]``); s = 1 runs only the conditional half, s = 0
-    only the unconditional half. A model with a learned variance (2C output channels, DiT's
+    (labels ``[B]`` or token ids ``[B, L]``); a float s = 1 runs only the conditional half,
+    s = 0 only the unconditional half; a tensor ``[B]`` gives each row its own scale (LCM
+    distillation's teacher). A model with a learned variance (2C output channels, DiT's
     ``learn_sigma``) contributes its first C channels (eps); the samplers use fixed
     variances. ``extra`` tensors (batch-first) go to the model, doubled with the batch.
     """
     channels = x.shape[1]
-    if guidance == 1.0:
+    per_row = isinstance(guidance, torch.Tensor)
+    if not per_row and guidance == 1.0:
         return model(x, t, cond, **extra)[:, :channels]
     null = null_condition(model, cond)
-    if guidance == 0.0:
+    if not per_row and guidance == 0.0:
         return model(x, t, null, **extra)[:, :channels]
     twice = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]), **twice)[:, :channels]
     eps_c, eps_u = out.chunk(2)
+    if per_row:
+        guidance = guidance.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))  # type: ignore[union-attr]
     return eps_u + guidance * (eps_c - eps_u)
+
+
+def _lcm_solver_steps(model: torch.nn.Module, steps: int) -> int:
+    """The skipping-step grid size N of an LCM student; UserError for another model or more
+    sampler steps than N."""
+    lcm = getattr(model, "lcm", None)
+    if not lcm:
+        raise UserError("sampler lcm needs an LCM student (a run made by `condnoise distill lcm`); "
+                        "sample this model with ddpm, ddim or dpm++")  # fmt: skip
+    n = int(lcm["solver_steps"])
+    if int(steps) > n:
+        raise UserError(f"--steps {steps}: an LCM student distilled on a {n}-step grid samples in at most "
+                        f"{n} steps")  # fmt: skip
+    return n
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -164,7 +195,8 @@ def sample(
         guidance: CFG scale s >= 0 (1 = conditional only).
         sampler: one of :data:`SAMPLERS`.
         steps: number of sampler steps (model evaluations, times 2 for CFG).
-        generator: per-sample CPU generators for DDPM's ancestral noise (one per row).
+        generator: per-sample CPU generators for DDPM's ancestral noise and LCM's re-noising
+            (one per row).
         clip_x0: clip the predicted x0 to [-1, 1] at each step (pixel-space models).
         precision: ``fp32`` or autocast ``bf16`` / ``fp16`` for the model forward.
         progress: show a tqdm bar over steps.
@@ -178,12 +210,17 @@ def sample(
         raise UserError(f"guidance scale must be >= 0, got {guidance}")
     if cond.shape[0] != noise.shape[0]:
         raise ValueError(f"{cond.shape[0]} conditions for {noise.shape[0]} noise rows")
-    if sampler == "ddpm" and generator is not None and len(generator) != noise.shape[0]:
+    if sampler in ("ddpm", "lcm") and generator is not None and len(generator) != noise.shape[0]:
         raise ValueError(f"{len(generator)} generators for {noise.shape[0]} noise rows")
-    if guidance != 1.0:
-        null_condition(model, cond[:0])  # a clear error before any work
     device = noise.device
-    scheduler = make_scheduler(schedule, sampler, clip_x0=clip_x0)
+    lcm = sampler == "lcm"
+    if lcm:
+        solver_steps = _lcm_solver_steps(model, steps)
+        w_cond = model.guidance_cond(torch.full((cond.shape[0],), float(guidance), device=device))
+    elif guidance != 1.0:
+        null_condition(model, cond[:0])  # a clear error before any work
+    scheduler = make_scheduler(schedule, sampler, clip_x0=clip_x0,
+                               solver_steps=solver_steps if lcm else 50)  # fmt: skip
     scheduler.set_timesteps(int(steps), device=device)
     x = noise.float() * scheduler.init_noise_sigma
     cond = cond.to(device=device, dtype=torch.long)
@@ -196,7 +233,10 @@ def sample(
     for t in timesteps:
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         with _autocast(device, precision):
-            eps = guided_eps(model, x, t_batch, cond, guidance=guidance)
-        kwargs = {"generator": generator} if sampler == "ddpm" else {}
+            if lcm:  # guidance through the guidance embedding: one forward
+                eps = model(x, t_batch, cond, timestep_cond=w_cond)[:, : x.shape[1]]
+            else:
+                eps = guided_eps(model, x, t_batch, cond, guidance=guidance)
+        kwargs = {"generator": generator} if sampler in ("ddpm", "lcm") else {}
         x = scheduler.step(eps.float(), t, x, **kwargs).prev_sample
     return x

@@ -66,6 +66,21 @@ class ConditionalDiffusionModel(nn.Module):
         """xi of input perturbation (read by ``diffusion_loss``)."""
         return self.perturbation.input_perturbation
 
+    @property
+    def lcm(self) -> dict[str, Any] | None:
+        """An LCM student's ``{w_embed_dim, solver_steps}`` (``model.lcm``); None otherwise."""
+        return self.config.get("lcm")
+
+    def guidance_cond(self, guidance: torch.Tensor) -> torch.Tensor:
+        """An LCM student's ``timestep_cond`` for CFG scales ``guidance [B]`` (the embedding of
+        ``w = s - 1``, :mod:`condnoise.models.guidance`)."""
+        from condnoise.models.guidance import guidance_embedding
+
+        if not self.lcm:
+            raise UserError("this model has no guidance embedding: it is not an LCM student "
+                            "(make one with `condnoise distill lcm`)")  # fmt: skip
+        return guidance_embedding(guidance.float() - 1.0, int(self.lcm["w_embed_dim"]))
+
     def null_like(self, cond: torch.Tensor) -> torch.Tensor:
         """Null (unconditional) conditions of ``cond``'s shape: the null class / empty caption."""
         return self.encoder.null_like(cond)

@@ -18,6 +18,8 @@ YAML stays flat (every key has a default; the run's ``config.yaml`` holds them a
     perturbation: {name: none}   # plus that perturbation's fields (see perturbation_choices)
     autoencoder: null       # {kind: identity | kl | vq, path, scaling_factor}; null = pixels
     latent_shape: null      # [C, H, W] the denoiser sees (lets latent configs validate offline)
+    lcm: null               # {w_embed_dim, solver_steps}: a latent consistency student (guidance
+                            #  embedding; `condnoise distill lcm` sets it); null = a diffusion model
 
 Every bad key raises one :class:`~condnoise.errors.UserError` naming the key and the valid
 keys or values (:mod:`condnoise.schema`). A new family is one subclass of
@@ -100,6 +102,26 @@ class EncoderConfig:
 
 
 @dataclass
+class LCMConfig:
+    """A latent consistency student (Luo et al. 2023; ``condnoise distill lcm``): the width of
+    its guidance embedding (:mod:`condnoise.models.guidance`; diffusers' ``time_cond_proj_dim``)
+    and the N of the skipping-step grid it was distilled on (timesteps ``k-1, 2k-1, ..., T-1``,
+    ``k = T // N``; the sampler's ``original_inference_steps``)."""
+
+    w_embed_dim: int = 256  # diffusers' train_lcm_distill_sd_wds.py default
+    solver_steps: int = 50  # LCM paper: skipping step k = 20 of T = 1000
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, origin: str = "lcm", prefix: str = "lcm.") -> LCMConfig:
+        cfg = raw if isinstance(raw, cls) else schema.build(cls, raw, origin, prefix)
+        if cfg.w_embed_dim < 4:
+            raise UserError(f"{origin}: {prefix}w_embed_dim must be >= 4, got {cfg.w_embed_dim}")
+        if cfg.solver_steps < 1:
+            raise UserError(f"{origin}: {prefix}solver_steps must be >= 1, got {cfg.solver_steps}")
+        return cfg
+
+
+@dataclass
 class ModelConfig:
     """Fields every family has; :meth:`from_dict` builds the family's subclass."""
 
@@ -114,6 +136,7 @@ class ModelConfig:
     perturbation: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     autoencoder: AutoencoderConfig | None = None
     latent_shape: list[int] | None = None
+    lcm: LCMConfig | None = None  # null: a diffusion model; set: an LCM student
 
     DEFAULT_SIZE: ClassVar[str] = ""
     DEFAULT_EMBED_STD: ClassVar[float] = 0.02
@@ -185,6 +208,8 @@ class ModelConfig:
             AutoencoderConfig.from_dict(self.autoencoder, origin=origin, prefix=f"{prefix}autoencoder.")
         if self.encoder is not None:
             EncoderConfig.from_dict(self.encoder, origin=origin, prefix=f"{prefix}encoder.")
+        if self.lcm is not None:
+            LCMConfig.from_dict(self.lcm, origin=origin, prefix=f"{prefix}lcm.")
         if self.is_text and self.perturbation["name"] == "label-smoothing":
             raise UserError(f"{origin}: {prefix}perturbation label-smoothing needs class labels; "
                             f"{prefix}encoder.name is {self.encoder.name}")  # fmt: skip
@@ -217,6 +242,7 @@ class ModelConfig:
             "perturbation": {"name": pert["name"], **params},
             "autoencoder": None if self.autoencoder is None else dataclasses.asdict(self.autoencoder),
             "latent_shape": self.latent_shape,
+            **({"lcm": dataclasses.asdict(self.lcm)} if self.lcm is not None else {}),
         }  # fmt: skip
 
     def resolved_checkpointing(self) -> bool | int:
@@ -231,7 +257,8 @@ class ModelConfig:
         arch = self.architecture()
         return dict(in_channels=in_channels, image_size=image_size,
                     cond_dim=self.cond_dim or self.default_cond_dim(arch), text=self.is_text,
-                    learn_sigma=self.learn_sigma, checkpointing=self.resolved_checkpointing())  # fmt: skip
+                    learn_sigma=self.learn_sigma, checkpointing=self.resolved_checkpointing(),
+                    guidance_dim=self.lcm.w_embed_dim if self.lcm is not None else None)  # fmt: skip
 
 
 @dataclass

@@ -40,7 +40,8 @@ def time_embed_dim(channels: list[int]) -> int:
 class ConvUNet(nn.Module):
     """``forward(x [B,C,H,W], t [B], emb: CondEmbedding, **extra) -> eps or v``; the
     condition vector is ``emb.pooled`` (a class vector; for a text model the pooled caption,
-    a global condition only: no cross-attention)."""
+    a global condition only: no cross-attention). ``guidance_dim``: an LCM student's guidance
+    embedding width (diffusers' ``time_cond_proj_dim``; ``extra["timestep_cond"]``)."""
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class ConvUNet(nn.Module):
         learn_sigma: bool = False,
         checkpointing: bool = False,
         text: bool = False,
+        guidance_dim: int | None = None,
     ) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
@@ -75,7 +77,9 @@ class ConvUNet(nn.Module):
             class_embed_type=class_embed,
             projection_class_embeddings_input_dim=cond_dim if class_embed == "projection" else None,
             resnet_time_scale_shift="scale_shift",
+            time_cond_proj_dim=guidance_dim,
         )
+        zero_guidance_projection(self.net)
         if checkpointing:
             self.net.enable_gradient_checkpointing()
 
@@ -83,6 +87,15 @@ class ConvUNet(nn.Module):
         """``extra`` goes to diffusers (``timestep_cond``, adapter residuals)."""
         return self.net(x, t, encoder_hidden_states=None, class_labels=emb.pooled.to(x.dtype),
                         return_dict=False, **extra)[0]  # fmt: skip
+
+
+def zero_guidance_projection(net: nn.Module) -> None:
+    """Zero the projection of an LCM student's guidance embedding (diffusers'
+    ``time_embedding.cond_proj``, present when ``time_cond_proj_dim`` is set), so a student
+    copied from its teacher starts as the teacher (:mod:`condnoise.models.guidance`)."""
+    proj = getattr(getattr(net, "time_embedding", None), "cond_proj", None)
+    if proj is not None:
+        nn.init.zeros_(proj.weight)
 
 
 def _check(channels: list[int], groups: int, size: int, class_embed: str, cond_dim: int) -> None:

@@ -137,6 +137,7 @@ class DiT(nn.Module):
         checkpointing: bool | int = False,
         freq_dim: int = 256,
         text: bool = False,
+        guidance_dim: int | None = None,
     ) -> None:
         super().__init__()
         if image_size % patch:
@@ -154,6 +155,9 @@ class DiT(nn.Module):
         self.x_embed = nn.Conv2d(in_channels, hidden, patch, stride=patch)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid)[None], persistent=False)
         self.t_embed = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        #: an LCM student's guidance embedding, projected onto the timestep features before
+        #: t_embed (as diffusers' TimestepEmbedding with cond_proj_dim), zero-initialised
+        self.w_proj = nn.Linear(guidance_dim, freq_dim, bias=False) if guidance_dim else None
         self.c_proj = nn.Identity() if cond_dim == hidden else nn.Linear(cond_dim, hidden)
         self.text = text
         ctx = cond_dim if text else None
@@ -168,7 +172,8 @@ class DiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         w = self.x_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embed.bias)
@@ -178,6 +183,8 @@ class DiT(nn.Module):
         for lin in zeroed + [self.final_ada[1], self.final]:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if self.w_proj is not None:
+            nn.init.zeros_(self.w_proj.weight)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         b, p, g, c = x.shape[0], self.patch, self.grid, self.out_channels
@@ -185,10 +192,18 @@ class DiT(nn.Module):
         return x.reshape(b, c, g * p, g * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, emb: CondEmbedding, **extra: Any) -> torch.Tensor:
+        """``extra["timestep_cond"]`` ``[B, guidance_dim]``: an LCM student's guidance embedding."""
+        w_cond = extra.pop("timestep_cond", None)
         if any(v is not None for v in extra.values()):
             raise UserError(f"DiT takes no extra inputs {sorted(extra)}")
+        if (w_cond is None) != (self.w_proj is None):
+            raise UserError("DiT: timestep_cond (the guidance embedding) is needed by an LCM student "
+                            "and taken by no other DiT")  # fmt: skip
+        freqs = timestep_embedding(t, self.freq_dim)
+        if self.w_proj is not None:
+            freqs = freqs + self.w_proj(w_cond.to(self.w_proj.weight.dtype))
         h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
-        te = self.t_embed(timestep_embedding(t, self.freq_dim).to(self.t_embed[0].weight.dtype))
+        te = self.t_embed(freqs.to(self.t_embed[0].weight.dtype))
         cond = te + self.c_proj(emb.pooled)
         ctx, mask = (emb.tokens, emb.mask) if self.text else (None, None)
         k = self.checkpoint_blocks if self.training else 0

@@ -79,9 +79,12 @@ class UNet(nn.Module):
         learn_sigma: bool = False,
         checkpointing: bool = False,
         text: bool = False,
+        guidance_dim: int | None = None,
     ) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
+
+        from condnoise.models.conv_unet import zero_guidance_projection
 
         if len(channels) != len(attention):
             raise UserError(
@@ -111,7 +114,9 @@ class UNet(nn.Module):
             # text: the pooled caption is added to the time embedding (as SDXL's text_embeds)
             **({"class_embed_type": "projection", "projection_class_embeddings_input_dim": cond_dim}
                if text else {}),
+            time_cond_proj_dim=guidance_dim,  # an LCM student's guidance embedding
         )
+        zero_guidance_projection(self.net)
         self.text = text
         if checkpointing:
             self.net.enable_gradient_checkpointing()

@@ -1,6 +1,7 @@
 """Training configuration: presets, YAML files, dotted ``key=value`` overrides, validation.
 
-A config has five sections (``data``, ``model``, ``diffusion``, ``train``, ``run``), each a
+A config has five sections (``data``, ``model``, ``diffusion``, ``train``, ``run``), plus
+``distill`` in a distilled student's run (``condnoise distill lcm``; null otherwise), each a
 typed dataclass with defaults built by :func:`condnoise.schema.build`; the ``model``
 section's classes belong to :mod:`condnoise.models.config` (one per denoiser family).
 Every error is a one-line :class:`~condnoise.errors.UserError` naming the field and the
@@ -94,6 +95,24 @@ class RunConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Latent consistency distillation of a student run (Luo et al. 2023; ``training/distill.py``).
+
+    The student's other settings are its ``model`` (``lcm``: guidance-embedding width and
+    skipping-step grid; ``perturbation``: CEP on the student's condition) and ``train``
+    (optimizer, ``ema_decay`` = the target network's EMA rate) sections."""
+
+    method: Literal["lcm"] = "lcm"
+    teacher: str = ""  # the teacher's run directory (absolute)
+    teacher_step: int | None = None  # the teacher checkpoint (resolved when the run starts)
+    teacher_weights: Literal["ema", "model"] = "ema"
+    guidance_min: float = 1.0  # CFG scale s drawn uniformly from [min, max] (LCM's w = s - 1)
+    guidance_max: float = 3.0
+    loss: Literal["l2", "huber"] = "l2"
+    huber_c: float = 0.001  # pseudo-Huber c (diffusers' default)
+
+
+@dataclass
 class Config:
     """The resolved training config (what ``config.yaml`` in a run directory holds)."""
 
@@ -102,6 +121,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    distill: DistillConfig | None = None  # a distilled student's run (condnoise distill)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -170,6 +190,18 @@ def _check_ranges(cfg: Config, origin: str) -> None:
             f"{origin}: train.sample_sampler: invalid value {t.sample_sampler!r}; valid options: "
             + ", ".join(SAMPLERS)
         )
+    if t.sample_sampler == "lcm" and cfg.model.lcm is None:
+        raise UserError(f"{origin}: train.sample_sampler lcm samples LCM students only (model.lcm); "
+                        "choose ddpm, ddim or dpm++")  # fmt: skip
+    if t.sample_sampler == "lcm" and t.sample_steps > cfg.model.lcm.solver_steps:  # type: ignore[union-attr]
+        raise UserError(f"{origin}: train.sample_steps {t.sample_steps} > model.lcm.solver_steps "
+                        f"{cfg.model.lcm.solver_steps}: an LCM student samples in at most that many "  # type: ignore[union-attr]
+                        "steps")  # fmt: skip
+    if cfg.model.lcm is not None and cfg.model.lcm.solver_steps > cfg.diffusion.num_steps:
+        raise UserError(f"{origin}: model.lcm.solver_steps must be <= diffusion.num_steps "
+                        f"{cfg.diffusion.num_steps}, got {cfg.model.lcm.solver_steps}")  # fmt: skip
+    if cfg.distill is not None:
+        _check_distill(cfg.distill, origin)
     from condnoise.diffusion.schedule import SCHEDULES
 
     if cfg.diffusion.schedule not in SCHEDULES:
@@ -177,6 +209,16 @@ def _check_ranges(cfg: Config, origin: str) -> None:
             f"{origin}: diffusion.schedule: invalid value {cfg.diffusion.schedule!r}; valid "
             "options: " + ", ".join(SCHEDULES)
         )
+
+
+def _check_distill(d: DistillConfig, origin: str) -> None:
+    if not 0.0 <= d.guidance_min <= d.guidance_max <= 100.0:
+        raise UserError(f"{origin}: distill.guidance_min / guidance_max must satisfy 0 <= min <= max "
+                        f"<= 100, got {d.guidance_min:g} and {d.guidance_max:g}")  # fmt: skip
+    if not d.huber_c > 0:
+        raise UserError(f"{origin}: distill.huber_c must be > 0, got {d.huber_c}")
+    if d.teacher_step is not None and d.teacher_step < 0:
+        raise UserError(f"{origin}: distill.teacher_step must be >= 0, got {d.teacher_step}")
 
 
 # --------------------------------------------------------------------------- loading

@@ -100,7 +100,11 @@ class Trainer:
     ``TrainData`` built from ``cfg.data`` (benchmarks feed synthetic latents this way).
     ``force`` lets a new run start in a non-empty folder that holds no run; ``status``
     receives one-line messages on what the trainer is doing (e.g. its final sample grid).
+    Subclasses (the LCM distiller) replace :meth:`_build_model`, :meth:`_step_draws`,
+    :meth:`_micro_loss` and :meth:`_run_info`.
     """
+
+    progress_desc = "train"
 
     def __init__(
         self,
@@ -250,8 +254,12 @@ class Trainer:
         return steps[-1]
 
     def _write_run_files(self) -> None:
+        write_run_files(self.run_dir, self.cfg, self._run_info())
+
+    def _run_info(self) -> dict[str, Any]:
+        """``run.json``: what ``load_run`` needs without the data, and the run's facts."""
         meta = self.data.meta
-        info = {
+        return {
             "class_names": list(meta.class_names),
             "image_shape": list(self.image_shape),
             "latent_shape": list(self.latent_shape),
@@ -262,7 +270,6 @@ class Trainer:
             "model_config": getattr(self.model, "config", None),
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }
-        write_run_files(self.run_dir, self.cfg, info)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -332,16 +339,33 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, micro_batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on the next global batch; returns (local loss, grad norm)."""
-        from condnoise.diffusion.loss import diffusion_loss
-
-        t_cfg = self.cfg.train
-        step = self.step + 1
-        gen = step_generator(t_cfg.seed, step, self.device)
-        b = t_cfg.batch_size
+    def _step_draws(self, step: int) -> Any:
+        """Step ``step``'s timesteps and noise of the whole global batch (same on every rank)."""
+        gen = step_generator(self.cfg.train.seed, step, self.device)
+        b = self.cfg.train.batch_size
         t_all = self.schedule.sample_timesteps(b, self.device, gen)
         noise_all = torch.randn((b, *self.latent_shape), device=self.device, generator=gen)
+        return {"t": t_all, "noise": noise_all}
+
+    def _micro_loss(self, x0: torch.Tensor, cond: torch.Tensor, index: torch.Tensor, step: int,
+                    draws: Any, rows: slice) -> torch.Tensor:  # fmt: skip
+        """The loss of one micro-batch (``rows`` of the global batch's ``draws``)."""
+        from condnoise.diffusion.loss import diffusion_loss
+
+        return diffusion_loss(
+            self.forward_model, self.schedule, x0, cond,
+            t=draws["t"][rows], noise=draws["noise"][rows].to(x0.dtype),
+            ip_xi=self.model.input_perturbation,  # type: ignore[arg-type]
+            weighting=self.cfg.diffusion.loss_weighting,
+            min_snr_gamma=self.cfg.diffusion.min_snr_gamma,
+            sample_index=index, step=step,
+        ).loss  # fmt: skip
+
+    def train_step(self, micro_batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the next global batch; returns (local loss, grad norm)."""
+        t_cfg = self.cfg.train
+        step = self.step + 1
+        draws = self._step_draws(step)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for m in range(t_cfg.grad_accum):
@@ -359,16 +383,9 @@ class Trainer:
             ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()  # type: ignore[operator]
             with ctx:
                 with self._autocast():
-                    out = diffusion_loss(
-                        self.forward_model, self.schedule, x0, cond,
-                        t=t_all[rows], noise=noise_all[rows].to(x0.dtype),
-                        ip_xi=self.model.input_perturbation,  # type: ignore[arg-type]
-                        weighting=self.cfg.diffusion.loss_weighting,
-                        min_snr_gamma=self.cfg.diffusion.min_snr_gamma,
-                        sample_index=index, step=step,
-                    )
-                (out.loss / t_cfg.grad_accum).backward()
-            total += out.loss.detach()
+                    loss = self._micro_loss(x0, cond, index, step, draws, rows)
+                (loss / t_cfg.grad_accum).backward()
+            total += loss.detach()
         clip = t_cfg.grad_clip if t_cfg.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
@@ -432,7 +449,7 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step",
+        return tqdm(total=self.cfg.train.steps, initial=self.step, desc=self.progress_desc, unit="step",
                     dynamic_ncols=True)  # fmt: skip
 
     def _log(self, loss: torch.Tensor, grad_norm: torch.Tensor, log: MetricsLog | None,
@@ -506,16 +523,31 @@ def train(
     Rank 0 holds the run folder's lock (:func:`condnoise.locks.folder_lock`) for the whole
     run; a run that fails before its first step leaves no run files behind.
     """
+    if cfg.distill is not None:
+        raise UserError(f"config of run {cfg.run.name or '(unnamed)'} has a distill section: it is a "
+                        "distilled student's; continue it with `condnoise distill`")  # fmt: skip
+    return run_locked(Trainer, "train", cfg, run_dir=run_dir, resume=resume, device=device,
+                      sample_hook=sample_hook, force=force, status=status)  # fmt: skip
+
+
+def run_locked(
+    cls: type[Trainer], what: str, cfg: Config, *, run_dir: str | Path | None, resume: bool,
+    device: str | None, sample_hook: SampleHook | None, force: bool,
+    status: Callable[[str], None] | None,
+) -> TrainResult:  # fmt: skip
+    """Validate ``cfg``, build ``cls`` (the trainer or a subclass) and run it under the run
+    folder's lock (rank 0, ``what`` names the holder); a fresh run that fails before step 1
+    leaves no run files."""
     from condnoise.locks import folder_lock
     from condnoise.training.rundir import discard_unstarted
 
     cfg.validate(f"config of run {cfg.run.name or '(unnamed)'}")
     dist = init_distributed(device)
     path = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
-    lock = folder_lock(path, "train") if dist.is_main else contextlib.nullcontext()
+    lock = folder_lock(path, what) if dist.is_main else contextlib.nullcontext()
     with lock:
-        trainer = Trainer(cfg, run_dir=path, resume=resume, dist=dist, sample_hook=sample_hook,
-                          force=force, status=status)  # fmt: skip
+        trainer = cls(cfg, run_dir=path, resume=resume, dist=dist, sample_hook=sample_hook,
+                      force=force, status=status)  # fmt: skip
         try:
             return trainer.run()
         except BaseException:
