@@ -55,10 +55,19 @@ def root(tmp_path_factory) -> Path:
     (root / "afile").write_text("not a folder")
     (root / "bad.yaml").write_text("model: [family: dit\n")
     (root / "study.yaml").write_text("name: x\nseeds: [0, 0]\n")
+    _vq_folder(root / "vq")
     (root / "cache").mkdir()  # the feature cache: a damaged fmnist-classifier, never trained here
     (root / "cache" / "fmnist-classifier.safetensors").write_bytes(b"\x08\x00\x00\x00junk")
     (root / "cache" / "fmnist-classifier.json").write_text('{"sha256": "0"}')
     return root
+
+
+def _vq_folder(folder: Path) -> None:
+    """A tiny random diffusers VQModel (8x8 images, f4)."""
+    from condnoise.models.first_stage import build_first_stage
+
+    build_first_stage("vq", in_channels=1, image_size=8, width=8, channel_mult=[1, 1, 2],
+                      codebook_size=16, norm_groups=4, mid_attention=False).save_pretrained(str(folder))
 
 
 def _sample_folder(folder: Path) -> None:
@@ -114,6 +123,32 @@ CASES = [
      ["{root}/no-images"], None),
     ("train-corruption", "train fmnist-dit-s --corruption {root}/afile --run-dir {root}/t", ["{root}/afile"], None),
     ("train-locked", "train fmnist-dit-s --resume --run-dir {root}/run", ["in use by", "{root}/run"], "{root}/run"),
+    ("train-latents", "train fmnist-dit-s data.latents={root}/manifests --run-dir {root}/t",
+     ["{root}/manifests", "index.json"], None),
+    # autoencoder, latents
+    ("ae-train-preset", "autoencoder train no-such-preset", ["no-such-preset"], None),
+    ("ae-train-steps", "autoencoder train fmnist-vq-f4 --max-steps 0 --run-dir {root}/ae", ["--max-steps", "0"], None),
+    ("ae-train-key", "autoencoder train fmnist-vq-f4 loss.bogus=1 --run-dir {root}/ae", ["loss.bogus"], None),
+    ("ae-train-disc-start", "autoencoder train fmnist-vq-f4 loss.disc_start=2000 --run-dir {root}/ae",
+     ["loss.disc_start=2000", "train.steps=2000"], None),
+    ("ae-train-not-a-run", "autoencoder train fmnist-vq-f4 --resume --run-dir {root}/manifests",
+     ["{root}/manifests", "--resume"], None),
+    ("ae-train-locked", "autoencoder train fmnist-vq-f4 --resume --run-dir {root}/manifests",
+     ["in use by"], "{root}/manifests"),
+    ("ae-eval-missing", "autoencoder eval {root}/nowhere", ["{root}/nowhere"], None),
+    ("ae-eval-not-ae", "autoencoder eval {root}/run --out {root}/aee", ["{root}/run", "neither"], None),
+    ("ae-eval-kind", "autoencoder eval {root}/vq --kind kl --out {root}/aee", ["{root}/vq", "VQModel"], None),
+    ("ae-eval-batch", "autoencoder eval {root}/vq --batch-size 0", ["--batch-size", "0"], None),
+    ("ae-eval-locked", "autoencoder eval {root}/vq --source digits --out {root}/manifests",
+     ["in use by"], "{root}/manifests"),
+    ("latents-no-ae", "latents extract digits --autoencoder {root}/run --out {root}/lat", ["{root}/run"], None),
+    ("latents-kind", "latents extract digits --autoencoder {root}/vq --kind kl --out {root}/lat",
+     ["{root}/vq", "VQModel"], None),
+    ("latents-shard", "latents extract digits --autoencoder {root}/vq --out {root}/lat --shard-size 0",
+     ["--shard-size", "0"], None),
+    ("latents-no-out", "latents extract digits --autoencoder {root}/vq", ["--out"], None),
+    ("latents-locked", "latents extract digits --autoencoder {root}/vq --out {root}/manifests",
+     ["in use by"], "{root}/manifests"),
     # distill
     ("distill-no-method", "distill bogus", ["'bogus'"], None),
     ("distill-no-teacher", "distill lcm {root}/nowhere --run-dir {root}/d", ["{root}/nowhere"], None),
@@ -191,6 +226,8 @@ CASES = [
     ("evaluate-threads", EVAL + " --threads 0", ["--threads", "0"], None),
     ("evaluate-seed", EVAL + " --seed -1", ["--seed", "-1"], None),
     ("evaluate-metric", EVAL + " --metrics fid,bogus", ["bogus"], None),
+    ("evaluate-entropy-tau", EVAL + " --metrics entropy --entropy-tau 0", ["--entropy-tau", "0"], None),
+    ("evaluate-entropy-pixel", "evaluate {root}/samples/s1 --metrics entropy", ["sample entropy", "run"], None),
     ("evaluate-extractor", EVAL + " --features clip-nope", ["'clip-nope'"], None),
     ("evaluate-empty-list", EVAL + " --metrics ,", ["--metrics"], None),
     ("evaluate-out-md", EVAL + " --out {root}/all.md", ["{root}/all.md"], None),

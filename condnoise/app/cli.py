@@ -14,14 +14,24 @@ import sys
 import warnings
 
 from condnoise import __version__
-from condnoise.app import data, distill, evaluate, sample, study, theory, train
+from condnoise.app import (
+    autoencoder,
+    data,
+    distill,
+    evaluate,
+    latents,
+    sample,
+    study,
+    theory,
+    train,
+)
 from condnoise.app.common import ArgumentParser, HelpFormatter
 from condnoise.errors import CondnoiseWarning, UserError
 from condnoise.io import oserror_text
 
-# In the order of the data flow: corrupt, data; train; distill; sample, walk; features, evaluate;
-# theory; study, demo.
-COMMAND_GROUPS = (data, train, distill, sample, evaluate, theory, study)
+# In the order of the data flow: corrupt, data; autoencoder (first stage), latents; train;
+# distill; sample, walk; features, evaluate; theory; study, demo.
+COMMAND_GROUPS = (data, autoencoder, latents, train, distill, sample, evaluate, theory, study)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,7 +78,7 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
                     help="comma-separated: fid, sfid, pr, dc, top-pr, is, condition-accuracy, "
                          "rmd, knn-l2, memorization; for text models' folders (prompts): "
                          "clip-score, r-precision (a text-image extractor; distractor captions "
-                         "from --ref), caption-accuracy (scenes prompts)")
+                         "from --ref), caption-accuracy (scenes prompts); entropy (VQ latent runs)")
     ev.add_argument("--k", type=positive_int, default=3, help="k of improved precision/recall")
     ev.add_argument("--dc-k", type=positive_int, default=5, help="k of density/coverage")
     ev.add_argument("--shrinkage", type=float_range(0, 1), default=0.0,
@@ -92,6 +92,10 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
                          "nearest-neighbour distances")
     ev.add_argument("--memorization-percentile", type=float_range(0, 100), default=1.0,
                     help="percentile in [0, 100] used for the default memorization threshold")
+    ev.add_argument("--entropy-tau", type=float_range(0, lo_open=True), default=1.0,
+                    help="temperature tau of the sample entropy softmax(-||x - C_k||^2 / tau)")
+    ev.add_argument("--entropy-pool", type=positive_int, default=32768,
+                    help="latent vectors in the code-usage histogram (fixed: comparable across runs)")
     ev.add_argument("--seed", type=seed_int, default=0,
                     help="seed of TopP&R's bootstrap and of R-precision's distractor draw")
     ev.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
@@ -180,6 +184,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         shrinkage=args.shrinkage, max_ref=args.max_ref, max_train=args.max_train,
         memorization_threshold=args.memorization_threshold,
         memorization_percentile=args.memorization_percentile, top_pr_seed=args.seed,
+        entropy_tau=args.entropy_tau, entropy_pool=args.entropy_pool,
     )
     validate_config(cfg)
     if args.out and Path(args.out).suffix in (".md", ".png"):
@@ -193,8 +198,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     with folder_locks(folders, "evaluate"):
         data = parse_ref(cfg.ref)[0]
         for folder in folders:
-            result = evaluate_samples(load_samples(folder, default_data=data), cfg,
-                                      progress=show_progress(args)).record
+            samples = load_samples(folder, default_data=data)
+            result = evaluate_samples(samples, cfg, progress=show_progress(args),
+                                      autoencoder=_vq_autoencoder(samples, cfg)).record
             result["provenance"] = {"config": vars(cfg) | {"extractors": list(cfg.extractors),
                                                              "metrics": list(cfg.metrics)},
                                     "seed": args.seed, **environment()}
@@ -211,6 +217,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.out:
         _write_combined(Path(args.out), combined, table)
     return 0
+
+
+def _vq_autoencoder(samples, cfg):  # type: ignore[no-untyped-def]
+    """The samples' run's VQ autoencoder when ``entropy`` is asked for (paper Sec. 5), else None."""
+    if "entropy" not in cfg.metrics:
+        return None
+    from condnoise.training.runtime import load_vq_autoencoder
+
+    return load_vq_autoencoder(samples.meta.get("run_dir"))
 
 
 def _write_combined(out: Path, combined: list[dict], table: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,7 @@ METRICS = {
     "rmd": "features", "knn-l2": "train", "memorization": "train",
     "sfid": "spatial", "is": "probs", "condition-accuracy": "probs",
     "clip-score": "text", "r-precision": "text", "caption-accuracy": "captions",
+    "entropy": "latents",  # VQ runs only: sample entropy and code usage (entropy.py)
 }
 LABEL_METRICS = ("condition-accuracy", "rmd")  # need the requested class of each sample
 PROMPT_METRICS = ("clip-score", "r-precision", "caption-accuracy")
@@ -53,6 +55,7 @@ class Samples:
     meta: dict = field(default_factory=dict)
     prompts: list[str] | None = None  # one per sample (text models), see ``prompts``
     has_labels: bool = True
+    latents: np.ndarray | None = None  # sampler output [N, C, h, w] (scaled), when saved
 
 
 def find_sample_folders(path: str | Path) -> list[Path]:
@@ -84,6 +87,7 @@ def load_samples(folder: Path, *, default_data: str = "scenes") -> Samples:
     z = read_npz(path, ("images",))  # one line for a missing, empty or truncated file
     images, labels = z["images"], z.get("labels")
     extra = {k: z[k] for k in PROMPT_KEYS if k in z}
+    latents = z.get("latents")  # the sampler output, when saved
     if images.ndim == 3:
         images = images[..., None]
     check_images(images, str(path))
@@ -105,7 +109,7 @@ def load_samples(folder: Path, *, default_data: str = "scenes") -> Samples:
         labels = np.full(len(images), -1, np.int64)
     # a text model's labels (if any) index its prompts: never class labels
     return Samples(folder, images, labels.astype(np.int64), meta, prompts,
-                   has_labels=prompts is None)  # fmt: skip
+                   has_labels=prompts is None, latents=latents)  # fmt: skip
 
 
 def parse_ref(spec: str) -> tuple[str, str]:
@@ -233,6 +237,8 @@ class EvalConfig:
     memorization_percentile: float = 1.0
     top_pr_seed: int = 0
     is_splits: int = 10
+    entropy_tau: float = 1.0  # softmax temperature of the sample entropy
+    entropy_pool: int = 32768  # latent vectors in the code-usage histogram
 
 
 #: EvalConfig fields with a natural range: (low, high, what)
@@ -242,6 +248,7 @@ _RANGES = {
     "memorization_threshold": (0.0, None, "--memorization-threshold"),
     "memorization_percentile": (0.0, 100.0, "--memorization-percentile"),
     "top_pr_seed": (0, None, "--seed"), "is_splits": (1, None, "is_splits"),
+    "entropy_tau": (1e-12, None, "--entropy-tau"), "entropy_pool": (1, None, "--entropy-pool"),
 }  # fmt: skip
 
 
@@ -312,9 +319,12 @@ class _Collector:
         self.per_sample.setdefault(extractor, {})[name] = np.asarray(values, np.float64)
 
 
-def evaluate_samples(samples: Samples, cfg: EvalConfig, *, progress: bool = False) -> EvalResult:
+def evaluate_samples(samples: Samples, cfg: EvalConfig, *, progress: bool = False,
+                     autoencoder: Any = None) -> EvalResult:
     """All requested metrics for one sample folder (``record`` = the metrics.json object)
-    plus the per-sample scores behind them; ``progress``: bars over feature batches."""
+    plus the per-sample scores behind them; ``progress``: bars over feature batches;
+    ``autoencoder``: the run's VQ autoencoder, which ``entropy`` needs
+    (``training.runtime.load_vq_autoencoder``)."""
     validate_config(cfg)
     _check_conditions(samples, cfg)
     for name in (*cfg.extractors, *(["inception-spatial"] if "sfid" in cfg.metrics else [])):
@@ -326,7 +336,9 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig, *, progress: bool = Fals
     train_ref = cfg.train_ref or f"{parse_ref(cfg.ref)[0]}:train"
     _check_extractors(cfg)
     out = _Collector()
-    if any(METRICS[m] != "captions" for m in cfg.metrics):
+    if "entropy" in cfg.metrics:  # first: a KL / pixel run fails before any feature work
+        _entropy_metrics(samples, cfg, autoencoder, out)
+    if any(METRICS[m] not in ("captions", "latents") for m in cfg.metrics):
         for name in cfg.extractors:
             _evaluate_extractor(get_extractor_cached(name), images, samples, cfg, train_ref, out,
                                 resolution)  # fmt: skip
@@ -381,6 +393,17 @@ def _check_extractors(cfg: EvalConfig) -> None:
                                for n in cfg.extractors):  # fmt: skip
         raise UserError(f"metric(s) {', '.join(text_wanted)} need a text-image extractor "
                         "(--features scenes-clip or clip:PATH)")
+
+
+def _entropy_metrics(samples: Samples, cfg: EvalConfig, autoencoder: Any, out: _Collector) -> None:
+    """Sample entropy and code usage over the run's VQ codebook (paper Sec. 5)."""
+    from condnoise.evaluation.entropy import entropy_of_samples
+
+    values, info = entropy_of_samples(samples.images, samples.latents, autoencoder,
+                                      tau=cfg.entropy_tau, pool=cfg.entropy_pool)
+    for key, v in values.items():
+        out.put(key, "vq-codebook", v)
+    out.detail("entropy", "vq-codebook", info)
 
 
 def _evaluate_extractor(ex: Extractor, images: np.ndarray, samples: Samples, cfg: EvalConfig,

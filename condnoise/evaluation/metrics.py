@@ -17,6 +17,7 @@ import torch
 from condnoise import stats
 from condnoise.errors import UserError
 from condnoise.evaluation import neighbors
+from condnoise.evaluation.entropy import sample_entropy  # noqa: F401  (paper Sec. 5, with code usage)
 
 # --------------------------------------------------------------------------- validation
 
@@ -332,28 +333,3 @@ def memorization_ratio(fake: np.ndarray, train: np.ndarray, threshold: float) ->
     """Share of samples whose nearest training feature is closer than ``threshold`` (§5)."""
     return share_below(train_distances(fake, train, 1)[:, 0], threshold)
 
-
-# --------------------------------------------------------------------------- entropy
-
-
-def sample_entropy(latents: np.ndarray, codebook: np.ndarray, tau: float = 1.0) -> float:
-    """Mean entropy (nats) of softmax_k(-||x_ij - C_k||^2 / tau) over positions and samples.
-
-    ``latents``: [..., D] vectors (e.g. [N, H, W, D]); ``codebook``: [K, D] (paper §5).
-    """
-    z = np.asarray(latents, np.float64)
-    c = check_features(codebook, "codebook").astype(np.float64)
-    if z.shape[-1] != c.shape[1]:
-        raise UserError(f"latent dim {z.shape[-1]} != codebook dim {c.shape[1]}")
-    if not tau > 0:
-        raise UserError(f"tau must be positive, got {tau}")
-    z = check_features(z.reshape(-1, z.shape[-1]), "latents")
-    total = 0.0
-    for s in range(0, len(z), 4096):
-        blk = z[s:s + 4096]
-        d2 = (blk**2).sum(1)[:, None] + (c**2).sum(1)[None] - 2 * blk @ c.T
-        logits = -np.maximum(d2, 0) / tau
-        logits -= logits.max(1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-        total += float(-(np.exp(logp) * logp).sum())
-    return total / len(z)

@@ -21,7 +21,8 @@ from condnoise.io import write_json
 
 # EvalConfig fields that change a metric's value (extractors / metrics only choose which).
 VALUE_SETTINGS = ("ref", "train_ref", "max_ref", "max_train", "k", "dc_k", "shrinkage",
-                  "memorization_threshold", "memorization_percentile", "top_pr_seed", "is_splits")
+                  "memorization_threshold", "memorization_percentile", "top_pr_seed", "is_splits",
+                  "entropy_tau", "entropy_pool")
 
 
 def samples_hash(images: np.ndarray, labels: np.ndarray, prompts: list[str] | None = None) -> str:

@@ -54,6 +54,9 @@ class AutoencoderConfig:
     kind: Literal["identity", "kl", "vq"] = "identity"
     path: str | None = None  # a local diffusers model folder
     scaling_factor: float | None = None  # null: the model's own (SD VAE: 0.18215)
+    # VQ only: the denoiser sees quantised latents (codebook vectors); false: LDM's
+    # pre-quantisation latents (the decoder quantises)
+    quantize: bool = False
 
     @classmethod
     def from_dict(cls, raw: Any, *, origin: str = "autoencoder", prefix: str = "autoencoder."
@@ -62,6 +65,8 @@ class AutoencoderConfig:
         if cfg.kind == "identity" and (cfg.path or cfg.scaling_factor is not None):
             raise UserError(f"{origin}: {prefix}kind identity (pixel space) takes no path or "
                             "scaling_factor")  # fmt: skip
+        if cfg.quantize and cfg.kind != "vq":
+            raise UserError(f"{origin}: {prefix}quantize needs kind vq, got kind {cfg.kind}")
         return cfg
 
 

@@ -164,8 +164,13 @@ def run_evaluate(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunCont
 
     scale = float(ctx.cells[cell.deps[0]].config["scale"])
     _runtime(ctx)
-    result = evaluate_samples(load_samples(samples_path(deps["sample"], scale).parent),
-                              eval_config(cell.config), progress=ctx.progress)  # fmt: skip
+    samples, cfg = load_samples(samples_path(deps["sample"], scale).parent), eval_config(cell.config)
+    autoencoder = None
+    if "entropy" in cfg.metrics:  # over the run's VQ codebook (paper Sec. 5)
+        from condnoise.training.runtime import load_vq_autoencoder
+
+        autoencoder = load_vq_autoencoder(samples.meta.get("run_dir"))
+    result = evaluate_samples(samples, cfg, progress=ctx.progress, autoencoder=autoencoder)
     write_json(cell_dir / "metrics.json", result.record)
     with atomic_open(cell_dir / PER_SAMPLE_FILE, "wb") as f:
         np.savez(f, **result.score_arrays())

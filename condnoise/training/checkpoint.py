@@ -93,6 +93,18 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Write ``checkpoints/step_{step}`` atomically, then keep only the last ``keep_last``."""
+    weights = {"model.safetensors": model, "ema.safetensors": ema}
+    return save_checkpoint_files(run_dir, step, weights, state, keep_last)
+
+
+def save_checkpoint_files(
+    run_dir: Path,
+    step: int,
+    weights: dict[str, torch.nn.Module],
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """``save_checkpoint`` for any modules: ``{file name: module}`` plus ``state.pt``."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step_*"):
@@ -101,8 +113,8 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        save_model(ema, str(tmp / "ema.safetensors"))
+        for name, module in weights.items():
+            save_model(module, str(tmp / name))
         torch.save(state, tmp / "state.pt")
         follow_umask(tmp)  # safetensors writes 0600
         for f in tmp.iterdir():

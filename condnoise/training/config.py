@@ -36,6 +36,7 @@ class DataConfig:
     data_dir: str | None = None
     corruption: str | None = None  # manifest folder written by `condnoise corrupt`
     max_samples: int | None = None  # use only the first N samples (quick experiments)
+    latents: str | None = None  # latent cache folder (`condnoise latents extract`): read, not encode
 
 
 @dataclass

@@ -163,6 +163,7 @@ class TrainData:
 
         source = open_source(cfg.source, cfg.split, data_dir=cfg.data_dir,
                              image_size=cfg.image_size)
+        self.latents = _open_latents(cfg, source)
         if cfg.corruption:
             source = apply_corruption(source, cfg.corruption)
         self.dataset, self.seed = source, seed
@@ -177,7 +178,10 @@ class TrainData:
             n = min(n, cfg.max_samples)
         self.num_samples = n
         self.order = EpochOrder(n, seed)
-        self._tensors = None if self.streaming else _fast_tensors(source)
+        if self.latents is not None:
+            self.latents.check_data(source.meta, n, cfg.image_size)
+        no_images = self.streaming or self.latents is not None
+        self._tensors = None if no_images else _fast_tensors(source)
         self.cond_table: torch.Tensor | None = None
 
     @property
@@ -193,10 +197,16 @@ class TrainData:
 
     def micro_batches(self, start: Position, batch: int, accum: int, world: int, rank: int,
                       num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Endless ``(images, conditions, sample_index)`` micro-batches for this rank."""
+        """Endless ``(images, conditions, sample_index)`` micro-batches for this rank (with
+        ``data.latents``: the cached latents in place of the images)."""
         if self.cond_table is None:
             raise UserError("TrainData.attach_encoder must be called before reading batches")
         table = self.cond_table
+        if self.latents is not None:
+            for part in _PlanSampler(self.order, start, batch, accum, world, rank):
+                idx = torch.as_tensor(part, dtype=torch.long)
+                yield self.latents.gather(idx), table[idx], idx
+            return
         if self._tensors is not None:
             images = self._tensors[0]
             for part in _PlanSampler(self.order, start, batch, accum, world, rank):
@@ -219,6 +229,18 @@ class TrainData:
                             pin_memory=torch.cuda.is_available(), generator=gen, **kwargs)  # fmt: skip
         for images, idx in loader:
             yield images, table[idx.long()], idx.long()
+
+
+def _open_latents(cfg: DataConfig, source: Any) -> Any:
+    """The ``data.latents`` cache (``None`` without one); streamed sources have none."""
+    if not cfg.latents:
+        return None
+    from condnoise.training.latent_cache import LatentCache
+
+    if isinstance(source, IterableDataset):
+        raise UserError(f"data.latents: the streamed source {cfg.source!r} has no latent cache "
+                        "(extraction needs an indexable source)")
+    return LatentCache(cfg.latents)
 
 
 def _fast_tensors(source: Any) -> tuple[torch.Tensor, torch.Tensor] | None:

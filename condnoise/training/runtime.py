@@ -235,3 +235,22 @@ def load_run(
         step=step,
         run_dir=run_dir,
     )
+
+
+def load_vq_autoencoder(run_dir: str | os.PathLike | None) -> torch.nn.Module:
+    """The frozen VQ autoencoder of a diffusion run (``model.autoencoder`` of its config.yaml),
+    what sample entropy needs (paper Sec. 5); a pixel-space or KL run is a ``UserError``."""
+    from condnoise.training.builders import build_autoencoder
+    from condnoise.training.rundir import read_run_config
+
+    if not run_dir:
+        raise UserError("sample entropy needs the samples' training run (run_dir in meta.json, "
+                        "written by `condnoise sample`)")
+    cfg = read_run_config(Path(run_dir))
+    ae = cfg.model.autoencoder
+    kind = "identity" if ae is None else ae.kind
+    if kind != "vq":
+        raise UserError(f"sample entropy needs a VQ autoencoder, but run {run_dir} uses "
+                        f"model.autoencoder kind {kind!r} (entropy is over a VQ codebook, paper Sec. 5)")
+    return build_autoencoder(cfg)
+

@@ -180,6 +180,19 @@ class Trainer:
                 f"(class {self.num_classes} is the CFG null class)"
             )
 
+    def _check_latent_cache(self) -> None:
+        """``data.latents`` must hold this run's autoencoder's latents (fingerprint, shape)."""
+        from condnoise.training.latent_cache import autoencoder_fingerprint
+
+        cache = self.data.latents
+        if self.autoencoder.kind == "identity":
+            raise UserError(f"data.latents={self.cfg.data.latents}: the run is pixel-space "
+                            "(model.autoencoder is identity); drop data.latents or set the autoencoder")
+        cache.check(fingerprint=autoencoder_fingerprint(self.autoencoder))
+        if tuple(cache.latent_shape) != tuple(self.latent_shape):
+            raise UserError(f"latent cache {cache.root} holds latents of shape {cache.latent_shape}, "
+                            f"the run's denoiser takes {list(self.latent_shape)}")
+
     def _build_model(self) -> None:
         """Autoencoder, noise schedule, the conditional model (training mode) and its EMA."""
         from condnoise.training.builders import latent_shape
@@ -187,6 +200,8 @@ class Trainer:
         cfg = self.cfg
         self.autoencoder = build_autoencoder(cfg, self.device)
         self.latent_shape = latent_shape(cfg, self.image_shape)  # type: ignore[arg-type]
+        if self.data.latents is not None:
+            self._check_latent_cache()
         self.schedule = build_schedule(cfg)
         self.model = build_model(cfg, self.latent_shape, self.num_classes).to(self.device)
         self.model.train()
@@ -363,8 +378,11 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             cond = cond.to(self.device, non_blocking=True)
             index = index.to(self.device, non_blocking=True)
-            with torch.no_grad():
-                x0 = self.autoencoder.encode(images)
+            if self.data.latents is not None:  # pre-extracted (data.latents)
+                x0 = images
+            else:
+                with torch.no_grad():
+                    x0 = self.autoencoder.encode(images)
             sync = m == t_cfg.grad_accum - 1 or not self.dist.enabled
             ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()  # type: ignore[operator]
             with ctx:
