@@ -272,7 +272,11 @@ def validate_config(cfg: EvalConfig) -> None:
                         f"{', '.join(sorted(METRICS))}")
     names = available_extractors()
     for name in cfg.extractors:
-        if name not in names:
+        if name.startswith("clip:"):  # a folder or hub id, checked without loading it
+            from condnoise.evaluation.text_features import clip_location
+
+            clip_location(name[len("clip:"):])
+        elif name not in names:
             raise UserError(f"unknown feature extractor {name!r}; choose from {', '.join(names)}")
 
 

@@ -69,7 +69,7 @@ class ScenesClipExtractor(TextImageExtractor):
         return self.model.encode_text(self.model.text.tokenize(captions))
 
 
-def _clip_location(spec: str) -> str:
+def clip_location(spec: str) -> str:
     """A local folder (must hold ``config.json``) or a hub id; UserError otherwise."""
     path = Path(spec).expanduser()
     if path.exists():
@@ -98,7 +98,7 @@ class ClipExtractor(TextImageExtractor):
         from transformers import CLIPModel, CLIPProcessor
 
         self.name = f"{CLIP_PREFIX}{spec}"
-        where = _clip_location(spec)
+        where = clip_location(spec)
         try:
             self.model = CLIPModel.from_pretrained(where).eval()
             self.processor = CLIPProcessor.from_pretrained(where)
