@@ -97,12 +97,12 @@ def load_samples(folder: Path, *, default_data: str = "scenes") -> Samples:
     if labels is None and prompts is None:
         raise UserError(f"{path}: missing array(s) ['labels'] (or the prompts of a text model: "
                         "captions, or source_split + source_indices)")
-    if labels is not None and prompts is None and not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{path}: labels must be integers, got {labels.dtype}")
     if labels is not None and labels.shape != (len(images),):
         if prompts is None:
             raise UserError(f"{path}: {len(images)} images but labels of shape {labels.shape}")
         labels = None
+    if labels is not None and prompts is None and not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: labels must be integers, got {labels.dtype}")
     if prompts is not None:
         prompts = per_sample(folder, prompts, labels, len(images))
     if labels is None:
