@@ -84,7 +84,8 @@ def check_fresh(run_dir: Path, *, force: bool = False) -> None:
         )
     if is_started(run_dir):
         return
-    others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
+    # the lock and the temp files it is made from (another rank may be taking it right now)
+    others = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(LOCK_NAME))
     if others and not force:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise UserError(
