@@ -11,6 +11,7 @@ from condnoise.app.common import (
     add_group_parser,
     add_parser,
     add_progress_option,
+    flag_overrides,
     positive_int,
     seed_int,
     show_progress,
@@ -107,11 +108,8 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
     if bad:
         raise UserError(f"bad override {bad[0]!r}: expected section.key=value, e.g. train.lr=2e-4")
     out = list(args.overrides)
-    for flag, key in (("kind", "model.kind"), ("downsample", "model.downsample"),
-                      ("seed", "train.seed")):  # fmt: skip
-        value = getattr(args, flag)
-        if value is not None:
-            out.append(f"{key}={value}")
+    out += flag_overrides(args, (("kind", "model.kind"), ("downsample", "model.downsample"),
+                                 ("seed", "train.seed")))  # fmt: skip
     return out
 
 

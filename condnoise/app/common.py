@@ -214,3 +214,13 @@ def status_printer(command: str) -> Callable[[str], None]:
         tqdm.write(f"condnoise {command}: {message}", file=sys.stderr)
 
     return status
+
+
+#: the step-budget flags of train and distill -> their config keys
+TRAIN_FLAGS = (("max_steps", "train.steps"), ("ckpt_every", "train.ckpt_every"), ("seed", "train.seed"))
+
+
+def flag_overrides(args: argparse.Namespace, pairs: tuple[tuple[str, str], ...]) -> list[str]:
+    """``section.key=value`` overrides of the flags in ``pairs`` ((attribute, config key))
+    that were given (not None)."""
+    return [f"{key}={getattr(args, flag)}" for flag, key in pairs if getattr(args, flag) is not None]

@@ -6,11 +6,13 @@ import argparse
 from typing import Any
 
 from condnoise.app.common import (
+    TRAIN_FLAGS,
     IntermixedParser,
     add_device_option,
     add_group_parser,
     add_parser,
     add_progress_option,
+    flag_overrides,
     float_range,
     int_range,
     nonneg_int,
@@ -127,10 +129,7 @@ def run_lcm(args: argparse.Namespace) -> int:
     if args.perturb != "none":
         pert["gamma"] = args.gamma
     overrides = list(args.overrides)
-    for flag, key in (("max_steps", "train.steps"), ("ckpt_every", "train.ckpt_every"),
-                      ("seed", "train.seed")):  # fmt: skip
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
+    overrides += flag_overrides(args, TRAIN_FLAGS)
     cfg = student_config(
         args.teacher, perturbation=pert,
         lcm={"w_embed_dim": args.w_embed_dim, "solver_steps": args.solver_steps},

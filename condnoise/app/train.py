@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 
 from condnoise.app.common import (
+    TRAIN_FLAGS,
     IntermixedParser,
     add_device_option,
     add_parser,
     add_progress_option,
+    flag_overrides,
     float_range,
     positive_int,
     seed_int,
@@ -85,11 +87,7 @@ def build_overrides(args: argparse.Namespace) -> list[str]:
     out += list(args.overrides)
     if args.gamma is not None:
         out.append(f"model.perturbation.gamma={args.gamma!r}")
-    for flag, key in (("max_steps", "train.steps"), ("ckpt_every", "train.ckpt_every"),
-                      ("seed", "train.seed")):  # fmt: skip
-        value = getattr(args, flag)
-        if value is not None:
-            out.append(f"{key}={value}")
+    out += flag_overrides(args, TRAIN_FLAGS)
     return out
 
 
