@@ -15,7 +15,7 @@ from condnoise.training.rundir import config_differences, default_run_dir
 
 
 def test_presets_ship_and_validate():
-    assert list_presets() == ["fmnist-conv16", "fmnist-dit-s", "fmnist-unet-s", "in1k-dit-xl2", "in1k-ldm4", "scenes-dit-s",
+    assert list_presets() == ["fmnist-conv16", "fmnist-dit-s", "fmnist-unet-s", "in1k-dit-xl2", "in1k-ldm4", "scenes-conv32", "scenes-dit-s",
                               "scenes-unet-s"]  # fmt: skip
     for name in list_presets():
         cfg = load_config(name)

@@ -145,17 +145,13 @@ def _prompts(args: argparse.Namespace, data: Any) -> Any:
     if args.prompts is not None:
         return read_prompt_file(args.prompts)
     if args.captions_from:
-        from condnoise.data import open_source
+        from condnoise.training.data import split_prompts
 
         d = data
         spec = args.data or (d.source if d is not None else None)
         if spec is None:
             raise UserError("--captions-from needs --data SPEC (the data source of the captions)")
-        source = open_source(spec, args.captions_from, data_dir=getattr(d, "data_dir", None))
-        if source.meta.condition_kind != "caption":
-            raise UserError(f"--captions-from: {spec}:{args.captions_from} has class labels, not captions")
-        texts = [str(c) for c in source.conditions()]
-        return Prompts(texts, f"split:{source.meta.name}:{args.captions_from}", list(range(len(texts))))
+        return split_prompts(spec, args.captions_from, getattr(d, "data_dir", None))
     return None
 
 

@@ -30,7 +30,7 @@ examples:
 
 key=value overrides use dotted config keys (values parsed as YAML), e.g. train.batch_size=64,
 model.perturbation.gamma=0.5, data.max_samples=10000. Presets: fmnist-dit-s, fmnist-unet-s,
-scenes-unet-s, scenes-dit-s (CPU; scenes: captions), in1k-dit-xl2, in1k-ldm4 (GPU, ImageNet
+scenes-unet-s, scenes-dit-s, scenes-conv32 (CPU; scenes: captions), in1k-dit-xl2, in1k-ldm4 (GPU, ImageNet
 via imagefolder:/wds:).
 """
 

@@ -148,7 +148,8 @@ def _walk_cell(spec: StudySpec, cost: CostModel, train: Cell, arch: str,
     config = {
         "stage": "walk", "train_key": train.key,
         "sample": {k: settings.get(k) for k in ("sampler", "steps")}
-                  | ({"clip_x0": settings["clip_x0"]} if "clip_x0" in settings else {}),
+                  | ({"clip_x0": settings["clip_x0"]} if "clip_x0" in settings else {})
+                  | {k: settings[k] for k in ("captions_from", "captions_data") if k in settings},
         "scale": _walk_scale(spec),
         "frames": frames, "grid_per_class": per_class, "seed": meta["seed"],
         "rng_version": rng.VERSION,

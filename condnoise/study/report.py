@@ -416,7 +416,14 @@ def build_sections(res: StudyResults) -> list[Section]:
         lambda: samples_section(res),
         lambda: theory_section(res),
     ]  # fmt: skip
-    return [b() for b in builders]
+    sections = [b() for b in builders]
+    from condnoise.study.text import is_text_study
+
+    if is_text_study(res.spec):  # FID vs CLIP score, caption accuracy, prompted grids
+        from condnoise.study.text_report import text_sections
+
+        sections = text_sections(res, sections)
+    return sections
 
 
 # --------------------------------------------------------------------------- files

@@ -40,6 +40,12 @@ METRICS: dict[str, tuple[tuple[str, ...], str, bool]] = {
     "entropy": (("entropy", "sample_entropy"), "sample entropy", False),
     "topp_f1": (("top_f1", "topp_f1", "top_pr_f1"), "TopP&R F1", False),
     "sfid": (("sfid",), "sFID", True),
+    # text models (study/text_report.py): scenes-clip or CLIP space, the scenes-recognizer
+    "clip_score": (("clip_score",), "CLIP score", False),
+    "r_precision": (("r_precision",), "R-precision", False),
+    **{f"caption_{a}": ((f"caption_{a}",), f"caption accuracy ({a})", False)
+       for a in ("all", "class", "colour", "size", "position", "background", "count",
+                 "all_seen", "all_novel")},
 }  # fmt: skip
 
 

@@ -23,15 +23,17 @@ from condnoise.errors import UserError
 from condnoise.locks import DEFAULT_STALE_AFTER
 from condnoise.training.config import apply_overrides
 
-CORRUPTION_KINDS = ("symmetric", "asymmetric")
+CORRUPTION_KINDS = ("symmetric", "asymmetric", "swap", "rewrite")  # the last two: captions
 TOP_LEVEL = {
     "name", "description", "data", "seeds", "architectures", "variants", "corruption_grid",
     "ablation", "train", "sample", "evaluate", "report", "cost", "out_dir", "slurm",
     "lock_timeout",
 }  # fmt: skip
-SAMPLE_KEYS = {"sampler", "steps", "num_samples", "guidance", "batch_size", "clip_x0"}
+SAMPLE_KEYS = {"sampler", "steps", "num_samples", "guidance", "batch_size", "clip_x0",
+               "captions_from", "captions_data"}  # the last two: text studies (study/text.py)
 EVALUATE_KEYS = {
     "extractors", "metrics", "reference_split", "reference_samples", "train_samples", "shrinkage",
+    "reference",
 }  # fmt: skip
 REPORT_KEYS = {"walks", "theory", "grid_per_class", "walk_frames"}
 DATA_KEYS = {"source", "image_size", "data_dir", "max_samples"}
@@ -271,7 +273,8 @@ def _grid_variants(raw: dict[str, Any], where: str) -> list[Variant]:
         for eta in grid["etas"]:
             c = _check_corruption({"kind": kind, "eta": eta, **extra}, w)
             if eta != 0:  # the clean model is its own variant
-                out.append(Variant(name=f"{kind[:4]}-{_fmt_pct(eta)}", corruption=c))
+                short = kind if kind in ("swap", "rewrite") else kind[:4]  # caption kinds in full
+                out.append(Variant(name=f"{short}-{_fmt_pct(eta)}", corruption=c))
     return out
 
 
@@ -364,6 +367,9 @@ def validate(raw: dict[str, Any], where: str) -> StudySpec:
     data = _mapping(raw, "data", where, DATA_KEYS)
     data.setdefault("source", "fashion-mnist")
     archs, arch_train = _architectures(raw, where)
+    from condnoise.study.text import apply_text_defaults
+
+    raw = apply_text_defaults(raw, archs, where)
     variants = _expand_variants(raw, where)
     for v in variants:
         for a in v.architectures or ():

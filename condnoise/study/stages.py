@@ -9,7 +9,8 @@ Each function takes ``(cell, cell_dir, dep_dirs, ctx)``, writes its outputs unde
     cells/sample/KEY/s{scale}/samples.npz  images uint8 [N,H,W,C], labels int64 [N]
     cells/evaluate/KEY/metrics.json      the evaluation stage's metrics for that sample set
     cells/evaluate/KEY/per_sample.npz    its per-sample scores (RMD, training-set distances)
-    cells/walk/KEY/grid.png, walk.png    per-class sample grid and circular walk
+    cells/walk/KEY/grid.png, walk.png    per-class sample grid and circular walk (text
+                                         models: grid.png, one row per caption, prompts.json)
     cells/theory/KEY/*.png               the theory lab's figures
 """
 
@@ -124,6 +125,7 @@ def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext
 def run_sample(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
     """One guidance scale of the sweep (section 5): ``s{scale}/samples.npz``."""
     from condnoise.diffusion.sampling import SweepConfig, run_sweep
+    from condnoise.study.text import sample_prompts
     from condnoise.training.runtime import load_run
 
     s = cell.config["sample"]
@@ -139,6 +141,7 @@ def run_sample(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContex
         shard_size=max(int(s.get("batch_size", 256)), 1000),
         grid_per_class=8,
         clip_x0=bool(s.get("clip_x0", False)),
+        prompts=sample_prompts(cell, ctx),  # text studies: paired captions (study/text.py)
     )
     (folder,) = run_sweep(run, run_dir, cell_dir, cfg, progress=ctx.progress)
     return {"samples": str(folder.relative_to(cell_dir) / "samples.npz")}
@@ -178,12 +181,13 @@ def run_evaluate(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunCont
 
 
 def eval_config(config: dict[str, Any]) -> Any:
-    """The ``EvalConfig`` of an evaluate cell: reference = the data source's split."""
+    """The ``EvalConfig`` of an evaluate cell: reference = ``evaluate.reference``, else the
+    data source's ``reference_split``."""
     from condnoise.evaluation.evaluate import EvalConfig
 
     e, source = config["evaluate"], config["data"]["source"]
     return EvalConfig(
-        ref=f"{source}:{e.get('reference_split', 'test')}",
+        ref=e.get("reference") or f"{source}:{e.get('reference_split', 'test')}",
         train_ref=f"{source}:train",
         extractors=tuple(e["extractors"]),
         metrics=tuple(e.get("metrics") or STUDY_METRICS),
@@ -206,6 +210,10 @@ def run_walk(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext)
 
     c = cell.config
     run = load_run(deps["train"] / "run", device=_runtime(ctx))
+    if c["sample"].get("captions_from"):  # a text model: one row per caption, no walks
+        from condnoise.study.text import run_text_grid
+
+        return run_text_grid(cell, cell_dir, run, ctx.cells[cell.deps[0]].config["data"])
     steps = int(c["sample"]["steps"])
     sampler = str(c["sample"].get("sampler", "dpm++"))
     sample_grid(
