@@ -24,13 +24,13 @@ import re
 from typing import Any
 
 from condnoise.errors import UserError
-from condnoise.study.grid import MODEL_STAGES
 from condnoise.study.grid import STAGES as STAGE_SECTIONS
 
 TEXT_KEYS = ("partition", "account", "qos", "constraint")
 INT_KEYS = ("nodes", "gpus_per_node", "cpus_per_task")
 SLURM_KEYS = (*TEXT_KEYS, *INT_KEYS, "mem", "time")
 BUILTIN = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "time": "1-00:00:00"}
+MULTI_TASK = ("train", "distill")  # trainers: one process group over the allocation
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _MEM = re.compile(r"^\d+[KMGT]?B?$", re.IGNORECASE)
 
@@ -91,9 +91,9 @@ def check_slurm(raw: Any, where: str) -> dict[str, dict[str, Any]]:
                             f"{', '.join(STAGE_SECTIONS)} or default")  # fmt: skip
         out[section] = _check_entry(entry, f"{where}: slurm.{section}")
     for stage in STAGE_SECTIONS:
-        if stage not in MODEL_STAGES and int(resources(out, stage)["nodes"]) > 1:
+        if stage not in MULTI_TASK and int(resources(out, stage)["nodes"]) > 1:
             raise UserError(f"{where}: slurm: nodes > 1 for {stage} cells; only "
-                            f"{' / '.join(MODEL_STAGES)} cells run over several nodes")  # fmt: skip
+                            f"{' / '.join(MULTI_TASK)} cells run over several nodes")  # fmt: skip
     return out
 
 
@@ -105,7 +105,7 @@ def resources(slurm: dict[str, dict[str, Any]], stage: str) -> dict[str, Any]:
 def tasks_per_node(stage: str, res: dict[str, Any]) -> int:
     """Processes per node: one per GPU for training and distillation (one process group),
     else one."""
-    return max(1, int(res["gpus_per_node"])) if stage in MODEL_STAGES else 1
+    return max(1, int(res["gpus_per_node"])) if stage in MULTI_TASK else 1
 
 
 def executor_parameters(stage: str, res: dict[str, Any]) -> dict[str, Any]:
