@@ -10,7 +10,9 @@ card (accuracy, seed, epochs, sha256) in the cache directory.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,3 +97,16 @@ def load_classifier(folder: str | Path | None = None, *, train_if_missing: bool 
     """Load the cached classifier (training it first, with a message, if missing)."""
     return load_network(FMNISTNet, folder, NAME, train_classifier,  # type: ignore[return-value]
                         train_if_missing=train_if_missing)
+
+
+def perceptual_network(loss: Any) -> Callable[[], nn.Module] | None:
+    """A loader of the classifier an autoencoder's perceptual term uses (``loss.perceptual:
+    classifier`` with a positive weight; ``loss.classifier_dir``, null: the cache), or None.
+    ``loss`` is an autoencoder config's loss section (``training.autoencoder_config``)."""
+    if loss.perceptual != "classifier" or loss.perceptual_weight <= 0:
+        return None
+
+    def load() -> nn.Module:
+        return load_classifier(loss.classifier_dir)[0]
+
+    return load

@@ -201,7 +201,7 @@ def _check_ranges(cfg: Config, origin: str) -> None:
         raise UserError(f"{origin}: model.lcm.solver_steps must be <= diffusion.num_steps "
                         f"{cfg.diffusion.num_steps}, got {cfg.model.lcm.solver_steps}")  # fmt: skip
     if cfg.distill is not None:
-        _check_distill(cfg.distill, origin)
+        check_distill(cfg.distill, origin)
     from condnoise.diffusion.schedule import SCHEDULES
 
     if cfg.diffusion.schedule not in SCHEDULES:
@@ -211,7 +211,8 @@ def _check_ranges(cfg: Config, origin: str) -> None:
         )
 
 
-def _check_distill(d: DistillConfig, origin: str) -> None:
+def check_distill(d: DistillConfig, origin: str) -> None:
+    """Ranges of a distill section (guidance range, Huber c, teacher step)."""
     if not 0.0 <= d.guidance_min <= d.guidance_max <= 100.0:
         raise UserError(f"{origin}: distill.guidance_min / guidance_max must satisfy 0 <= min <= max "
                         f"<= 100, got {d.guidance_min:g} and {d.guidance_max:g}")  # fmt: skip
