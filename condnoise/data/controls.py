@@ -64,11 +64,11 @@ def silhouette(images: np.ndarray) -> np.ndarray:
 
 
 def images_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float images ``[N, C, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, C]`` (the data's
-    ``p / 127.5 - 1`` inverted exactly)."""
-    from condnoise.diffusion.grids import to_uint8
-
-    return to_uint8(images)
+    """Float images ``[N, C, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, C]``: the data's
+    ``p / 127.5 - 1`` inverted exactly (nearest level, as the sample grids round)."""
+    x = torch.as_tensor(images).detach().float().cpu()
+    u8 = ((x + 1.0) * 127.5 + 0.5).clamp_(0.0, 255.0).to(torch.uint8)
+    return np.ascontiguousarray(u8.permute(0, 2, 3, 1).numpy())
 
 
 def _with_masks(dataset: Any) -> Any:
