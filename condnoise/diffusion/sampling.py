@@ -13,7 +13,7 @@ Layout written by :func:`run_sweep` for every guidance scale s (directory name
                                           int64 [N] (its index in the split for
                                           --captions-from, else -1); with --controls-from
                                           also controls uint8 [N,H,W] (each sample's native
-                                          control) and source_indices (its split item)
+                                          control) and control_indices (its split item)
     OUT/s{s}/controls.png                 --controls-from: control | sample pairs
     OUT/s{s}/meta.json                    run dir, checkpoint step, sampler, steps, guidance, ...
                                           (``controls``: kind, thresholds, source, applied, scale)
@@ -481,7 +481,7 @@ def _finish_scale(scale_dir: Path, spec: dict[str, Any], cfg: SweepConfig, run: 
                 "source_indices": cfg.prompts.source_indices()[labels]}  # fmt: skip
     if cfg.controls is not None:  # each sample's control and the split item it came from
         idx = np.arange(cfg.num) % len(cfg.controls.native)
-        text |= {"controls": cfg.controls.of(idx), "source_indices": idx.astype(np.int64)}
+        text |= {"controls": cfg.controls.of(idx), "control_indices": idx.astype(np.int64)}
     with atomic_open(scale_dir / "samples.npz", "wb") as f:
         np.savez(f, images=images, labels=labels, **text)
     if cfg.grid_per_class > 0:

@@ -61,7 +61,8 @@ class ControlNetAdapter(nn.Module):
 
         channels = EMBEDDING_CHANNELS[: _stages(downscale) + 1]
         if len(channels) <= _stages(downscale):
-            raise UserError(f"model.adapter.downscale {downscale}: at most {2 ** (len(EMBEDDING_CHANNELS) - 1)}")
+            raise UserError(f"model.adapter.downscale {downscale}: ControlNet's conditioning "
+                            f"embedding downsamples at most {2 ** (len(EMBEDDING_CHANNELS) - 1)}x")
         self.net = ControlNetModel.from_unet(denoiser.net, conditioning_channels=control_channels,
                                              conditioning_embedding_out_channels=channels)  # fmt: skip
 

@@ -77,12 +77,14 @@ def finetune_config(
     check_family(base.model.family, f"base run {base_dir}")
     pert = dict(perturbation or {"name": "none"})
     if pert.get("name") not in PERTURBATIONS:
-        raise UserError(f"fine-tuning perturbation {pert.get('name')!r}: choose one of {', '.join(PERTURBATIONS)}")
+        raise UserError(f"fine-tuning perturbation {pert.get('name')!r}: choose one of "
+                        f"{', '.join(PERTURBATIONS)}")
     info = read_run_info(base_dir)
     try:
         downscale = int(info["image_shape"][-1]) // int(info["latent_shape"][-1])
     except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
-        raise UserError(f"{base_dir / 'run.json'}: missing or invalid image_shape / latent_shape") from None
+        raise UserError(f"{base_dir / 'run.json'}: missing or invalid image_shape / "
+                        "latent_shape") from None
     steps = list_checkpoints(base_dir)
     if not steps:
         raise UserError(f"base run {base_dir} has no checkpoint yet (train it longer)")
@@ -93,7 +95,8 @@ def finetune_config(
     ctl = Control.for_source(control, source, low=f.get("canny_low", 100.0), high=f.get("canny_high", 200.0))
     f["base_step"] = steps[-1] if f.get("base_step") is None else f["base_step"]
     if f["base_step"] not in steps:
-        raise UserError(f"base run {base_dir} has no checkpoint for step {f['base_step']}; kept steps: {steps}")
+        raise UserError(f"base run {base_dir} has no checkpoint for step {f['base_step']}; "
+                        f"kept steps: {steps}")
     raw["model"].update(perturbation=pert, adapter={**adapter, "control_channels": ctl.channels,
                                                     "downscale": downscale})  # fmt: skip
     raw["train"].update(FINETUNE_TRAIN)
@@ -112,7 +115,8 @@ def finetune_config(
 
 def _check_like_base(cfg: Config, base: Config, base_dir: Path) -> None:
     """The adapter run keeps the base's architecture and diffusion process."""
-    for mine, theirs in ((cfg.model.to_dict(), base.model.to_dict()), (cfg.model.resolved(), base.model.resolved())):
+    for mine, theirs in ((cfg.model.to_dict(), base.model.to_dict()),  # what was set, then
+                         (cfg.model.resolved(), base.model.resolved())):  # what follows  # fmt: skip
         for key in sorted(set(mine) | set(theirs)):
             if key not in FINETUNE_FIELDS and mine.get(key) != theirs.get(key):
                 raise UserError(f"fine-tuning model.{key} is {mine.get(key)!r} but the base's ({base_dir}) "
@@ -128,7 +132,8 @@ def copy_base_weights(model: torch.nn.Module, base: torch.nn.Module) -> None:
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     rest = sorted(k for k in missing if not k.startswith("adapter.")) + sorted(unexpected)
     if rest:
-        raise UserError(f"the adapter's model does not fit its base's weights (first mismatch: {rest[0]})")
+        raise UserError(f"the adapter's model does not fit its base's weights (first mismatch: "
+                        f"{rest[0]})")
 
 
 class Finetuner(Trainer):
@@ -147,10 +152,11 @@ class Finetuner(Trainer):
         super()._build_data(data)
         f, a = self.cfg.finetune, self.cfg.model.adapter
         if f is None or a is None:
-            raise UserError("Finetuner needs a config with finetune and model.adapter sections (finetune_config)")
+            raise UserError("Finetuner needs a config with finetune and model.adapter sections "
+                            "(finetune_config)")
         if self.data.streaming:
-            raise UserError(f"data.source {self.cfg.data.source!r} streams; fine-tuning needs an indexable "
-                            "source (its sample grids show the controls of the first training images)")  # fmt: skip
+            raise UserError(f"data.source {self.cfg.data.source!r} streams; fine-tuning needs an "
+                            "indexable source (its grids show the first training images' controls)")
         self.control = Control.for_source(f.control, self.data.dataset, low=f.canny_low, high=f.canny_high)
         if self.control.channels != a.control_channels:
             raise UserError(f"control {f.control} of {self.cfg.data.source!r} has {self.control.channels} "
@@ -162,10 +168,11 @@ class Finetuner(Trainer):
 
         f = self.cfg.finetune
         super()._build_model()  # autoencoder, schedule, base + adapter (their weights below)
-        run = load_run(f.base, ema=f.base_weights == "ema", device=self.device, step=f.base_step)  # type: ignore[union-attr]
+        assert f is not None  # _build_data
+        run = load_run(f.base, ema=f.base_weights == "ema", device=self.device, step=f.base_step)
         if tuple(run.latent_shape) != tuple(self.latent_shape):
-            raise UserError(f"base {f.base} works on {list(run.latent_shape)} inputs, the fine-tuning "  # type: ignore[union-attr]
-                            f"data gives {list(self.latent_shape)} (data.image_size)")  # fmt: skip
+            raise UserError(f"base {f.base} works on {list(run.latent_shape)} inputs, the "
+                            f"fine-tuning data gives {list(self.latent_shape)} (data.image_size)")
         copy_base_weights(self.model, run.model)
         self.model.adapter.copy_base(self.model.denoiser)  # ControlNet's trainable copy
         self.model.freeze_base()  # type: ignore[operator]
@@ -176,16 +183,18 @@ class Finetuner(Trainer):
         return list(self.model.adapter.parameters())  # type: ignore[union-attr]
 
     def _run_info(self) -> dict[str, Any]:
-        f = self.cfg.finetune
+        f, a = self.cfg.finetune, self.cfg.model.adapter
+        assert f is not None and a is not None  # _build_data
         return {**super()._run_info(), "finetuned_from": {
-            "base": f.base, "base_step": self.base_step, "base_weights": f.base_weights,  # type: ignore[union-attr]
-            "adapter": self.cfg.model.adapter.kind, "control": self.control.settings()}}  # type: ignore[union-attr]  # fmt: skip
+            "base": f.base, "base_step": self.base_step, "base_weights": f.base_weights,
+            "adapter": a.kind, "control": self.control.settings()}}  # fmt: skip
 
 
 def control_grid_rows(control: Any, natives: np.ndarray, samples: np.ndarray, per_row: int) -> np.ndarray:
     """uint8 ``[rows x (1 + per_row), H, W, C]``: each row's control picture, then its samples."""
     pics = control.to_rgb(natives, samples.shape[-1])
-    rows = [np.concatenate([pics[r : r + 1], samples[r * per_row : (r + 1) * per_row]]) for r in range(len(pics))]
+    rows = [np.concatenate([pics[r : r + 1], samples[r * per_row : (r + 1) * per_row]])
+            for r in range(len(pics))]  # fmt: skip
     return np.concatenate(rows)
 
 
@@ -214,7 +223,8 @@ def write_control_grid(trainer: Finetuner, step: int) -> Path:
         names = trainer.data.meta.class_names
         labels = [str(names[int(c)]) if names else str(int(c)) for c in conds]
     path = trainer.run_dir / "samples" / f"step_{step:08d}.png"
-    save_labelled_grid(control_grid_rows(trainer.control, natives, samples, per), labels, path, nrow=per + 1)
+    grid = control_grid_rows(trainer.control, natives, samples, per)
+    save_labelled_grid(grid, labels, path, nrow=per + 1)
     return path
 
 
