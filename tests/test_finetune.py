@@ -178,7 +178,7 @@ def test_an_interrupted_run_resumes_bitwise_with_cep(base, tmp_path, one_thread)
 def test_quick_form_finetune_both_adapters_then_sample_with_controls(base, tmp_path, one_thread):
     cn, t2i = tmp_path / "C", tmp_path / "T"
     assert main(["finetune", "controlnet", str(base), "--control", "canny", "--max-steps", "5",
-                 "--run-dir", str(cn), "--no-progress", *FT]) == 0  # fmt: skip
+                 "--run-dir", str(cn), "--no-progress", *FT, "train.sample_every=5"]) == 0  # fmt: skip
     assert main(["finetune", "t2i-adapter", str(base), "--control", "mask", "--max-steps", "2",
                  "--run-dir", str(t2i), "--no-progress", *FT]) == 0  # fmt: skip
     assert (cn / "samples" / "step_00000005.png").is_file()
