@@ -128,6 +128,28 @@ def test_zero_initialised_adapters_leave_the_base_exactly_unchanged(base, kind, 
         assert torch.equal(model(x, t, cond), run.model(x, t, cond))  # no control: the base
 
 
+@pytest.mark.parametrize("kind", ["controlnet", "t2i-adapter"])
+@pytest.mark.parametrize("family", ["conv-unet", "text-unet"])
+def test_both_u_net_families_and_text_bases_take_the_adapters(family, kind, one_thread):
+    from condnoise.models import build_model
+    from condnoise.training.finetune import copy_base_weights
+
+    cfg = {"family": "conv-unet", "size": "tiny"} if family == "conv-unet" else \
+        {"family": "unet", "size": "tiny", "encoder": {"name": "bert-embed", "max_length": 8}}  # fmt: skip
+    torch.manual_seed(0)
+    base = build_model(cfg, in_channels=1, image_size=16, num_classes=10).eval()
+    model = build_model({**cfg, "adapter": {"kind": kind}}, in_channels=1, image_size=16,
+                        num_classes=10).eval()  # fmt: skip
+    copy_base_weights(model, base)
+    model.adapter.copy_base(model.denoiser)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn((2, 1, 16, 16), generator=g), torch.tensor([3, 700])
+    cond = base.encoder.tokenize(["a red bag", "two shirts"]) if family == "text-unet" else torch.tensor([1, 2])
+    control = (torch.rand((2, 1, 16, 16), generator=g) > 0.7).float()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, cond, control=control), base(x, t, cond))
+
+
 def test_a_dit_base_is_refused_in_one_line(tmp_path, capsys):
     from condnoise.training import load_config
     from condnoise.training.finetune import finetune_config
