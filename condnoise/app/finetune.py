@@ -104,28 +104,18 @@ def _add_options(p: argparse.ArgumentParser, adapter: str) -> None:
 
 
 def _base_step(args: argparse.Namespace) -> int | None:
-    """--base-step, else on --resume the step the adapter started from (config.yaml)."""
-    from pathlib import Path
+    """--base-step, else on --resume the step the run started from (config.yaml)."""
+    from condnoise.app.common import resumed_parent_step
 
-    if args.base_step is not None or not args.resume:
-        return args.base_step
-    if not (Path(args.run_dir) / "config.yaml").is_file():
-        return None
-    from condnoise.training.rundir import read_run_config
-
-    saved = read_run_config(Path(args.run_dir)).finetune
-    return saved.base_step if saved is not None else None
+    return resumed_parent_step(args.base_step, args.resume, args.run_dir, "finetune", "base_step")
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     import os
 
-    from condnoise.app.common import show_progress, status_printer
-    from condnoise.errors import UserError
+    from condnoise.app.common import check_key_values, show_progress, status_printer
 
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise UserError(f"bad override {bad[0]!r}: expected section.key=value, e.g. train.lr=5e-5")
+    check_key_values(args.overrides)
     from condnoise.training.finetune import finetune, finetune_config
 
     pert: dict[str, Any] = {"name": args.perturb}
