@@ -39,7 +39,7 @@ FOLDER = ("run", "autoencoder")  # the diffusers folder inside the cell
 
 
 def check_section(raw: Any, data: dict[str, Any], where: str) -> dict[str, Any] | None:
-    """The resolved ``autoencoder`` section: ``{"config": AutoencoderConfig as a dict (no run
+    """The resolved ``autoencoder`` section: ``{"config": AutoencoderTrainConfig as a dict (no run
     section), "quantize": bool}``; None when the study has none."""
     if raw is None:
         return None
@@ -53,7 +53,10 @@ def check_section(raw: Any, data: dict[str, Any], where: str) -> dict[str, Any] 
     if not isinstance(quantize, bool):
         raise UserError(f"{w}.quantize {quantize!r} must be true or false")
     from condnoise.study.spec import deep_merge
-    from condnoise.training.autoencoder_config import AutoencoderConfig, load_autoencoder_config
+    from condnoise.training.autoencoder_config import (
+        AutoencoderTrainConfig,
+        load_autoencoder_config,
+    )
 
     base = load_autoencoder_config(raw["preset"]).to_dict()
     over = {k: raw[k] for k in ("data", "model", "loss", "train") if k in raw}
@@ -65,7 +68,7 @@ def check_section(raw: Any, data: dict[str, Any], where: str) -> dict[str, Any] 
     merged = deep_merge(base, over)
     merged["data"].update(source=data["source"], image_size=data.get("image_size", 32),
                           data_dir=data.get("data_dir"))  # fmt: skip
-    cfg = AutoencoderConfig.from_dict(merged, origin=w).validate(w)
+    cfg = AutoencoderTrainConfig.from_dict(merged, origin=w).validate(w)
     if quantize and cfg.model.kind != "vq":
         raise UserError(f"{w}.quantize needs a vq autoencoder, the preset's model.kind is {cfg.model.kind}")
     out = cfg.to_dict()
@@ -98,14 +101,14 @@ def run_autoencoder(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunC
     from condnoise.evaluation.classifier import perceptual_network
     from condnoise.study.stages import cell_device
     from condnoise.training.autoencoder import train_autoencoder
-    from condnoise.training.autoencoder_config import AutoencoderConfig
+    from condnoise.training.autoencoder_config import AutoencoderTrainConfig
     from condnoise.training.checkpoint import list_checkpoints
 
     raw = copy.deepcopy(cell.config["autoencoder"])
     run_dir = cell_dir / "run"
     raw["run"] = {"name": "study-autoencoder", "dir": str(run_dir), "tensorboard": False,
                   "progress": False}  # fmt: skip
-    cfg = AutoencoderConfig.from_dict(raw, origin=f"study cell {cell.id}")
+    cfg = AutoencoderTrainConfig.from_dict(raw, origin=f"study cell {cell.id}")
     resume = (run_dir / "config.yaml").is_file() and bool(list_checkpoints(run_dir))
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # started, no checkpoint yet: start over
