@@ -79,6 +79,7 @@ def _sample_folder(folder: Path) -> None:
 
 SAMPLE = "sample {root}/run --out {root}/gen --num 4 --steps 2"
 DISTILL = "distill lcm {root}/run --run-dir {root}/d"
+FINETUNE = "finetune controlnet {root}/run --run-dir {root}/f"
 WALK = "walk {root}/run --class 3 --steps 2"
 EVAL = "evaluate {root}/samples/s1 --max-ref 50"
 GMM = "theory gmm --d 4 --n 20 --out {root}/lab"
@@ -199,6 +200,24 @@ CASES = [
     ("sample-out-under-file", SAMPLE.replace("{root}/gen", "{root}/afile/gen"), ["{root}/afile/gen"], None),
     ("sample-no-out", "sample {root}/run", ["--out"], None),
     ("sample-locked", SAMPLE.replace("{root}/gen", "{root}/manifests"), ["in use by"], "{root}/manifests"),
+    # finetune (the root's run is a DiT: refused before any file is written)
+    ("finetune-no-adapter", "finetune bogus", ["'bogus'"], None),
+    ("finetune-dit-base", FINETUNE, ["{root}/run", "dit"], None),
+    ("finetune-t2i-dit-base", FINETUNE.replace("controlnet", "t2i-adapter"), ["{root}/run", "dit"], None),
+    ("finetune-no-base", "finetune controlnet {root}/nowhere --run-dir {root}/f", ["{root}/nowhere"], None),
+    ("finetune-not-a-run", "finetune controlnet {root}/samples --run-dir {root}/f", ["{root}/samples"], None),
+    ("finetune-control", FINETUNE + " --control depth", ["--control", "'depth'"], None),
+    ("finetune-canny", FINETUNE + " --canny-low -1", ["--canny-low", "-1"], None),
+    ("finetune-epochs", FINETUNE + " --epochs 0", ["--epochs", "0"], None),
+    ("finetune-lr", FINETUNE + " --lr 0", ["--lr", "0"], None),
+    ("finetune-perturb", FINETUNE + " --perturb dropout", ["--perturb", "'dropout'"], None),
+    ("finetune-gamma", FINETUNE + " --perturb cep-u --gamma -1", ["--gamma", "-1"], None),
+    ("finetune-t2i-type", FINETUNE.replace("controlnet", "t2i-adapter") + " --t2i-type huge",
+     ["--t2i-type", "'huge'"], None),
+    ("finetune-res-blocks", FINETUNE.replace("controlnet", "t2i-adapter") + " --res-blocks 0",
+     ["--res-blocks", "0"], None),
+    ("finetune-key", FINETUNE + " train.bogus", ["train.bogus"], None),
+    ("finetune-no-run-dir", "finetune controlnet {root}/run", ["--run-dir"], None),
     # walk
     ("walk-class", "walk {root}/run --class zebra", ["'zebra'"], None),
     ("walk-before-load", "walk {root}/run-wider --class zebra", ["'zebra'"], None),

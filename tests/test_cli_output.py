@@ -12,8 +12,9 @@ import pytest
 from condnoise.app.cli import build_parser, main
 from condnoise.app.common import show_progress
 
-LONG_COMMANDS = ["corrupt", "train", "distill lcm", "sample", "evaluate", "features train", "theory gmm",
-                 "study", "demo", "autoencoder train", "autoencoder eval", "latents extract"]  # fmt: skip
+LONG_COMMANDS = ["corrupt", "train", "distill lcm", "finetune controlnet", "finetune t2i-adapter",
+                 "sample", "evaluate", "features train", "theory gmm", "study", "demo",
+                 "autoencoder train", "autoencoder eval", "latents extract"]  # fmt: skip
 TINY = ["data.source=digits", "data.image_size=null", "model.size=T/2", "model.hidden=32",
         "model.depth=1", "model.heads=2", "model.patch=2", "train.batch_size=16",
         "train.warmup=0", "train.threads=1", "run.tensorboard=false"]  # fmt: skip

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from scipy import stats
 
 from condnoise.errors import UserError
@@ -43,13 +44,15 @@ def _raw(**extra):
 
 def test_every_preset_validates_and_plans():
     names = preset_names()
-    assert {"micro", "fmnist-quick", "fmnist-full", "in1k-dit-xl2", "in1k-ldm4"} <= set(names)
+    assert {"micro", "fmnist-quick", "fmnist-full", "in1k-dit-xl2", "in1k-ldm4", "fmnist-lcm",
+            "cc3m-lcm", "fmnist-ldm"} <= set(names)
     for name in names:
         spec = load_study(name)
         cells = build_cells(spec)
         stages = {c.stage for c in cells}
-        assert {"train", "sample", "evaluate"} <= stages, name
-        n_models = sum(len(v.architectures or spec.architectures) for v in spec.variants)
+        assert {"sample", "evaluate"} <= stages and stages & {"train", "pretrained"}, name
+        n_models = sum(len(v.architectures or spec.architectures) for v in spec.variants
+                       if v.method == "train")  # fmt: skip
         assert sum(c.stage == "train" for c in cells) == n_models * len(spec.seeds)
         assert all(c.est_seconds > 0 for c in cells)
     full = load_study("fmnist-full")
@@ -231,3 +234,160 @@ def test_micro_study_killed_resumed_and_reported(tmp_path, eval_cache, monkeypat
     assert len(rows) == 1 + 3 * 2 * 2  # header + variants x seeds x scales
     md = (report.parent / "report.md").read_text()
     assert "Table 1" in md and "(figures/" in md
+
+
+# --------------------------------------------------------------------------- derived variants
+
+
+def _lcm_raw(**extra):
+    """A clean teacher, a CEP-U teacher and three LCM students of them."""
+    base = {
+        "seeds": [0, 1, 2],
+        "variants": ["clean", {"name": "cep-u", "perturbation": {"name": "cep-u", "gamma": 1}},
+                     {"name": "lcm", "distill": {"teacher": "clean"}},
+                     {"name": "lcm-cepu", "distill": {"teacher": "clean", "perturbation": "cep-u"}},
+                     {"name": "lcm-cept", "distill": {"teacher": "cep-u"}}],
+        "distill": {"solver_steps": 8, "train": {"steps": 3}},
+        "step_sweep": {"steps": [1, 2, 4], "guidance": [2]},
+    }  # fmt: skip
+    return _raw(**{**base, **extra})
+
+
+_CLEAN_CEP = ["clean", {"name": "cep-u", "perturbation": "cep-u"}]
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"variants": ["clean", {"name": "s", "distill": {"teacher": "nope"}}]}, "'nope' is not a variant"),
+        ({"variants": ["clean", {"name": "s", "distill": {"teacher": "clean"}},
+                       {"name": "t", "distill": {"teacher": "s"}}]}, "needs a train or pretrained"),
+        ({"variants": ["clean", {"name": "s", "distill": {"teacher": "clean", "bogus": 1}}]}, "bogus"),
+        ({"variants": ["clean", {"name": "s", "distill": {"teacher": "clean", "perturbation": "ip"}}]},
+         "CEP on the student"),
+        ({"variants": ["clean", {"name": "s", "perturbation": "cep-u", "distill": {"teacher": "clean"}}]},
+         "takes no"),
+        ({"variants": ["clean", {"name": "s", "distill": {"solver_steps": 4}}]}, "needs 'teacher'"),
+        ({"variants": ["clean", {"name": "s", "distill": {"teacher": "clean", "train": {"seed": 3}}}]},
+         "seed"),
+        ({"step_sweep": {"steps": [16]}}, "solver_steps"),
+        ({"step_sweep": {"steps": []}}, "step_sweep.steps"),
+        ({"step_sweep": None}, "few-step model"),
+        ({"variants": _CLEAN_CEP, "distill": {}, "step_sweep": None}, "no variant has 'distill'"),
+        ({"variants": _CLEAN_CEP, "distill": None}, "no variant is a few-step model"),
+        ({"architectures": {"u": {"family": "conv-unet", "size": "tiny", "autoencoder": "study"}}},
+         "no 'autoencoder' section"),
+        ({"autoencoder": {"preset": "fmnist-vq-f4", "data": {"image_size": 28}}}, "the study's"),
+        ({"autoencoder": {"preset": "fmnist-vq-f4", "quantise": True}}, "quantise"),
+        ({"autoencoder": {"preset": "fmnist-vq-f4"}}, "no architecture uses it"),
+    ],
+)
+def test_bad_derived_and_latent_fields_raise_user_error(change, needle):
+    raw = _lcm_raw()
+    raw.update(change)
+    raw = {k: v for k, v in raw.items() if v is not None}
+    with pytest.raises(UserError, match=needle):
+        validate(raw, "study.yaml")
+
+
+def test_distill_cells_follow_their_teacher():
+    spec = validate(_lcm_raw(), "lcm")
+    assert [v.name for v in spec.variants] == ["clean", "cep-u", "lcm", "lcm-cepu", "lcm-cept"]
+    cells = {c.id: c for c in build_cells(spec)}
+    student = cells["distill/dit/lcm-cept/seed1"]
+    assert student.deps == ["train/dit/cep-u/seed1"]
+    assert student.config["settings"]["lcm"] == {"w_embed_dim": 256, "solver_steps": 8}
+    # students: the step sweep only, with LCM; teachers: guidance sweep + step sweep (DPM++)
+    assert not any(c.startswith("sample/dit/lcm/") and "/n" not in c for c in cells)
+    assert cells["sample/dit/lcm/seed0/n4/s2"].config["sample"]["sampler"] == "lcm"
+    assert cells["sample/dit/clean/seed0/n4/s2"].config["sample"]["sampler"] == "dpm++"
+    assert cells["evaluate/dit/lcm/seed2/n1/s2"].meta["steps"] == 1
+    # a longer teacher changes its students' keys; other student settings leave teachers alone
+    longer = {c.id: c for c in build_cells(validate(_lcm_raw(train={"train": {"steps": 9}}), "b"))}
+    assert longer["distill/dit/lcm/seed0"].key != cells["distill/dit/lcm/seed0"].key
+    other = {c.id: c for c in build_cells(validate(_lcm_raw(distill={"solver_steps": 8, "train": {"steps": 5}}), "c"))}
+    for cid, c in cells.items():
+        assert (other[cid].key == c.key) == (not c.meta.get("variant", "").startswith("lcm")), cid
+    # a model from outside the study: one cell for every seed
+    ext = validate(_lcm_raw(variants=[{"name": "sd", "pretrained": {"path": "/models/run"}},
+                                      {"name": "lcm", "distill": {"teacher": "sd"}}]), "d")  # fmt: skip
+    ids = [c.id for c in build_cells(ext)]
+    assert ids.count("pretrained/dit/sd") == 1 and "distill/dit/lcm/seed2" in ids
+
+
+def test_steps_section_compares_students_with_welch_intervals(tmp_path):
+    """The report's few-step section on per-seed records: each student against its teacher at
+    the same steps, each CEP student against the clean student, by condnoise.stats."""
+    from condnoise import stats as cstats
+    from condnoise.study.fewstep import steps_section
+    from condnoise.study.results import StudyResults
+
+    spec = validate(_lcm_raw(), "lcm")
+    fids = {"clean": [50.0, 52.0, 51.0], "cep-u": [49.0, 50.0, 51.0], "lcm": [30.0, 31.0, 29.0],
+            "lcm-cepu": [29.0, 31.5, 28.0], "lcm-cept": [30.5, 30.0, 31.0]}  # fmt: skip
+    records = [{"arch": "dit", "variant": v, "seed": seed, "scale": 2.0, "steps": n,
+                "sampler": "lcm" if v.startswith("lcm") else "dpm++",
+                "metrics": {"fmnist-classifier/fid": f + n}}
+               for v, f3 in fids.items() for seed, f in enumerate(f3) for n in (1, 2, 4)]  # fmt: skip
+    sec = steps_section(StudyResults(spec, tmp_path, step_records=records))
+    assert sec.status == "populated"
+    tables = [b for b in sec.blocks if hasattr(b, "rows")]
+    assert [r[1] for r in tables[0].rows] == ["clean", "cep-u", "lcm", "lcm-cepu", "lcm-cept"]
+    versus = {(r[1], r[2].split()[0], r[4]): r for r in tables[1].rows}
+    d, lo, hi = cstats.welch_interval(np.array(fids["lcm"]) + 4, np.array(fids["clean"]) + 4)
+    row = versus[("lcm", "clean", "4")]
+    assert row[7] == f"{d:+.3g} [{lo:+.3g}, {hi:+.3g}]" and row[8] == "better"
+    assert versus[("lcm-cepu", "lcm", "4")][8] == "indistinguishable"
+    assert versus[("lcm-cept", "cep-u", "2")][8] == "better"
+    assert ("lcm", "lcm", "4") not in versus  # the reference student is not compared with itself
+
+
+def test_latent_distill_study_end_to_end(tmp_path, eval_cache, monkeypatch):
+    """A tiny autoencoder trained as the study's cell, a latent teacher on it, a CEP-U LCM
+    student of that teacher, the step sweep; the entropy and few-step sections populate."""
+    import csv
+
+    from condnoise.study.runner import run_study
+
+    monkeypatch.setenv("CONDNOISE_CACHE", str(eval_cache))
+    raw = {
+        "name": "tiny-ldm-lcm", "seeds": [0],
+        "data": {"source": "fashion-mnist", "image_size": 32, "max_samples": 200},
+        "autoencoder": {"preset": "fmnist-vq-f4", "data": {"max_samples": 64},
+                        "model": {"width": 8, "codebook_size": 32, "mid_attention": False},
+                        "loss": {"perceptual": "none", "disc_weight": 0},
+                        "train": {"steps": 2, "batch_size": 8, "scaling_samples": 16, "warmup": 0,
+                                  "ckpt_every": 2, "sample_every": 0}},
+        "architectures": {"unet": {"family": "conv-unet", "size": "tiny", "autoencoder": "study"}},
+        "variants": ["clean", {"name": "lcm-cepu", "distill": {
+            "teacher": "clean", "perturbation": "cep-u", "solver_steps": 4, "w_embed_dim": 8,
+            "train": {"steps": 2, "batch_size": 8, "ckpt_every": 2}}}],
+        "train": {"train": {"steps": 2, "batch_size": 16, "ckpt_every": 2}},
+        # the teacher's 2-step DPM-Solver++ cell at s=2 is both its sweep and its step sweep
+        "sample": {"sampler": "dpm++", "steps": 2, "num_samples": 20, "guidance": [2], "batch_size": 20},
+        "step_sweep": {"steps": [2], "guidance": [2]},
+        "evaluate": {"extractors": ["fmnist-classifier"], "reference_samples": 500,
+                     "train_samples": 500, "shrinkage": 0.05, "entropy_pool": 1024},
+        "report": {"walks": False, "theory": False},
+    }  # fmt: skip
+    spec = validate(raw, "tiny")
+    cells = build_cells(spec)
+    assert {c.stage for c in cells} == {"autoencoder", "train", "distill", "sample", "evaluate"}
+    assert len({c.key for c in cells}) == len(cells) - 2  # the shared teacher sample / evaluate
+    result = run_study(spec, tmp_path / "s", progress=False, log_fn=lambda s: None)
+    assert len(result.ran) == len(cells) - 2
+    train = next(c for c in cells if c.stage == "train")
+    assert train.config["autoencoder_key"] == cells[0].key
+    run_cfg = yaml.safe_load((train.dir(tmp_path / "s") / "run" / "config.yaml").read_text())
+    assert run_cfg["model"]["autoencoder"]["path"].endswith("run/autoencoder")
+    student = next(c for c in cells if c.stage == "distill")
+    s_cfg = yaml.safe_load((student.dir(tmp_path / "s") / "run" / "config.yaml").read_text())
+    assert s_cfg["model"]["perturbation"]["name"] == "cep-u" and s_cfg["model"]["lcm"]["solver_steps"] == 4
+    report = tmp_path / "s" / "report"
+    sections = {s["id"]: s for s in json.loads((report / "report.json").read_text())["sections"]}
+    for sid in ("entropy", "fid-steps", "table1"):
+        assert sections[sid]["status"] == "populated" and sections[sid]["blocks"] > 0, sections[sid]
+    rows = list(csv.DictReader((report / "results_steps.csv").open()))
+    assert sorted((r["variant"], r["sampler"], r["steps"]) for r in rows) == [
+        ("clean", "dpm++", "2"), ("lcm-cepu", "lcm", "2")]
+    assert all(float(r["fid/fmnist-classifier"]) > 0 for r in rows)

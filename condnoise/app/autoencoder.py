@@ -131,13 +131,14 @@ def run_train(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         cfg.run.dir = args.run_dir
     cfg.run.progress = cfg.run.progress and show_progress(args)
+    from condnoise.evaluation.classifier import perceptual_network
     from condnoise.training.autoencoder import train_autoencoder
 
     bar, progress = _train_bar(cfg, args.max_steps)
     try:
         result = train_autoencoder(cfg, resume=args.resume, device=args.device,
                                    max_steps=args.max_steps, progress=progress,
-                                   classifier=perceptual_classifier(cfg))
+                                   classifier=perceptual_network(cfg.loss))
     finally:
         if bar is not None:
             bar.close()
@@ -148,20 +149,6 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"trained to step {result.step} ({result.cpu_seconds:.0f} CPU-s); {summary}\n"
           f"diffusers folder: {result.folder}")
     return 0
-
-
-def perceptual_classifier(cfg):  # type: ignore[no-untyped-def]
-    """A loader of the fmnist-classifier network of ``loss.perceptual: classifier`` (else None)."""
-    lo = cfg.loss
-    if lo.perceptual != "classifier" or lo.perceptual_weight <= 0:
-        return None
-
-    def load():  # type: ignore[no-untyped-def]
-        from condnoise.evaluation.classifier import load_classifier
-
-        return load_classifier(lo.classifier_dir)[0]
-
-    return load
 
 
 def _train_bar(cfg, max_steps):  # type: ignore[no-untyped-def]

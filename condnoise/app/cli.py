@@ -19,6 +19,7 @@ from condnoise.app import (
     data,
     distill,
     evaluate,
+    finetune,
     latents,
     sample,
     study,
@@ -30,8 +31,8 @@ from condnoise.errors import CondnoiseWarning, UserError
 from condnoise.io import oserror_text
 
 # In the order of the data flow: corrupt, data; autoencoder (first stage), latents; train;
-# distill; sample, walk; features, evaluate; theory; study, demo.
-COMMAND_GROUPS = (data, autoencoder, latents, train, distill, sample, evaluate, theory, study)
+# distill, finetune; sample, walk; features, evaluate; theory; study, demo.
+COMMAND_GROUPS = (data, autoencoder, latents, train, distill, finetune, sample, evaluate, theory, study)
 
 
 def build_parser() -> argparse.ArgumentParser:

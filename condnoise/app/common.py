@@ -224,3 +224,24 @@ def flag_overrides(args: argparse.Namespace, pairs: tuple[tuple[str, str], ...])
     """``section.key=value`` overrides of the flags in ``pairs`` ((attribute, config key))
     that were given (not None)."""
     return [f"{key}={getattr(args, flag)}" for flag, key in pairs if getattr(args, flag) is not None]
+
+
+def check_key_values(overrides: list[str]) -> None:
+    """Every trailing override is ``section.key=value`` (one-line error otherwise)."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise UserError(f"bad override {bad[0]!r}: expected section.key=value, e.g. train.lr=5e-5")
+
+
+def resumed_parent_step(explicit: int | None, resume: bool, run_dir: str, section: str,
+                        field: str) -> int | None:
+    """``explicit``, else on ``resume`` the parent-run step a derived run (distill /
+    finetune) started from, read back from its config.yaml ``section.field``."""
+    from pathlib import Path
+
+    if explicit is not None or not resume or not (Path(run_dir) / "config.yaml").is_file():
+        return explicit
+    from condnoise.training.rundir import read_run_config
+
+    saved = getattr(read_run_config(Path(run_dir)), section)
+    return getattr(saved, field) if saved is not None else None

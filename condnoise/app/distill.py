@@ -102,26 +102,16 @@ def guidance_range(text: str) -> tuple[float, float]:
 
 
 def _teacher_step(args: argparse.Namespace) -> int | None:
-    """--teacher-step, else on --resume the step the student started from (config.yaml)."""
-    from pathlib import Path
+    """--teacher-step, else on --resume the step the run started from (config.yaml)."""
+    from condnoise.app.common import resumed_parent_step
 
-    if args.teacher_step is not None or not args.resume:
-        return args.teacher_step
-    if not (Path(args.run_dir) / "config.yaml").is_file():
-        return None
-    from condnoise.training.rundir import read_run_config
-
-    saved = read_run_config(Path(args.run_dir)).distill
-    return saved.teacher_step if saved is not None else None
+    return resumed_parent_step(args.teacher_step, args.resume, args.run_dir, "distill", "teacher_step")
 
 
 def run_lcm(args: argparse.Namespace) -> int:
-    from condnoise.app.common import show_progress, status_printer
-    from condnoise.errors import UserError
+    from condnoise.app.common import check_key_values, show_progress, status_printer
 
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise UserError(f"bad override {bad[0]!r}: expected section.key=value, e.g. train.lr=5e-5")
+    check_key_values(args.overrides)
     lo, hi = guidance_range(args.guidance_range)
     from condnoise.training.distill import distill, student_config
 

@@ -10,6 +10,7 @@ from condnoise.app.common import (
     add_parser,
     add_progress_option,
     float_range,
+    int_range,
     positive_int,
     seed_int,
     show_progress,
@@ -78,7 +79,9 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
                     help="comma-separated: fid, sfid, pr, dc, top-pr, is, condition-accuracy, "
                          "rmd, knn-l2, memorization; for text models' folders (prompts): "
                          "clip-score, r-precision (a text-image extractor; distractor captions "
-                         "from --ref), caption-accuracy (scenes prompts); entropy (VQ latent runs)")
+                         "from --ref), caption-accuracy (scenes prompts); entropy (VQ latent runs); "
+                         "for `condnoise sample --controls-from` folders: edge-f1 (Canny controls), "
+                         "mask-iou (mask controls; foreground IoU)")
     ev.add_argument("--k", type=positive_int, default=3, help="k of improved precision/recall")
     ev.add_argument("--dc-k", type=positive_int, default=5, help="k of density/coverage")
     ev.add_argument("--shrinkage", type=float_range(0, 1), default=0.0,
@@ -96,6 +99,8 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
                     help="temperature tau of the sample entropy softmax(-||x - C_k||^2 / tau)")
     ev.add_argument("--entropy-pool", type=positive_int, default=32768,
                     help="latent vectors in the code-usage histogram (fixed: comparable across runs)")
+    ev.add_argument("--edge-tolerance", type=int_range(0, 8), default=1,
+                    help="edge-f1: pixels (Chebyshev distance) a generated edge may be off its input edge")
     ev.add_argument("--seed", type=seed_int, default=0,
                     help="seed of TopP&R's bootstrap and of R-precision's distractor draw")
     ev.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
@@ -185,6 +190,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         memorization_threshold=args.memorization_threshold,
         memorization_percentile=args.memorization_percentile, top_pr_seed=args.seed,
         entropy_tau=args.entropy_tau, entropy_pool=args.entropy_pool,
+        edge_tolerance=args.edge_tolerance,
     )
     validate_config(cfg)
     if args.out and Path(args.out).suffix in (".md", ".png"):

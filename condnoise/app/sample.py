@@ -67,6 +67,17 @@ def register(subparsers: Any) -> None:
                         "i, paired with its image; captions and source indices are saved)")
     p.add_argument("--data", default=None, metavar="SPEC",
                    help="data source of --captions-from (None: the run's training source)")
+    p.add_argument("--controls-from", default=None, metavar="SPLIT",
+                   help="spatial controls from this split's images (of --data): sample i gets the "
+                        "control and the condition (class or caption) of item i %% P, P = min(--num, "
+                        "split size); an adapter run (`condnoise finetune`) is fed them, a base run "
+                        "only records them (the without-control baseline); samples.npz gains "
+                        "controls and control_indices, OUT/s{scale}/controls.png shows the pairs")
+    p.add_argument("--control", choices=("canny", "mask"), default=None,
+                   help="the control kind of --controls-from (None: the adapter run's; required "
+                        "for a base run)")
+    p.add_argument("--control-scale", type=float_range(0), default=1.0,
+                   help="scale of the adapter's residuals (ControlNet conditioning_scale)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per sampler batch")
     p.add_argument("--shard-size", type=positive_int, default=1000,
                    help="images per shard file (the unit of resume and of torchrun work)")
@@ -155,6 +166,52 @@ def _prompts(args: argparse.Namespace, data: Any) -> Any:
     return None
 
 
+def _controls(args: argparse.Namespace, config: Any) -> Any:
+    """The ``(ControlSet, labels or None, Prompts or None)`` of --controls-from (None: not
+    given): the split's first P = min(--num, size) items, their native controls (the run's
+    control settings, or --control for a base run) and conditions."""
+    from condnoise.errors import UserError
+
+    if args.controls_from is None:
+        if args.control is not None or args.control_scale != 1.0:
+            raise UserError("--control / --control-scale need --controls-from SPLIT")
+        return None
+    if config is None:
+        raise UserError("--controls-from samples a training run (RUN_DIR), not a --pipeline")
+    if args.prompt or args.prompts or args.captions_from or args.classes != "balanced":
+        raise UserError("--controls-from pairs each sample with its split item's condition: drop "
+                        "--classes / --prompt / --prompts / --captions-from")  # fmt: skip
+    import numpy as np
+    import torch
+
+    from condnoise.data import open_source
+    from condnoise.data.controls import Control
+    from condnoise.diffusion.sampling import ControlSet, Prompts
+
+    f, d = config.finetune, config.data
+    if f is None and args.control is None:
+        raise UserError("--controls-from on a base run (no adapter) records the controls only: name "
+                        "their kind with --control canny|mask")  # fmt: skip
+    if f is not None and args.control not in (None, f.control):
+        raise UserError(f"--control {args.control}: this adapter was fine-tuned on {f.control} controls")
+    spec = args.data or d.source
+    source = open_source(spec, args.controls_from, data_dir=d.data_dir, image_size=d.image_size)
+    low, high = (f.canny_low, f.canny_high) if f is not None else (100.0, 200.0)
+    control = Control.for_source(f.control if f is not None else args.control, source, low=low, high=high)
+    n = min(args.num, len(source))
+    if hasattr(source, "tensors"):
+        images = source.tensors()[0][:n]
+    else:
+        images = torch.stack([source[i][0] for i in range(n)])
+    ctl = ControlSet(control.native(images, np.arange(n)), control,
+                     f"split:{source.meta.name}:{args.controls_from}", applied=f is not None,
+                     scale=args.control_scale)  # fmt: skip
+    conds = source.conditions()[:n]
+    if source.meta.condition_kind == "caption":
+        return ctl, None, Prompts([str(c) for c in conds], ctl.source, list(range(n)))
+    return ctl, [int(c) for c in conds], None
+
+
 def _load(args: argparse.Namespace, device: Any) -> Any:
     """A training run, or with --pipeline a diffusers pipeline folder, ready to sample."""
     from condnoise.training.runtime import load_run
@@ -220,14 +277,19 @@ def run_sample(args: argparse.Namespace) -> int:
     if (args.run_dir is None) == (args.pipeline is None):
         raise UserError("sample: give a RUN_DIR or --pipeline PATH (one of them)")
     facts = _run_facts(args.run_dir) if args.run_dir is not None else None
+    controls = _controls(args, facts[2] if facts else None)
     prompts = _prompts(args, facts[2].data if facts else None)
     classes = "balanced" if prompts or facts is None else parse_classes(args.classes, facts[0])
+    if controls is not None:
+        controls, labels, prompts = controls
+        classes = labels if labels is not None else "balanced"
     steps = _step_counts(args.steps)
     cfg = SweepConfig(
         guidances=guidances, num=args.num, sampler=args.sampler, steps=steps[0],
         seed=args.seed, classes=classes, batch_size=args.batch_size,
         shard_size=args.shard_size, precision=args.precision, png=args.png,
         grid_per_class=args.grid_per_class, keep_shards=args.keep_shards, prompts=prompts,
+        controls=controls,
     )  # fmt: skip
     for n in steps if facts is not None else ():  # every setting checked before the model loads
         dataclasses.replace(cfg, steps=n).validate(facts[1])
@@ -247,6 +309,7 @@ def run_sample(args: argparse.Namespace) -> int:
             if info.is_main:
                 config = {**vars(cfg), "steps": steps if len(steps) > 1 else steps[0],
                           "prompts": prompts.source if prompts else None,
+                          "controls": controls.info() if controls else None,
                           "run_dir": str(source), "checkpoint_step": run.step,
                           "weights": args.weights, "world_size": info.world_size}  # fmt: skip
                 write_provenance(args.out, config, args.seed)

@@ -23,8 +23,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (cells, status, estimated cost) and exit")
     p.add_argument("--stage", action="append", default=None, metavar="STAGE",
-                   help="run only this stage (corrupt, train, sample, evaluate, walk, "
-                        "theory, report); repeatable")  # fmt: skip
+                   help="run only this stage (autoencoder, corrupt, train, pretrained, distill, "
+                        "sample, evaluate, walk, theory, report); repeatable")  # fmt: skip
     p.add_argument("--only", action="append", default=None, metavar="TEXT",
                    help="run only cells whose id contains TEXT (e.g. cep-u, seed0, s3) plus "
                         "their dependencies; repeatable")  # fmt: skip
@@ -51,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("study", metavar="PRESET_OR_YAML",
-                   help="a preset (micro, fmnist-quick, fmnist-medium, fmnist-full, "
-                        "in1k-dit-xl2, in1k-ldm4) or a study YAML file")  # fmt: skip
+                   help="a preset (micro, fmnist-quick, fmnist-medium, fmnist-full, fmnist-lcm, "
+                        "fmnist-ldm, in1k-dit-xl2, in1k-ldm4, cc3m-lcm) or a study YAML file")  # fmt: skip
     _add_common(p)
     p.add_argument("--submit", choices=("slurm", "local"), default=None, metavar="ENGINE",
                    help="hand the cells to a job engine through submitit instead of running "

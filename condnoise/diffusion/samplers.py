@@ -182,6 +182,7 @@ def sample(
     clip_x0: bool = False,
     precision: str = "fp32",
     progress: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` (x_T) to x_0, with classifier-free guidance.
 
@@ -200,6 +201,9 @@ def sample(
         clip_x0: clip the predicted x0 to [-1, 1] at each step (pixel-space models).
         precision: ``fp32`` or autocast ``bf16`` / ``fp16`` for the model forward.
         progress: show a tqdm bar over steps.
+        model_kwargs: extra model inputs at every step, e.g. an adapter's ``control``
+            ``[B, C, H, W]`` and ``control_scale`` (tensors go to both CFG branches, as in
+            diffusers' ControlNet pipelines).
 
     Returns:
         x_0 ``[B,C,H,W]`` float32 in the model's space (pixels in [-1, 1], or latents).
@@ -235,12 +239,13 @@ def sample(
         # diffusers' DDIM keeps the unclipped eps in the direction term unless told, so the
         # clipped x0 and the direction disagree and the error grows with the step count
         step_kwargs["use_clipped_model_output"] = True
+    kwargs = dict(model_kwargs or {})
     for t in timesteps:
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         with _autocast(device, precision):
             if lcm:  # guidance through the guidance embedding: one forward
-                eps = model(x, t_batch, cond, timestep_cond=w_cond)[:, : x.shape[1]]
+                eps = model(x, t_batch, cond, timestep_cond=w_cond, **kwargs)[:, : x.shape[1]]
             else:
-                eps = guided_eps(model, x, t_batch, cond, guidance=guidance)
+                eps = guided_eps(model, x, t_batch, cond, guidance=guidance, **kwargs)
         x = scheduler.step(eps.float(), t, x, **step_kwargs).prev_sample
     return x

@@ -11,8 +11,12 @@ Layout written by :func:`run_sweep` for every guidance scale s (directory name
                                           class, or prompt number); text runs also captions
                                           str [N] (each sample's prompt) and source_indices
                                           int64 [N] (its index in the split for
-                                          --captions-from, else -1)
+                                          --captions-from, else -1); with --controls-from
+                                          also controls uint8 [N,H,W] (each sample's native
+                                          control) and control_indices (its split item)
+    OUT/s{s}/controls.png                 --controls-from: control | sample pairs
     OUT/s{s}/meta.json                    run dir, checkpoint step, sampler, steps, guidance, ...
+                                          (``controls``: kind, thresholds, source, applied, scale)
     OUT/s{s}/grid.png                     a few samples per class / prompt, one labelled row
                                           each (prompts printed above their rows)
     OUT/s{s}/png/{class}/{i:06d}.png      optional, one file per image
@@ -46,7 +50,8 @@ from condnoise.models.autoencoder import IdentityAutoencoder
 
 SPEC_FIELDS = (
     "run_dir", "checkpoint_step", "ema", "sampler", "steps", "guidance", "seed", "classes",
-    "shard_size", "clip_x0", "precision", "rng_version", "prompts_sha256",
+    "shard_size", "clip_x0", "precision", "rng_version", "prompts_sha256", "controls_sha256",
+    "control_scale",
 )  # fmt: skip
 """Settings that change the content of a shard: a resume refuses shards made otherwise."""
 
@@ -114,6 +119,36 @@ def read_prompt_file(path: str | Path) -> Prompts:
 
 
 @dataclass
+class ControlSet:
+    """Controls of a split's first P images (``condnoise sample --controls-from``): sample i
+    gets control ``i % P``, paired with item ``i % P``'s condition (its class, or its caption
+    as prompt ``i % P``). ``native``: uint8 ``[P, H, W]`` (:mod:`condnoise.data.controls`);
+    ``applied``: fed to the run's adapter with ``scale``, or only recorded (a base run
+    sampled without control, the baseline of the control-fidelity metrics)."""
+
+    native: np.ndarray
+    control: Any  # condnoise.data.controls.Control
+    source: str
+    applied: bool = True
+    scale: float = 1.0
+
+    def sha256(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(np.ascontiguousarray(self.native).tobytes())
+        h.update(repr((self.control.settings(), self.applied)).encode())
+        return h.hexdigest()
+
+    def of(self, indices: Any) -> np.ndarray:
+        """Native controls of sample indices (control ``i % P``)."""
+        return self.native[np.asarray(indices, dtype=np.int64) % len(self.native)]
+
+    def info(self) -> dict[str, Any]:
+        return {**self.control.settings(), "source": self.source, "count": len(self.native),
+                "applied": self.applied, "scale": self.scale if self.applied else None}  # fmt: skip
+
+
+@dataclass
 class SweepConfig:
     """What to generate: ``num`` samples for each guidance scale (paper section 5)."""
 
@@ -131,6 +166,7 @@ class SweepConfig:
     grid_per_class: int = 8
     keep_shards: bool = False
     prompts: Prompts | None = None  # text models: the prompts (sample i gets prompt i % P)
+    controls: ControlSet | None = None  # spatial controls (sample i gets control i % P)
 
     def validate(self, num_train_steps: int) -> None:
         check_sampler(self.sampler, self.steps, num_train_steps)
@@ -171,9 +207,12 @@ def generate(
     clip_x0: bool = False,
     precision: str = "fp32",
     progress: Any = None,
+    controls: Any = None,
+    control_scale: float = 1.0,
 ) -> np.ndarray:
     """Sample the given indices (conditions given per index: class labels ``[N]`` or token
-    ids ``[N, L]``); uint8 ``[N,H,W,C]`` images.
+    ids ``[N, L]``; an adapter's ``controls``, float ``[N, C, H, W]``, likewise, applied
+    with ``control_scale``); uint8 ``[N,H,W,C]`` images.
 
     Sample i starts from the noise of generator ``sample_seed(seed, i)`` (also DDPM's
     ancestral noise), so the result does not depend on ``batch_size`` or on which other
@@ -186,9 +225,13 @@ def generate(
         gens = sample_generators(seed, idx)
         noise = initial_noise(gens, shape).to(device)
         y = torch.as_tensor(np.asarray(conds[start : start + batch_size]), dtype=torch.long)
+        kwargs = None
+        if controls is not None:
+            ctl = torch.as_tensor(controls[start : start + batch_size], dtype=torch.float32)
+            kwargs = {"control": ctl.to(device), "control_scale": float(control_scale)}
         x0 = sample(
             model, schedule, y.to(device), noise, guidance=guidance, sampler=sampler,
-            steps=steps, generator=gens, clip_x0=clip_x0, precision=precision,
+            steps=steps, generator=gens, clip_x0=clip_x0, precision=precision, model_kwargs=kwargs,
         )  # fmt: skip
         out.append(to_uint8(autoencoder.decode(x0)))
         if progress is not None:
@@ -369,6 +412,8 @@ def run_sweep(
             "shard_size": int(cfg.shard_size), "clip_x0": bool(cfg.clip_x0),
             "precision": cfg.precision, "rng_version": rng.VERSION,
             "prompts_sha256": cfg.prompts.sha256() if cfg.prompts is not None else None,
+            "controls_sha256": cfg.controls.sha256() if cfg.controls is not None else None,
+            "control_scale": cfg.controls.scale if cfg.controls is not None and cfg.controls.applied else None,
         }  # fmt: skip
         if _is_complete(scale_dir, spec, cfg.num):
             continue
@@ -401,11 +446,13 @@ def _make_shards(run: Any, scale_dir: Path, scale: float, cfg: SweepConfig, rank
             conds = labels
         else:
             labels, conds = conds_of(ranges[k])
+        ctl = cfg.controls
         images = generate(
             run.model, run.schedule, run.autoencoder, ranges[k], conds, shape=latent_shape(run),
             guidance=scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed,
             batch_size=cfg.batch_size, clip_x0=cfg.clip_x0, precision=cfg.precision,
-            progress=bar,
+            progress=bar, control_scale=ctl.scale if ctl is not None else 1.0,
+            controls=ctl.control.encode(ctl.of(ranges[k])) if ctl is not None and ctl.applied else None,
         )  # fmt: skip
         _write_shard(shard_path(scale_dir, k), images, labels, ranges[k])
     bar.close()
@@ -432,11 +479,19 @@ def _finish_scale(scale_dir: Path, spec: dict[str, Any], cfg: SweepConfig, run: 
     if cfg.prompts is not None:
         text = {"captions": np.asarray(cfg.prompts.texts)[labels],
                 "source_indices": cfg.prompts.source_indices()[labels]}  # fmt: skip
+    if cfg.controls is not None:  # each sample's control and the split item it came from
+        idx = np.arange(cfg.num) % len(cfg.controls.native)
+        text |= {"controls": cfg.controls.of(idx), "control_indices": idx.astype(np.int64)}
     with atomic_open(scale_dir / "samples.npz", "wb") as f:
         np.savez(f, images=images, labels=labels, **text)
     if cfg.grid_per_class > 0:
         names = cfg.prompts.texts if cfg.prompts is not None else run.class_names
         write_grid(images, labels, scale_dir / "grid.png", cfg.grid_per_class, names or None)
+    if cfg.controls is not None and cfg.grid_per_class > 0:  # control | sample pairs
+        n = min(16, cfg.num)
+        pics = cfg.controls.control.to_rgb(cfg.controls.of(range(n)), images.shape[-1])
+        save_grid(np.stack([pics, images[:n]], 1).reshape(2 * n, *images.shape[1:]),
+                  scale_dir / "controls.png", nrow=8)
     if cfg.png and cfg.prompts is not None:
         for i, (img, y) in enumerate(zip(images, labels)):
             save_png(img, scale_dir / "png" / f"prompt_{int(y):05d}" / f"{i:06d}.png")
@@ -449,7 +504,9 @@ def _finish_scale(scale_dir: Path, spec: dict[str, Any], cfg: SweepConfig, run: 
         "image_shape": list(images.shape[1:]),
         **({"prompts": {"source": cfg.prompts.source, "count": len(cfg.prompts.texts),
                         "paired": cfg.prompts.indices is not None}} if cfg.prompts else {}),
+        **({"controls": cfg.controls.info()} if cfg.controls is not None else {}),
         "files": {"samples": "samples.npz", "grid": "grid.png" if cfg.grid_per_class else None,
+                  "controls": "controls.png" if cfg.controls is not None and cfg.grid_per_class else None,
                   "png": "png/" if cfg.png else None},
     }  # fmt: skip
     write_json(scale_dir / "meta.json", meta)

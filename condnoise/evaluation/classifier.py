@@ -10,14 +10,16 @@ card (accuracy, seed, epochs, sha256) in the cache directory.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from condnoise.errors import UserError
-from condnoise.evaluation.netcache import load_network, save_network
+from condnoise.evaluation.netcache import fit_one_cycle, load_network, save_network
 from condnoise.paths import cache_dir
 
 MIN_ACCURACY = 0.90
@@ -67,35 +69,19 @@ def train_classifier(out_dir: str | Path | None = None, *, epochs: int = 3, seed
                      batch_size: int = 128, lr: float = 3e-3, data_dir: str | None = None,
                      progress: bool = True) -> dict:
     """Train on the train split, check test accuracy >= 90%, save weights + card; return card."""
-    from tqdm import tqdm
-
     from condnoise.data.fashion_mnist import load_fashion_mnist
 
     out = Path(out_dir) if out_dir else cache_dir()
     x_train, y_train = load_fashion_mnist("train", data_dir)
     x_test, y_test = load_fashion_mnist("test", data_dir)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     model = FMNISTNet()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * (len(x_train) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     xt, yt = _to_input(x_train), torch.from_numpy(np.array(y_train))
     start = time.time()
-    bar = tqdm(total=steps, desc="fmnist-classifier", disable=not progress)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(xt), generator=gen)
-        for s in range(0, len(perm) - batch_size + 1, batch_size):
-            idx = perm[s:s + batch_size]
-            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
+    fit_one_cycle(model, torch.optim.Adam(model.parameters(), lr=lr),
+                  lambda idx: nn.functional.cross_entropy(model(xt[idx]), yt[idx]), len(xt),
+                  epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, desc=NAME,
+                  progress=progress)  # fmt: skip
     acc = evaluate_accuracy(model, x_test, y_test)
     if acc < MIN_ACCURACY:
         raise UserError(f"fmnist-classifier reached only {acc:.3f} test accuracy (< {MIN_ACCURACY});"
@@ -111,3 +97,16 @@ def load_classifier(folder: str | Path | None = None, *, train_if_missing: bool 
     """Load the cached classifier (training it first, with a message, if missing)."""
     return load_network(FMNISTNet, folder, NAME, train_classifier,  # type: ignore[return-value]
                         train_if_missing=train_if_missing)
+
+
+def perceptual_network(loss: Any) -> Callable[[], nn.Module] | None:
+    """A loader of the classifier an autoencoder's perceptual term uses (``loss.perceptual:
+    classifier`` with a positive weight; ``loss.classifier_dir``, null: the cache), or None.
+    ``loss`` is an autoencoder config's loss section (``training.autoencoder_config``)."""
+    if loss.perceptual != "classifier" or loss.perceptual_weight <= 0:
+        return None
+
+    def load() -> nn.Module:
+        return load_classifier(loss.classifier_dir)[0]
+
+    return load

@@ -41,6 +41,7 @@ METRICS = {
     "sfid": "spatial", "is": "probs", "condition-accuracy": "probs",
     "clip-score": "text", "r-precision": "text", "caption-accuracy": "captions",
     "entropy": "latents",  # VQ runs only: sample entropy and code usage (entropy.py)
+    "edge-f1": "controls", "mask-iou": "controls",  # --controls-from samples (control_metrics.py)
 }
 LABEL_METRICS = ("condition-accuracy", "rmd")  # need the requested class of each sample
 PROMPT_METRICS = ("clip-score", "r-precision", "caption-accuracy")
@@ -56,6 +57,7 @@ class Samples:
     prompts: list[str] | None = None  # one per sample (text models), see ``prompts``
     has_labels: bool = True
     latents: np.ndarray | None = None  # sampler output [N, C, h, w] (scaled), when saved
+    controls: np.ndarray | None = None  # native spatial controls uint8 [N, H, W] (--controls-from)
 
 
 def find_sample_folders(path: str | Path) -> list[Path]:
@@ -88,6 +90,7 @@ def load_samples(folder: Path, *, default_data: str = "scenes") -> Samples:
     images, labels = z["images"], z.get("labels")
     extra = {k: z[k] for k in PROMPT_KEYS if k in z}
     latents = z.get("latents")  # the sampler output, when saved
+    controls = z.get("controls")  # each sample's spatial control, when sampled with controls
     if images.ndim == 3:
         images = images[..., None]
     check_images(images, str(path))
@@ -109,7 +112,7 @@ def load_samples(folder: Path, *, default_data: str = "scenes") -> Samples:
         labels = np.full(len(images), -1, np.int64)
     # a text model's labels (if any) index its prompts: never class labels
     return Samples(folder, images, labels.astype(np.int64), meta, prompts,
-                   has_labels=prompts is None, latents=latents)  # fmt: skip
+                   has_labels=prompts is None, latents=latents, controls=controls)  # fmt: skip
 
 
 def parse_ref(spec: str) -> tuple[str, str]:
@@ -239,6 +242,7 @@ class EvalConfig:
     is_splits: int = 10
     entropy_tau: float = 1.0  # softmax temperature of the sample entropy
     entropy_pool: int = 32768  # latent vectors in the code-usage histogram
+    edge_tolerance: int = 1  # edge F1: pixels (Chebyshev) an edge may be off
 
 
 #: EvalConfig fields with a natural range: (low, high, what)
@@ -249,6 +253,7 @@ _RANGES = {
     "memorization_percentile": (0.0, 100.0, "--memorization-percentile"),
     "top_pr_seed": (0, None, "--seed"), "is_splits": (1, None, "is_splits"),
     "entropy_tau": (1e-12, None, "--entropy-tau"), "entropy_pool": (1, None, "--entropy-pool"),
+    "edge_tolerance": (0, 8, "--edge-tolerance"),
 }  # fmt: skip
 
 
@@ -331,7 +336,9 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig, *, progress: bool = Fals
     (``training.runtime.load_vq_autoencoder``)."""
     validate_config(cfg)
     _check_conditions(samples, cfg)
-    for name in (*cfg.extractors, *(["inception-spatial"] if "sfid" in cfg.metrics else [])):
+    with_features = any(METRICS[m] not in ("captions", "latents", "controls") for m in cfg.metrics)
+    spatial = ["inception-spatial"] if "sfid" in cfg.metrics else []
+    for name in (*(cfg.extractors if with_features else ()), *spatial):
         get_extractor_cached(name).progress = progress
     ref_size = reference_size(cfg.ref)
     images = fit_resolution(samples.images, ref_size, what=str(samples.folder / "samples.npz"))
@@ -342,7 +349,9 @@ def evaluate_samples(samples: Samples, cfg: EvalConfig, *, progress: bool = Fals
     out = _Collector()
     if "entropy" in cfg.metrics:  # first: a KL / pixel run fails before any feature work
         _entropy_metrics(samples, cfg, autoencoder, out)
-    if any(METRICS[m] not in ("captions", "latents") for m in cfg.metrics):
+    if any(METRICS[m] == "controls" for m in cfg.metrics):
+        _control_metrics(samples, cfg, out)
+    if with_features:
         for name in cfg.extractors:
             _evaluate_extractor(get_extractor_cached(name), images, samples, cfg, train_ref, out,
                                 resolution)  # fmt: skip
@@ -383,6 +392,26 @@ def _check_conditions(samples: Samples, cfg: EvalConfig) -> None:
                         "source_indices, in samples.npz or meta.json); none found")
     if "r-precision" in cfg.metrics:
         reference_captions(cfg.ref, 1)  # the distractor pool exists (UserError otherwise)
+
+
+def _control_metrics(samples: Samples, cfg: EvalConfig, out: _Collector) -> None:
+    """Edge F1 / mask IoU of the samples against their controls (``control_metrics``), with
+    the half-width of their 95% interval (``details``) and per-sample scores."""
+    from condnoise.evaluation import control_metrics as C
+
+    settings = samples.meta.get("controls")
+    if samples.controls is None or not isinstance(settings, dict):
+        raise UserError(f"{samples.folder}: metric(s) edge-f1 / mask-iou need samples made with "
+                        "`condnoise sample --controls-from SPLIT` (controls in samples.npz, their "
+                        "kind in meta.json)")  # fmt: skip
+    for metric in (m for m in cfg.metrics if METRICS[m] == "controls"):
+        scores = C.control_scores(metric, samples.images, samples.controls, settings, cfg.edge_tolerance)
+        key = metric.replace("-", "_")
+        mean, half = C.summarize(scores)
+        out.put(key, "controls", mean)
+        out.detail(f"{key}_ci95", "controls", half)
+        out.scores("controls", key, scores)
+    out.detail("controls", "controls", {**settings, "edge_tolerance": cfg.edge_tolerance})
 
 
 def _check_extractors(cfg: EvalConfig) -> None:

@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from condnoise.errors import UserError
@@ -62,3 +63,34 @@ def load_network(build: Callable[[], nn.Module], folder: str | Path | None, name
         raise UserError(f"cannot load {name} from {folder}: {reason}; delete {weights.name} "
                         f"and {card_path.name} and run `condnoise features train {name}`") from None
     return model.eval(), card
+
+
+def fit_one_cycle(model: nn.Module, opt: torch.optim.Optimizer,
+                  batch_loss: Callable[[torch.Tensor], torch.Tensor], n: int, *, epochs: int,
+                  batch_size: int, lr: float, seed: int, desc: str, progress: bool,
+                  pct_start: float = 0.3, after_step: Callable[[], None] | None = None) -> None:
+    """Train ``model`` for ``epochs`` passes over ``n`` examples in mini-batches
+    (``batch_loss(indices)`` gives a batch's loss) with the one-cycle schedule (Smith &
+    Topin 2019, ``torch.optim.lr_scheduler.OneCycleLR``); the data order comes from a
+    generator seeded with ``seed``, so a cached network is the same on every CPU run."""
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    steps = epochs * (n // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=pct_start)  # fmt: skip
+    model.train()
+    with tqdm(total=steps, desc=desc, disable=not progress) as bar:
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            for s in range(0, n - batch_size + 1, batch_size):
+                loss = batch_loss(perm[s:s + batch_size])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if after_step is not None:
+                    after_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from condnoise.errors import UserError
-from condnoise.evaluation.netcache import load_network, save_network
+from condnoise.evaluation.netcache import fit_one_cycle, load_network, save_network
 
 NAME = "scenes-recognizer"
 WEIGHTS_NAME = f"{NAME}.safetensors"
@@ -227,29 +227,13 @@ def ceiling(model: SceneRecognizer, *, data_dir: str | None = None, seed: int = 
 
 def _fit(model: SceneRecognizer, images: np.ndarray, targets: dict[str, np.ndarray], *,
          epochs: int, batch_size: int, lr: float, seed: int, progress: bool) -> None:
-    """Adam with a one-cycle schedule; data order from a seeded generator (deterministic)."""
-    from tqdm import tqdm
-
+    """Adam with a one-cycle schedule (deterministic data order)."""
     x = torch.from_numpy(np.array(images.transpose(0, 3, 1, 2)))  # uint8, writable
     t = {k: torch.from_numpy(v) for k, v in targets.items()}
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * (len(x) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    model.train()
-    with tqdm(total=steps, desc=NAME, disable=not progress) as bar:
-        for _ in range(epochs):
-            perm = torch.randperm(len(x), generator=gen)
-            for s in range(0, len(perm) - batch_size + 1, batch_size):
-                idx = perm[s:s + batch_size]
-                loss = _loss(model(x[idx].float() / 127.5 - 1.0), {k: v[idx] for k, v in t.items()})
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    model.eval()
+    fit_one_cycle(model, torch.optim.Adam(model.parameters(), lr=lr),
+                  lambda idx: _loss(model(x[idx].float() / 127.5 - 1.0), {k: v[idx] for k, v in t.items()}),
+                  len(x), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, desc=NAME,
+                  progress=progress)  # fmt: skip
 
 
 def train_recognizer(out_dir: str | Path | None = None, *, num_train: int = NUM_TRAIN,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from condnoise.errors import UserError
-from condnoise.evaluation.netcache import load_network, save_network
+from condnoise.evaluation.netcache import fit_one_cycle, load_network, save_network
 
 NAME = "scenes-clip"
 WEIGHTS_NAME = f"{NAME}.safetensors"
@@ -161,31 +161,19 @@ def _optimizer(model: ScenesCLIP, lr: float) -> torch.optim.Optimizer:
 
 def _fit(model: ScenesCLIP, images: np.ndarray, captions: list[str], *, epochs: int,
          batch_size: int, lr: float, seed: int, progress: bool) -> None:
-    """Contrastive training, one-cycle schedule; data order from a seeded generator."""
-    from tqdm import tqdm
-
+    """Contrastive training, one-cycle schedule (deterministic data order); the logit
+    scale clamped at MAX_LOGIT_SCALE after every step (CLIP, Radford et al. 2021)."""
     x = torch.from_numpy(np.array(images.transpose(0, 3, 1, 2)))  # uint8, writable
     ids = model.text.tokenize(captions)
-    gen = torch.Generator().manual_seed(seed)
-    opt = _optimizer(model, lr)
-    steps = epochs * (len(x) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    with tqdm(total=steps, desc=NAME, disable=not progress) as bar:
-        for _ in range(epochs):
-            perm = torch.randperm(len(x), generator=gen)
-            for s in range(0, len(perm) - batch_size + 1, batch_size):
-                idx = perm[s:s + batch_size]
-                loss = model.loss(x[idx].float() / 127.5 - 1.0, ids[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    model.eval()
+
+    def clamp() -> None:
+        with torch.no_grad():
+            model.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
+
+    fit_one_cycle(model, _optimizer(model, lr),
+                  lambda idx: model.loss(x[idx].float() / 127.5 - 1.0, ids[idx]), len(x),
+                  epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, desc=NAME,
+                  progress=progress, pct_start=0.1, after_step=clamp)  # fmt: skip
 
 
 def train_scenes_clip(out_dir: str | Path | None = None, *, num_train: int = NUM_TRAIN,

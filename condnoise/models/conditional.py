@@ -145,5 +145,13 @@ def build_model(
     resolved["cond_dim"] = encoder.dim
     denoiser = cfg.build_denoiser(in_channels=in_channels, image_size=image_size, cond_dim=encoder.dim)
     perturbation = build_perturbation(**resolved["perturbation"])
+    if cfg.adapter is not None:  # a fine-tuned ControlNet / T2I-Adapter on this base
+        from condnoise.models.adapters import ControlledDiffusionModel, build_adapter
+
+        a = cfg.adapter
+        adapter = build_adapter(a.kind, denoiser, control_channels=a.control_channels, downscale=a.downscale,
+                                image_size=image_size, t2i_type=a.t2i_type, num_res_blocks=a.num_res_blocks)
+        return ControlledDiffusionModel(encoder, perturbation, denoiser, adapter,
+                                        cfg_dropout=resolved["cfg_dropout"], config=resolved)  # fmt: skip
     return ConditionalDiffusionModel(encoder, perturbation, denoiser,
                                      cfg_dropout=resolved["cfg_dropout"], config=resolved)  # fmt: skip

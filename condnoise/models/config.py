@@ -20,6 +20,8 @@ YAML stays flat (every key has a default; the run's ``config.yaml`` holds them a
     latent_shape: null      # [C, H, W] the denoiser sees (lets latent configs validate offline)
     lcm: null               # {w_embed_dim, solver_steps}: a latent consistency student (guidance
                             #  embedding; `condnoise distill lcm` sets it); null = a diffusion model
+    adapter: null           # {kind: controlnet | t2i-adapter, control_channels, downscale, t2i_type,
+                            #  num_res_blocks}: a spatial-control adapter (`condnoise finetune`)
 
 Every bad key raises one :class:`~condnoise.errors.UserError` naming the key and the valid
 keys or values (:mod:`condnoise.schema`). A new family is one subclass of
@@ -122,6 +124,30 @@ class LCMConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """A spatial-control adapter on the frozen base (``condnoise finetune``;
+    :mod:`condnoise.models.adapters`): ControlNet or T2I-Adapter, the control's input
+    channels and the image-to-denoiser downscale factor (1 in pixel space, f for an
+    autoencoder of factor f)."""
+
+    kind: Literal["controlnet", "t2i-adapter"] = "controlnet"
+    control_channels: int = 1
+    downscale: int = 1
+    t2i_type: Literal["full", "light"] = "full"  # diffusers' full_adapter / light_adapter
+    num_res_blocks: int = 2  # T2I-Adapter residual blocks per level (diffusers' default)
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, origin: str = "adapter", prefix: str = "adapter.") -> AdapterConfig:
+        cfg = raw if isinstance(raw, cls) else schema.build(cls, raw, origin, prefix)
+        for key in ("control_channels", "downscale", "num_res_blocks"):
+            if getattr(cfg, key) < 1:
+                raise UserError(f"{origin}: {prefix}{key} must be >= 1, got {getattr(cfg, key)}")
+        if cfg.downscale & (cfg.downscale - 1):
+            raise UserError(f"{origin}: {prefix}downscale must be a power of 2, got {cfg.downscale}")
+        return cfg
+
+
+@dataclass
 class ModelConfig:
     """Fields every family has; :meth:`from_dict` builds the family's subclass."""
 
@@ -137,6 +163,7 @@ class ModelConfig:
     autoencoder: AutoencoderConfig | None = None
     latent_shape: list[int] | None = None
     lcm: LCMConfig | None = None  # null: a diffusion model; set: an LCM student
+    adapter: AdapterConfig | None = None  # null: no adapter; set: a fine-tuned ControlNet / T2I-Adapter
 
     DEFAULT_SIZE: ClassVar[str] = ""
     DEFAULT_EMBED_STD: ClassVar[float] = 0.02
@@ -210,6 +237,14 @@ class ModelConfig:
             EncoderConfig.from_dict(self.encoder, origin=origin, prefix=f"{prefix}encoder.")
         if self.lcm is not None:
             LCMConfig.from_dict(self.lcm, origin=origin, prefix=f"{prefix}lcm.")
+        if self.adapter is not None:
+            from condnoise.models.adapters import check_family
+
+            AdapterConfig.from_dict(self.adapter, origin=origin, prefix=f"{prefix}adapter.")
+            try:
+                check_family(self.family, f"{prefix}adapter: the model")
+            except UserError as e:
+                raise UserError(f"{origin}: {e}") from None
         if self.is_text and self.perturbation["name"] == "label-smoothing":
             raise UserError(f"{origin}: {prefix}perturbation label-smoothing needs class labels; "
                             f"{prefix}encoder.name is {self.encoder.name}")  # fmt: skip
@@ -243,6 +278,7 @@ class ModelConfig:
             "autoencoder": None if self.autoencoder is None else dataclasses.asdict(self.autoencoder),
             "latent_shape": self.latent_shape,
             **({"lcm": dataclasses.asdict(self.lcm)} if self.lcm is not None else {}),
+            **({"adapter": dataclasses.asdict(self.adapter)} if self.adapter is not None else {}),
         }  # fmt: skip
 
     def resolved_checkpointing(self) -> bool | int:

@@ -83,6 +83,11 @@ class ConvUNet(nn.Module):
         if checkpointing:
             self.net.enable_gradient_checkpointing()
 
+    def diffusers_conditions(self, emb: CondEmbedding, dtype: torch.dtype) -> dict[str, Any]:
+        """The condition inputs of diffusers' U-Net (and of a ControlNet copy of it): no
+        tokens, the condition vector as ``class_labels``."""
+        return {"encoder_hidden_states": None, "class_labels": emb.pooled.to(dtype)}
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, emb: CondEmbedding, **extra: Any) -> torch.Tensor:
         """``extra`` goes to diffusers (``timestep_cond``, adapter residuals)."""
         return self.net(x, t, encoder_hidden_states=None, class_labels=emb.pooled.to(x.dtype),

@@ -121,6 +121,12 @@ class UNet(nn.Module):
         if checkpointing:
             self.net.enable_gradient_checkpointing()
 
+    def diffusers_conditions(self, emb: CondEmbedding, dtype: torch.dtype) -> dict[str, Any]:
+        """The condition inputs of diffusers' U-Net (and of a ControlNet copy of it):
+        ``encoder_hidden_states`` (the tokens) and ``class_labels`` (text: the pooled caption)."""
+        pooled = emb.pooled.to(dtype) if self.text else None
+        return {"encoder_hidden_states": emb.tokens.to(dtype), "class_labels": pooled}
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, emb: CondEmbedding, **extra: Any) -> torch.Tensor:
         """``extra`` goes to diffusers (``timestep_cond``, ``down_block_additional_residuals``,
         ``mid_block_additional_residual``, ``down_intrablock_additional_residuals``)."""

@@ -30,6 +30,16 @@ INCEPTION_IMG_PER_S = 8.4  # the Inception extractor on 2 cores (README, Evaluat
 CORRUPT_SECONDS = 2.0
 THEORY_SECONDS = 20.0
 OVERHEAD = {"train": 4.0, "sample": 1.5, "evaluate": 2.0, "walk": 1.5}  # load / build, s
+#: an LCD step per image: the student's forward + backward (~3 forwards, as training), the
+#: teacher's guided forward on a doubled batch (2) and the target's forward (1): ~2x training
+DISTILL_FACTOR = 2.0
+#: fmnist-vq-f4 (0.68M parameters, 32 px): 2000 x 32 images in 1,364 CPU-seconds on one loaded
+#: thread (README, "Latent autoencoders") = 47 img per CPU-second; scaled to an idle core as
+#: fmnist-quick does (x1.9) and assumed no faster on two (small convolutions): ~90 img/s
+AE_TRAIN_IMG_PER_S, AE_GPU_IMG_PER_S = 90.0, 3000.0
+#: encoding a batch on the fly (latent models without a cache): the encoder's forward, about a
+#: sixth of an autoencoder training step per image (rough)
+AE_ENCODE_IMG_PER_S = 6 * AE_TRAIN_IMG_PER_S
 
 
 @dataclass(frozen=True)
@@ -90,12 +100,29 @@ class CostModel:
             )
         return self._rates[key]
 
-    def train(self, model: dict[str, Any], steps: int, batch: int) -> Cost:
+    def train(self, model: dict[str, Any], steps: int, batch: int, *, encode: bool = False) -> Cost:
+        """``encode``: the batches go through the study's autoencoder first."""
         cpu, _, gpu, _ = self._rate(model)
-        return Cost(steps * batch / cpu + OVERHEAD["train"], steps * batch / gpu + OVERHEAD["train"])
+        extra = steps * batch / AE_ENCODE_IMG_PER_S if encode else 0.0
+        return Cost(steps * batch / cpu + extra + OVERHEAD["train"],
+                    steps * batch / gpu + OVERHEAD["train"])  # fmt: skip
 
-    def sample(self, model: dict[str, Any], num: int, steps: int, scale: float) -> Cost:
-        forwards = num * steps * (1 if scale in (0.0, 1.0) else 2)  # CFG: two halves
+    def distill(self, model: dict[str, Any], steps: int, batch: int) -> Cost:
+        """Latent consistency distillation of a student of ``model`` (:data:`DISTILL_FACTOR`)."""
+        c = self.train(model, steps, batch)
+        return Cost(DISTILL_FACTOR * (c.cpu - OVERHEAD["train"]) + OVERHEAD["train"],
+                    DISTILL_FACTOR * (c.gpu - OVERHEAD["train"]) + OVERHEAD["train"])  # fmt: skip
+
+    @staticmethod
+    def autoencoder(steps: int, batch: int) -> Cost:
+        """The study's first stage (:data:`AE_TRAIN_IMG_PER_S`; rough for other presets)."""
+        return Cost(steps * batch / AE_TRAIN_IMG_PER_S + OVERHEAD["train"],
+                    steps * batch / AE_GPU_IMG_PER_S + OVERHEAD["train"])  # fmt: skip
+
+    def sample(self, model: dict[str, Any], num: int, steps: int, scale: float,
+               sampler: str = "dpm++") -> Cost:  # fmt: skip
+        guided = scale not in (0.0, 1.0) and sampler != "lcm"  # lcm: guidance embedding, one pass
+        forwards = num * steps * (2 if guided else 1)  # CFG: two halves
         _, cpu, _, gpu = self._rate(model)
         return Cost(forwards / cpu + OVERHEAD["sample"], forwards / gpu + OVERHEAD["sample"])
 

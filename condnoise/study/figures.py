@@ -2,7 +2,7 @@
 
 Every curve point is a mean over seeds with a 95% t-interval error bar
 (:mod:`condnoise.study.aggregate`). Figures follow the paper: metric vs guidance scale
-(Figs. 2-4), FID vs IS and precision vs recall traced over the guidance sweep (Fig. 3),
+(Figs. 2-4) or vs sampler steps (few-step students against their teachers), FID vs IS and precision vs recall traced over the guidance sweep (Fig. 3),
 top-1% RMD densities (Fig. 5), FID vs mean embedding L2 shift (Fig. 8a).
 """
 
@@ -24,8 +24,10 @@ def _yerr(ests: Sequence[Estimate]) -> np.ndarray | None:
     return ci if ci.any() else None
 
 
-def metric_vs_guidance(series: Series, ylabel: str, title: str) -> bytes:
-    """One line per model: seed mean of a metric at each guidance scale, 95% CI bars."""
+def metric_vs_guidance(series: Series, ylabel: str, title: str, *, xlabel: str = "guidance scale s",
+                       log2_x: bool = False) -> bytes:  # fmt: skip
+    """One line per model: seed mean of a metric at each guidance scale (or another x, e.g.
+    sampler steps on a log2 axis), 95% CI bars."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     for label, pts in series.items():
@@ -34,7 +36,11 @@ def metric_vs_guidance(series: Series, ylabel: str, title: str) -> bytes:
         ests = [p[1] for p in pts]
         ax.errorbar(xs, [e.mean for e in ests], yerr=_yerr(ests), marker="o", ms=4,
                     capsize=3, label=label)  # fmt: skip
-    ax.set_xlabel("guidance scale s")
+    if log2_x:
+        ax.set_xscale("log", base=2)
+        xs = sorted({p[0] for pts in series.values() for p in pts})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -1,9 +1,12 @@
-"""The study's cell graph: corrupt -> train -> sample -> evaluate (+ walk, theory) -> report.
+"""The study's cell graph: [autoencoder] -> corrupt -> train -> [distill] -> sample ->
+evaluate (+ walk, theory) -> report.
 
 Every cell carries its fully resolved config; its cache key hashes that config, which
-includes the keys of the cells it depends on. Cost estimates come from
-:mod:`condnoise.study.cost` and are replaced by measured durations where the cell log
-has them.
+includes the keys of the cells it depends on. A derived variant's model cell (``distill``,
+:mod:`condnoise.study.derived`) depends on its parent's model cell; few-step models and their
+parents are sampled over the study's step sweep (ids ``sample/ARCH/VARIANT/seedS/n{steps}/
+s{scale}``). Cost estimates come from :mod:`condnoise.study.cost` and are replaced by
+measured durations where the cell log has them.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from condnoise import rng
 from condnoise.errors import UserError
 from condnoise.study.cache import config_key
 from condnoise.study.cost import Cost, CostModel
+from condnoise.study.derived import METHODS, few_step
 from condnoise.study.spec import StudySpec, Variant, deep_merge
 
-STAGES = ("corrupt", "train", "sample", "evaluate", "walk", "theory", "report")
+STAGES = ("autoencoder", "corrupt", "train", *METHODS, "sample", "evaluate", "walk", "theory",
+          "report")  # fmt: skip
+MODEL_STAGES = ("train", *METHODS)  # cells whose run/ folder holds a model
 
 
 @dataclass
@@ -83,40 +89,95 @@ def build_cells(spec: StudySpec) -> list[Cell]:
     cost = CostModel(image_shape(spec), spec.cost, list(spec.evaluate["extractors"]),
                      ref_model=next(iter(spec.architectures.values())))  # fmt: skip
     cells = _Cells(spec.name)
-    for v in spec.variants:
+    ae = None
+    if spec.autoencoder is not None:
+        config = {"stage": "autoencoder", "autoencoder": spec.autoencoder["config"],
+                  "rng_version": rng.VERSION}  # fmt: skip
+        t = spec.autoencoder["config"]["train"]
+        ae = cells.add(_cell("autoencoder", config, cost.autoencoder(int(t["steps"]), int(t["batch_size"])),
+                             {}))  # fmt: skip
+    swept = {v.parent for v in spec.variants if few_step(v)} | {v.name for v in spec.variants if few_step(v)}
+    models: dict[tuple[str, str, int], Cell] = {}  # (variant, arch, seed) -> its model cell
+    for v in spec.variants:  # parents first (spec.derived.order)
         for arch in v.architectures or tuple(spec.architectures):
             for seed in spec.seeds:
-                _model_cells(spec, cost, cells, v, arch, seed)
+                meta = {"variant": v.name, "arch": arch, "seed": seed}
+                if v.method == "train":
+                    model = _trained_cells(spec, cost, cells, v, arch, seed, ae)
+                elif v.parent is None:  # a model from outside the study
+                    model = cells.add(_source_cell(v, meta))
+                else:
+                    model = cells.add(_derived_cell(spec, cost, v, models[(v.parent, arch, seed)], meta))
+                models[(v.name, arch, seed)] = model
+                if not few_step(v):
+                    _sweep_cells(spec, cost, cells, model, arch, meta)
+                if v.name in swept:
+                    _step_sweep_cells(spec, cost, cells, model, v, arch, meta)
     if spec.report.get("theory"):
         config = {"stage": "theory", "seed": spec.seeds[0], "lab": _theory_lab(spec)}
         cells.add(_cell("theory", config, cost.theory(), {}))
     return cells.ordered()
 
 
-def _model_cells(spec: StudySpec, cost: CostModel, cells: _Cells, v: Variant, arch: str,
-                 seed: int) -> None:  # fmt: skip
-    """The cells of one model: its corruption, training, sampling per scale, evaluation
-    per scale and (first seed only) its walk."""
+def _trained_cells(spec: StudySpec, cost: CostModel, cells: _Cells, v: Variant, arch: str,
+                   seed: int, ae: Cell | None) -> Cell:  # fmt: skip
+    """A trained model's corruption (if any) and training cell; returns the latter."""
     meta = {"variant": v.name, "arch": arch, "seed": seed}
     corrupt = None
     if v.corruption:
         config = {"stage": "corrupt", "data": spec.data, "corruption": v.corruption, "seed": seed}
         corrupt = cells.add(_cell(f"corrupt/{v.name}/seed{seed}", config, cost.corrupt(),
                                   dict(meta, arch=None)))  # fmt: skip
-    train = cells.add(_train_cell(spec, cost, v, arch, seed, meta, corrupt))
+    return cells.add(_train_cell(spec, cost, v, arch, seed, meta, corrupt,
+                                 ae if arch in spec.latent_archs else None))  # fmt: skip
+
+
+def _sweep_cells(spec: StudySpec, cost: CostModel, cells: _Cells, model: Cell, arch: str,
+                 meta: dict[str, Any]) -> None:  # fmt: skip
+    """The guidance sweep of one model (a sample and an evaluate cell per scale) and, for
+    the first seed, its walk."""
     for scale in spec.sample["guidance"]:
-        sample = cells.add(_sample_cell(spec, cost, train, arch, scale, meta))
-        config = {"stage": "evaluate", "sample_key": sample.key, "evaluate": spec.evaluate,
-                  "data": spec.data}  # fmt: skip
-        cells.add(_cell(f"evaluate/{arch}/{v.name}/seed{seed}/s{scale:g}", config,
-                        cost.evaluate(int(spec.sample["num_samples"])), dict(meta, scale=scale),
-                        [sample.id]))  # fmt: skip
-    if spec.report.get("walks") and seed == spec.seeds[0]:
-        cells.add(_walk_cell(spec, cost, train, arch, meta))
+        sample = cells.add(_sample_cell(spec, cost, model, arch, scale, meta))
+        _evaluate_cell(spec, cost, cells, sample, arch, dict(meta, scale=scale))
+    if spec.report.get("walks") and meta["seed"] == spec.seeds[0]:
+        cells.add(_walk_cell(spec, cost, model, arch, meta))
+
+
+def _step_sweep_cells(spec: StudySpec, cost: CostModel, cells: _Cells, model: Cell, v: Variant,
+                      arch: str, meta: dict[str, Any]) -> None:  # fmt: skip
+    """One sample + evaluate cell per (sampler steps, scale) of ``spec.step_sweep``: a
+    few-step model with its method's sampler, a parent with the study's."""
+    sampler = METHODS[v.method].sampler if few_step(v) else spec.sample["sampler"]
+    assert spec.step_sweep is not None  # validated: few-step variants need one
+    for steps in spec.step_sweep["steps"]:
+        for scale in spec.step_sweep["guidance"]:
+            m = dict(meta, scale=scale, steps=steps, sampler=sampler)
+            sample = cells.add(_sample_cell(spec, cost, model, arch, scale, m, sampler=sampler, steps=steps))
+            _evaluate_cell(spec, cost, cells, sample, arch, m)
+
+
+def _evaluate_cell(spec: StudySpec, cost: CostModel, cells: _Cells, sample: Cell, arch: str,
+                   meta: dict[str, Any]) -> Cell:  # fmt: skip
+    config = {"stage": "evaluate", "sample_key": sample.key, "evaluate": evaluate_settings(spec, arch),
+              "data": spec.data}  # fmt: skip
+    return cells.add(_cell(sample.id.replace("sample/", "evaluate/", 1), config,
+                           cost.evaluate(int(spec.sample["num_samples"])), meta, [sample.id]))  # fmt: skip
+
+
+def evaluate_settings(spec: StudySpec, arch: str) -> dict[str, Any]:
+    """The study's ``evaluate`` section; models on a VQ autoencoder add sample entropy over
+    its codebook (paper Sec. 5) to the default metrics."""
+    from condnoise.study.stages import STUDY_METRICS
+
+    e = dict(spec.evaluate)
+    ae = spec.architectures[arch].get("autoencoder") or {}
+    if ae.get("kind") == "vq" and not e.get("metrics"):
+        e["metrics"] = [*STUDY_METRICS, "entropy"]
+    return e
 
 
 def _train_cell(spec: StudySpec, cost: CostModel, v: Variant, arch: str, seed: int,
-                meta: dict[str, Any], corrupt: Cell | None) -> Cell:  # fmt: skip
+                meta: dict[str, Any], corrupt: Cell | None, ae: Cell | None) -> Cell:  # fmt: skip
     sections = trainer_sections(spec, v, arch)
     t = sections.get("train", {})
     config = {
@@ -125,20 +186,52 @@ def _train_cell(spec: StudySpec, cost: CostModel, v: Variant, arch: str, seed: i
         "perturbation": v.perturbation, "train": sections, "seed": seed,
         "rng_version": rng.VERSION,
     }  # fmt: skip
+    if ae is not None:  # the study's autoencoder: its key, not its folder, enters the key
+        config["autoencoder_key"] = ae.key
     estimate = cost.train(spec.architectures[arch], int(t.get("steps", 2000)),
-                          int(t.get("batch_size", 128)))  # fmt: skip
-    return _cell(f"train/{arch}/{v.name}/seed{seed}", config, estimate, meta,
-                 [corrupt.id] if corrupt else [])  # fmt: skip
+                          int(t.get("batch_size", 128)), encode=ae is not None)  # fmt: skip
+    deps = ([corrupt.id] if corrupt else []) + ([ae.id] if ae else [])
+    return _cell(f"train/{arch}/{v.name}/seed{seed}", config, estimate, meta, deps)
 
 
-def _sample_cell(spec: StudySpec, cost: CostModel, train: Cell, arch: str, scale: float,
-                 meta: dict[str, Any]) -> Cell:  # fmt: skip
-    config = {"stage": "sample", "train_key": train.key, "sample": _sample_settings(spec),
+def _derived_cell(spec: StudySpec, cost: CostModel, v: Variant, parent: Cell,
+                  meta: dict[str, Any]) -> Cell:  # fmt: skip
+    """The model cell of a derived variant (stage = its method), after its parent's."""
+    config = {"stage": v.method, "parent_key": parent.key, "settings": v.settings,
+              "seed": meta["seed"], "rng_version": rng.VERSION}  # fmt: skip
+    arch, teacher = meta["arch"], next(p for p in spec.variants if p.name == v.parent)
+    # the student starts from its parent's train settings (training.distill.student_config)
+    t = deep_merge(trainer_sections(spec, teacher, arch).get("train", {}), v.settings.get("train", {}))
+    estimate = cost.distill(spec.architectures[arch], int(t.get("steps", 1000)),
+                            int(t.get("batch_size", 128)))  # fmt: skip
+    return _cell(f"{v.method}/{arch}/{v.name}/seed{meta['seed']}", config, estimate, meta, [parent.id])
+
+
+def _source_cell(v: Variant, meta: dict[str, Any]) -> Cell:
+    """The model cell of a parentless derived variant (``pretrained``: a given run); one
+    for every seed unless its method makes one per seed."""
+    per_seed = METHODS[v.method].per_seed
+    config = {"stage": v.method, "settings": v.settings, **({"seed": meta["seed"]} if per_seed else {})}
+    seed = f"/seed{meta['seed']}" if per_seed else ""
+    return _cell(f"{v.method}/{meta['arch']}/{v.name}{seed}", config, Cost(1.0, 1.0),
+                 {k: meta[k] for k in ("variant", "arch")} | ({"seed": meta["seed"]} if per_seed else {}))
+
+
+def _sample_cell(spec: StudySpec, cost: CostModel, model: Cell, arch: str, scale: float,
+                 meta: dict[str, Any], *, sampler: str | None = None, steps: int | None = None
+                 ) -> Cell:  # fmt: skip
+    """One scale of a model's samples; ``sampler`` / ``steps`` (the step sweep) replace the
+    study's, and the id gets ``/n{steps}``. ``train_key`` is the model cell's key (a train
+    or derived cell)."""
+    settings = _sample_settings(spec)
+    if sampler is not None:
+        settings.update(sampler=sampler, steps=int(steps))  # type: ignore[arg-type]
+    config = {"stage": "sample", "train_key": model.key, "sample": settings,
               "scale": scale, "seed": meta["seed"], "rng_version": rng.VERSION}  # fmt: skip
     estimate = cost.sample(spec.architectures[arch], int(spec.sample["num_samples"]),
-                           int(spec.sample["steps"]), scale)  # fmt: skip
-    return _cell(f"{train.id.replace('train/', 'sample/', 1)}/s{scale:g}", config, estimate,
-                 dict(meta, scale=scale), [train.id])  # fmt: skip
+                           int(settings["steps"]), scale, sampler=str(settings["sampler"]))  # fmt: skip
+    n = "" if sampler is None else f"/n{steps}"
+    return _cell(f"sample/{arch}/{meta['variant']}/seed{meta['seed']}{n}/s{scale:g}", config, estimate, dict(meta, scale=scale), [model.id])
 
 
 def _walk_cell(spec: StudySpec, cost: CostModel, train: Cell, arch: str,
@@ -242,7 +335,7 @@ def plan_table(
     for stage, (n, d, secs, gsecs) in totals.items():
         note = f" (x{calib[stage]:.2f} from measured cells)" if stage in calib else ""
         lines.append(
-            f"{stage:<9} {n:>5} cells, {d:>5} done, to go: ~{format_seconds(secs)} on 2 CPU "
+            f"{stage:<11} {n:>5} cells, {d:>5} done, to go: ~{format_seconds(secs)} on 2 CPU "
             f"cores, ~{format_seconds(gsecs)} on one H100{note}"
         )
         cpu_left += secs

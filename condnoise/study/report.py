@@ -2,7 +2,8 @@
 
 Written to ``STUDY_DIR/report/``: ``report.html`` (figures embedded as base64 PNG),
 ``report.md`` (figures beside it in ``figures/``), ``results.csv`` (every seed and scale,
-every metric), ``summary.csv`` (mean, 95% CI half-width and n per model and scale),
+every metric; ``results_steps.csv`` the same for the step sweep of few-step students and
+their teachers), ``summary.csv`` (mean, 95% CI half-width and n per model and scale),
 ``report.json`` (each section's status). A section whose inputs the preset does not
 produce says so (``not in this preset's grid`` / ``not applicable``); a section whose
 cells are not finished yet is marked ``incomplete``.
@@ -19,7 +20,7 @@ from typing import Any
 
 from condnoise import stats
 from condnoise.io import write_json, write_text
-from condnoise.study import accuracy, figures
+from condnoise.study import accuracy, fewstep, figures
 from condnoise.study.aggregate import Estimate, Verdict, compare, estimate
 from condnoise.study.blocks import (
     HtmlRenderer,
@@ -30,11 +31,10 @@ from condnoise.study.blocks import (
     render_document,
 )
 from condnoise.study.grid import trainer_sections
-from condnoise.study.results import METRICS, StudyResults, collect, load_rmd_scores
+from condnoise.study.results import CEP_NAMES, METRICS, StudyResults, collect, load_rmd_scores
 from condnoise.study.spec import StudySpec, Variant
 
 SLIGHT_ETA = 0.075  # paper: "slight" corruption is eta <= 7.5%
-CEP_NAMES = ("cep-u", "cep-g")
 VERDICT_WORDS = {Verdict.BETTER: "helped", Verdict.WORSE: "hurt",
                  Verdict.INDISTINGUISHABLE: "was indistinguishable",
                  Verdict.NO_INTERVAL: "could not be judged (one seed: no CI)"}  # fmt: skip
@@ -394,6 +394,7 @@ def build_sections(res: StudyResults) -> list[Section]:
         lambda: table1(res),
         lambda: fid_vs_guidance_eta(res),
         lambda: fid_vs_guidance_pert(res),
+        lambda: fewstep.steps_section(res),
         lambda: trade_off_section(res, "fid-is", "FID vs IS-style score (paper Fig. 3)", "is", "fid"),
         lambda: trade_off_section(res, "precision-recall", "Precision vs recall (paper Fig. 3)",
                                   "recall", "precision"),
@@ -453,6 +454,14 @@ def write_csvs(res: StudyResults, out: Path) -> None:
                     srows.append([arch, v, s, k, e.mean, "" if math.isnan(e.ci) else e.ci, e.n])
     write_text(out / "summary.csv",
                _csv_text(["arch", "variant", "guidance", "metric", "mean", "ci95", "n"], srows))  # fmt: skip
+    if res.step_records:  # the step sweep: every seed, step count and scale
+        keys = sorted({k for r in res.step_records for k in r["metrics"]})
+        rows = [[r["arch"], r["variant"], r["sampler"], r["steps"], r["seed"], r["scale"]]
+                + [r["metrics"].get(k, "") for k in keys]
+                for r in sorted(res.step_records, key=lambda r: (r["arch"], r["variant"], r["steps"],
+                                                                 r["scale"], r["seed"]))]  # fmt: skip
+        write_text(out / "results_steps.csv",
+                   _csv_text(["arch", "variant", "sampler", "steps", "seed", "guidance"] + keys, rows))
 
 
 def write_report(spec: StudySpec, study_dir: Path, *, log_fn: Callable[[str], None] = print) -> Path:

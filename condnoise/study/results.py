@@ -1,8 +1,9 @@
 """Collect a study's finished cells into per-seed records (the report's only input).
 
 A record is one evaluated sample set: ``{arch, variant, seed, scale, metrics}`` with
-``metrics`` the flattened ``metrics.json`` (``"extractor/metric": value``). Metric
-names are looked up through :data:`METRICS` (canonical name -> accepted keys), preferring
+``metrics`` the flattened ``metrics.json`` (``"extractor/metric": value``); records of the
+step sweep (few-step students and their teachers) are kept apart in ``step_records``, with
+``steps`` and ``sampler`` too. Metric names are looked up through :data:`METRICS` (canonical name -> accepted keys), preferring
 the study's first feature extractor, so the report follows the evaluation stage's schema
 (``docs/architecture.md``, evaluation/).
 """
@@ -21,6 +22,7 @@ from condnoise.study.cache import is_done
 from condnoise.study.grid import Cell, build_cells
 from condnoise.study.spec import StudySpec, Variant
 
+CEP_NAMES = ("cep-u", "cep-g")  # the paper's condition-embedding perturbations (Sec. 3)
 # canonical name -> (keys accepted in metrics.json, label, lower is better)
 METRICS: dict[str, tuple[tuple[str, ...], str, bool]] = {
     "fid": (("fid",), "FID", True),
@@ -72,6 +74,8 @@ class StudyResults:
     theory: list[Path] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     cells: list[Cell] = field(default_factory=list)
+    #: the step sweep's records (``steps``, ``sampler`` besides the record's fields)
+    step_records: list[dict[str, Any]] = field(default_factory=list)
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.spec.variants if v.name == name)
@@ -100,6 +104,14 @@ class StudyResults:
             if r["arch"] == arch and r["variant"] == variant:
                 out.setdefault(r["scale"], []).append(self.value(r, name))
         return {s: estimate(v) for s, v in sorted(out.items()) if estimate(v).n}
+
+    def per_steps(self, arch: str, variant: str, scale: float, name: str = "fid") -> dict[int, Estimate]:
+        """Seed estimate of metric ``name`` at each sampler step count of the step sweep."""
+        out: dict[int, list[float]] = {}
+        for r in self.step_records:
+            if r["arch"] == arch and r["variant"] == variant and r["scale"] == scale:
+                out.setdefault(r["steps"], []).append(self.value(r, name))
+        return {n: estimate(v) for n, v in sorted(out.items()) if estimate(v).n}
 
     def reference_accuracy(self, arch: str) -> tuple[float, float] | None:
         """The classifier's accuracy on the real reference images, (through the samples'
@@ -136,10 +148,12 @@ def collect(spec: StudySpec, study_dir: Path) -> StudyResults:
             raw = read_json(d / "metrics.json")
             if "schema" in raw:  # condnoise.metrics/1: {"metrics": {metric: {extractor: v}}}
                 raw = raw["metrics"]
-            res.records.append({
-                "arch": m["arch"], "variant": m["variant"], "seed": m["seed"],
-                "scale": float(m["scale"]), "metrics": flatten(raw),
-            })  # fmt: skip
+            rec = {"arch": m["arch"], "variant": m["variant"], "seed": m["seed"],
+                   "scale": float(m["scale"]), "metrics": flatten(raw)}  # fmt: skip
+            if "steps" in m:  # the step sweep (few-step students and their teachers)
+                res.step_records.append({**rec, "steps": int(m["steps"]), "sampler": m["sampler"]})
+                continue
+            res.records.append(rec)
             res.eval_dirs[(m["arch"], m["variant"], m["seed"], float(m["scale"]))] = d
         elif c.stage == "train" and (d / "shift.json").is_file():
             s = read_json(d / "shift.json").get("mean_l2_shift", float("nan"))

@@ -34,7 +34,8 @@ from condnoise.study.spec import StudySpec
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
 POLL_SECONDS = 5.0
-RESUMABLE = ("train", "sample")  # stages that continue from their own checkpoints / shards
+#: stages that continue from their own checkpoints / shards
+RESUMABLE = ("autoencoder", "train", "distill", "sample")
 
 
 @dataclass
@@ -106,6 +107,15 @@ def plan(spec: StudySpec, study_dir: Path, *, stages=None, only=None) -> str:
         f"{spec.sample['num_samples']} samples per scale, {spec.sample['sampler']} "
         f"{spec.sample['steps']} steps\n"
     )
+    if spec.step_sweep:
+        header += (f"step sweep: {spec.step_sweep['steps']} sampler steps at guidance "
+                   f"{spec.step_sweep['guidance']} for the few-step students (lcm) and their "
+                   f"teachers ({spec.sample['sampler']})\n")  # fmt: skip
+    if spec.autoencoder:
+        ae = spec.autoencoder["config"]
+        header += (f"autoencoder: {ae['model']['kind']}-f{ae['model']['downsample']}, "
+                   f"{ae['train']['steps']} steps x {ae['train']['batch_size']}, trained once for "
+                   f"{', '.join(spec.latent_archs)}\n")  # fmt: skip
     text = header + plan_table(cells, study_dir, log.durations(), done)
     if "fmnist-classifier" in spec.evaluate["extractors"] and not _classifier_cached():
         text += ("\nplus ~1-2 min once: the fmnist-classifier is not cached yet and is trained "

@@ -1,7 +1,7 @@
 """SLURM resources per stage: the study file's ``slurm`` section, checked and resolved.
 
-The section maps a stage (``corrupt``, ``train``, ``sample``, ``evaluate``, ``walk``,
-``theory``, ``report``) or ``default`` to sbatch resources; a stage takes the built-in
+The section maps a stage (``autoencoder``, ``corrupt``, ``train``, ``distill``, ``sample``,
+``evaluate``, ``walk``, ``theory``, ``report``) or ``default`` to sbatch resources; a stage takes the built-in
 defaults, then ``default``, then its own entry::
 
     slurm:
@@ -12,7 +12,8 @@ defaults, then ``default``, then its own entry::
 ``time`` takes SLURM's formats (minutes, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
 ``D-HH:MM:SS``); ``mem`` an sbatch ``--mem`` value (``64G``; ``0`` is the whole node). A
 training cell runs ``gpus_per_node`` tasks per node over ``nodes`` nodes, one process
-group (see :mod:`condnoise.study.submit`); other cells run one task. The section never
+group (see :mod:`condnoise.study.submit`), and so does a distillation cell; other cells
+run one task. The section never
 enters a cell's config, so changing resources never invalidates a finished cell.
 """
 
@@ -29,6 +30,7 @@ TEXT_KEYS = ("partition", "account", "qos", "constraint")
 INT_KEYS = ("nodes", "gpus_per_node", "cpus_per_task")
 SLURM_KEYS = (*TEXT_KEYS, *INT_KEYS, "mem", "time")
 BUILTIN = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "time": "1-00:00:00"}
+MULTI_TASK = ("train", "distill")  # trainers: one process group over the allocation
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _MEM = re.compile(r"^\d+[KMGT]?B?$", re.IGNORECASE)
 
@@ -89,9 +91,9 @@ def check_slurm(raw: Any, where: str) -> dict[str, dict[str, Any]]:
                             f"{', '.join(STAGE_SECTIONS)} or default")  # fmt: skip
         out[section] = _check_entry(entry, f"{where}: slurm.{section}")
     for stage in STAGE_SECTIONS:
-        if stage != "train" and int(resources(out, stage)["nodes"]) > 1:
-            raise UserError(f"{where}: slurm: nodes > 1 for {stage} cells; only train cells "
-                            "run over several nodes")  # fmt: skip
+        if stage not in MULTI_TASK and int(resources(out, stage)["nodes"]) > 1:
+            raise UserError(f"{where}: slurm: nodes > 1 for {stage} cells; only "
+                            f"{' / '.join(MULTI_TASK)} cells run over several nodes")  # fmt: skip
     return out
 
 
@@ -101,8 +103,9 @@ def resources(slurm: dict[str, dict[str, Any]], stage: str) -> dict[str, Any]:
 
 
 def tasks_per_node(stage: str, res: dict[str, Any]) -> int:
-    """Processes per node: one per GPU for training (one process group), else one."""
-    return max(1, int(res["gpus_per_node"])) if stage == "train" else 1
+    """Processes per node: one per GPU for training and distillation (one process group),
+    else one."""
+    return max(1, int(res["gpus_per_node"])) if stage in MULTI_TASK else 1
 
 
 def executor_parameters(stage: str, res: dict[str, Any]) -> dict[str, Any]:

@@ -21,19 +21,21 @@ import yaml
 
 from condnoise.errors import UserError
 from condnoise.locks import DEFAULT_STALE_AFTER
+from condnoise.study import derived
+from condnoise.study.derived import METHODS, TRAINED
 from condnoise.training.config import apply_overrides
 
 CORRUPTION_KINDS = ("symmetric", "asymmetric", "swap", "rewrite")  # the last two: captions
 TOP_LEVEL = {
     "name", "description", "data", "seeds", "architectures", "variants", "corruption_grid",
     "ablation", "train", "sample", "evaluate", "report", "cost", "out_dir", "slurm",
-    "lock_timeout",
+    "lock_timeout", "step_sweep", "autoencoder", *METHODS,
 }  # fmt: skip
 SAMPLE_KEYS = {"sampler", "steps", "num_samples", "guidance", "batch_size", "clip_x0",
                "captions_from", "captions_data"}  # the last two: text studies (study/text.py)
 EVALUATE_KEYS = {
     "extractors", "metrics", "reference_split", "reference_samples", "train_samples", "shrinkage",
-    "reference",
+    "reference", "entropy_tau", "entropy_pool",
 }  # fmt: skip
 REPORT_KEYS = {"walks", "theory", "grid_per_class", "walk_frames"}
 DATA_KEYS = {"source", "image_size", "data_dir", "max_samples"}
@@ -41,13 +43,18 @@ DATA_KEYS = {"source", "image_size", "data_dir", "max_samples"}
 
 @dataclass(frozen=True)
 class Variant:
-    """One training recipe: optional fixed data corruption + perturbation + overrides."""
+    """One recipe: a model trained from data (optional fixed data corruption + perturbation +
+    overrides), or made from a parent variant's model by a derived method
+    (:mod:`condnoise.study.derived`: ``distill``)."""
 
     name: str
     corruption: dict[str, Any] | None = None  # {"kind": "symmetric", "eta": 0.05, ...}
     perturbation: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     train: dict[str, Any] = field(default_factory=dict)  # trainer config sections to merge
     architectures: tuple[str, ...] | None = None  # None: every architecture of the study
+    method: str = TRAINED  # how its model is made: "train" or a derived method ("distill")
+    parent: str | None = None  # derived: the variant whose model it starts from (the teacher)
+    settings: dict[str, Any] = field(default_factory=dict)  # derived: the method's settings
 
     @property
     def eta(self) -> float:
@@ -55,18 +62,24 @@ class Variant:
 
     @property
     def kind(self) -> str:
-        """``clean``, a corruption kind, or the perturbation name (IP is ``ip``)."""
+        """``clean``, a corruption kind, the perturbation name (IP is ``ip``) or, for a
+        derived variant, its method (``distill``)."""
+        if self.method != TRAINED:
+            return self.method
         if self.corruption:
             return str(self.corruption["kind"])
         return str(self.perturbation["name"]) if self.perturbation["name"] != "none" else "clean"
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "corruption": self.corruption,
             "perturbation": self.perturbation,
             "train": self.train,
         }
+        if self.method != TRAINED:
+            out.update(method=self.method, parent=self.parent, settings=self.settings)
+        return out
 
 
 @dataclass
@@ -91,6 +104,12 @@ class StudySpec:
     slurm: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: seconds without a heartbeat after which another worker takes a cell's lock over
     lock_timeout: float = DEFAULT_STALE_AFTER
+    #: few-step models and their parents: ``{steps: [...], guidance: [...]}`` (derived.py)
+    step_sweep: dict[str, Any] | None = None
+    #: the study's autoencoder cell (``condnoise.study.latent``): ``{config, quantize}``
+    autoencoder: dict[str, Any] | None = None
+    #: architectures whose model.autoencoder is the study's (``autoencoder: study``)
+    latent_archs: tuple[str, ...] = ()
 
     def resolved(self) -> dict[str, Any]:
         """The fully expanded study, as written to ``STUDY_DIR/study.yaml``."""
@@ -112,6 +131,8 @@ class StudySpec:
             "cost": self.cost,
             "slurm": self.slurm,
             "lock_timeout": self.lock_timeout,
+            "step_sweep": self.step_sweep,
+            "autoencoder": self.autoencoder,
         }
 
 
@@ -233,13 +254,20 @@ def _listed_variants(raw: dict[str, Any], where: str) -> list[Variant]:
         if isinstance(v, str):
             v = {"name": v}
         _need(isinstance(v, dict) and isinstance(v.get("name"), str), w, "needs a 'name'")
-        unknown = sorted(set(v) - {"name", "corruption", "perturbation", "train", "architectures"})
+        unknown = sorted(set(v) - {"name", "corruption", "perturbation", "train", "architectures",
+                                   *METHODS})  # fmt: skip
         _need(not unknown, w, f"unknown field(s) {unknown}")
+        archs = v.get("architectures")
+        method = derived.method_of(v, w)
+        if method is not None:
+            parent, settings = derived.parse(v, method, raw.get(method.name), w)
+            out.append(Variant(name=v["name"], method=method.name, parent=parent, settings=settings,
+                               architectures=tuple(archs) if archs else None))  # fmt: skip
+            continue
         corr = _check_corruption(v["corruption"], w) if v.get("corruption") else None
         tr = v.get("train") or {}
         _need(isinstance(tr, dict) and set(tr) <= {"diffusion", "train"}, w,
               f"'train' {tr!r} may only hold the trainer sections 'diffusion' and 'train'")  # fmt: skip
-        archs = v.get("architectures")
         out.append(Variant(
             name=v["name"], corruption=corr if corr and corr["eta"] != 0 else None,
             perturbation=_check_perturbation(v.get("perturbation"), w), train=dict(tr),
@@ -288,21 +316,30 @@ def _ablation_variants(raw: dict[str, Any], where: str) -> list[Variant]:
             for p in abl["perturbations"] for g in abl["gammas"]]  # fmt: skip
 
 
-def _architectures(raw: dict[str, Any], where: str) -> tuple[dict, dict]:
-    """``architectures`` resolved (training-preset references expanded) and validated by the
-    models stage's typed config; plus each one's trainer sections from its preset."""
+def _architectures(raw: dict[str, Any], where: str, autoencoder: dict[str, Any] | None
+                   ) -> tuple[dict, dict, tuple[str, ...]]:  # fmt: skip
+    """``architectures`` resolved (training-preset references expanded, ``autoencoder:
+    study`` replaced by the study's autoencoder, :mod:`condnoise.study.latent`) and
+    validated by the models stage's typed config; each one's trainer sections from its
+    preset; the names of those on the study's autoencoder."""
     from condnoise.models.config import ModelConfig
+    from condnoise.study import latent
 
     archs = _mapping(raw, "architectures", where, None)
     _need(bool(archs), where, "'architectures' must map a name to a model config (e.g. dit: {...})")
-    models, trainer = {}, {}
+    models, trainer, on_study_ae = {}, {}, []
     for a, cfg in archs.items():
         w = f"{where}: architectures.{a}"
         _need(isinstance(cfg, dict), w, "must be a model config mapping or {preset: NAME}")
         _need("perturbation" not in cfg, w, "set perturbations in 'variants', not in the model config")
         models[a], trainer[a] = _from_training_preset(cfg)
+        if models[a].get("autoencoder") == latent.STUDY:
+            models[a].update(latent.model_autoencoder(autoencoder, a, where))
+            on_study_ae.append(a)
         ModelConfig.from_dict(models[a], origin=w, prefix="")
-    return models, trainer
+    _need(autoencoder is None or bool(on_study_ae), where,
+          "the study trains an 'autoencoder' but no architecture uses it (autoencoder: study)")  # fmt: skip
+    return models, trainer, tuple(on_study_ae)
 
 
 def _from_training_preset(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -366,14 +403,21 @@ def validate(raw: dict[str, Any], where: str) -> StudySpec:
     name, seeds = _check_name_and_seeds(raw, where)
     data = _mapping(raw, "data", where, DATA_KEYS)
     data.setdefault("source", "fashion-mnist")
-    archs, arch_train = _architectures(raw, where)
+    from condnoise.study.latent import check_section
     from condnoise.study.text import apply_text_defaults
 
+    autoencoder = check_section(raw.get("autoencoder"), data, where)
+    archs, arch_train, latent_archs = _architectures(raw, where, autoencoder)
     raw = apply_text_defaults(raw, archs, where)
     variants = _expand_variants(raw, where)
     for v in variants:
         for a in v.architectures or ():
             _need(a in archs, where, f"variant {v.name!r} names unknown architecture {a!r}")
+    variants = derived.order(variants, list(archs), where)
+    for m in METHODS:
+        _need(m not in raw or any(v.method == m for v in variants), where,
+              f"top-level '{m}' gives defaults of {m} variants, but no variant has '{m}'")  # fmt: skip
+    sample = _check_sample(raw, where)
     evaluate, report, cost = _check_evaluate_report_cost(raw, where)
     from condnoise.study.slurm import check_slurm
 
@@ -383,7 +427,9 @@ def validate(raw: dict[str, Any], where: str) -> StudySpec:
     return StudySpec(
         name=name, description=str(raw.get("description", "")).strip(), data=data, seeds=seeds,
         architectures=archs, variants=variants, train=_mapping(raw, "train", where, {"diffusion", "train"}),
-        sample=_check_sample(raw, where), evaluate=evaluate, report=report, cost=cost,
+        sample=sample, evaluate=evaluate, report=report, cost=cost,
         source=where, out_dir=raw.get("out_dir"), raw=copy.deepcopy(raw), arch_train=arch_train,
         slurm=check_slurm(raw.get("slurm"), where), lock_timeout=float(timeout),
+        step_sweep=derived.check_step_sweep(raw.get("step_sweep"), variants, sample, where),
+        autoencoder=autoencoder, latent_archs=latent_archs,
     )  # fmt: skip

@@ -3,9 +3,11 @@
 Each function takes ``(cell, cell_dir, dep_dirs, ctx)``, writes its outputs under
 ``cell_dir`` and returns a small dict stored in the cell's ``done.json``. Folder layout::
 
+    cells/autoencoder/KEY/run/           the study's autoencoder run (condnoise.study.latent)
     cells/corrupt/KEY/manifest/          condnoise.data Manifest (paper section 2)
     cells/train/KEY/run/                 a training run directory (config.yaml, checkpoints/)
     cells/train/KEY/shift.json           mean L2 embedding shift (paper Fig. 8a x-axis)
+    cells/distill/KEY/run/               an LCM student's run (condnoise distill lcm's trainer)
     cells/sample/KEY/s{scale}/samples.npz  images uint8 [N,H,W,C], labels int64 [N]
     cells/evaluate/KEY/metrics.json      the evaluation stage's metrics for that sample set
     cells/evaluate/KEY/per_sample.npz    its per-sample scores (RMD, training-set distances)
@@ -17,12 +19,14 @@ Each function takes ``(cell, cell_dir, dep_dirs, ctx)``, writes its outputs unde
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from condnoise.errors import UserError
+from condnoise.study.latent import run_autoencoder
 from condnoise.study.spec import deep_merge
 
 if TYPE_CHECKING:
@@ -30,7 +34,7 @@ if TYPE_CHECKING:
     from condnoise.study.runner import RunContext
 
 
-def _runtime(ctx: RunContext) -> str:
+def cell_device(ctx: RunContext) -> str:
     """The cell's device (``--device``, else cuda:LOCAL_RANK when present), all cores."""
     import os
 
@@ -69,10 +73,13 @@ def trainer_config(cell: Cell, cell_dir: Path, deps: dict[str, Path]) -> dict[st
                                                           "max_samples")}  # fmt: skip
     if c.get("corrupt_key"):
         data["corruption"] = str(deps["corrupt"] / "manifest")
+    model = {**c["model"], "perturbation": dict(c["perturbation"])}
+    if c.get("autoencoder_key"):  # the study's autoencoder cell (condnoise.study.latent)
+        from condnoise.study.latent import folder
+
+        model["autoencoder"] = {**model["autoencoder"], "path": str(folder(deps["autoencoder"]))}
     raw = deep_merge(c["train"], {
-        "data": data,
-        "model": {**c["model"], "perturbation": dict(c["perturbation"])},
-        "train": {"seed": int(c["seed"]), "sample_every": 0},
+        "data": data, "model": model, "train": {"seed": int(c["seed"]), "sample_every": 0},
     })  # fmt: skip
     raw["run"] = {"name": cell.id.replace("/", "-"), "dir": str(cell_dir / "run"),
                   "tensorboard": False}  # fmt: skip
@@ -85,29 +92,41 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "config.yaml").is_file() and bool(list_checkpoints(run_dir))
 
 
-def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
-    """Train one model (section 4 recipe at the study's scale), then measure its shift.
+def fit_in_cell(cell_dir: Path, ctx: RunContext, build: Callable[[], Any],
+                fit: Callable[..., Any]) -> bool:  # fmt: skip
+    """Run a trainer (``fit``: ``training.train`` or ``training.distill``) on the config
+    ``build()`` makes, in ``cell_dir/run``; whether this process is rank 0.
 
     Resumes from the run's last checkpoint when there is one (a cell taken over from a
     stopped worker, or rerun after a kill). Inside a multi-task cluster job (the torchrun
     variables set, :mod:`condnoise.study.submit`) every task trains in one process group
     and rank 0 alone writes the cell's files."""
-    from condnoise.training import train
-    from condnoise.training.config import Config
     from condnoise.training.runtime import barrier, init_distributed
 
-    cfg = Config.from_dict(trainer_config(cell, cell_dir, deps), origin=f"study cell {cell.id}")
-    cfg.run.progress = ctx.progress
     run_dir = cell_dir / "run"
-    device = _runtime(ctx)
+    device = cell_device(ctx)
     dist = init_distributed(device)  # a no-op outside multi-task jobs
     resume = _has_checkpoint(run_dir)
     barrier(dist)  # every rank decided before rank 0 may clear the folder
     if dist.is_main and run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # started but no checkpoint yet: start over
     barrier(dist)
-    train(cfg, run_dir=run_dir, resume=resume, device=device, lock_timeout=ctx.lock_timeout)
-    if not dist.is_main:
+    cfg = build()
+    cfg.run.progress = ctx.progress
+    fit(cfg, run_dir=run_dir, resume=resume, device=device, lock_timeout=ctx.lock_timeout)
+    return bool(dist.is_main)
+
+
+def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
+    """Train one model (section 4 recipe at the study's scale), then measure its shift
+    (resumable and multi-task: :func:`fit_in_cell`)."""
+    from condnoise.training import train
+    from condnoise.training.config import Config
+
+    def build() -> Config:
+        return Config.from_dict(trainer_config(cell, cell_dir, deps), origin=f"study cell {cell.id}")
+
+    if not fit_in_cell(cell_dir, ctx, build, train):
         return {}
     from condnoise.study.shift import embedding_shift
 
@@ -117,6 +136,71 @@ def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext
 
     write_json(cell_dir / "shift.json", shift)
     return {"mean_l2_shift": shift["mean_l2_shift"]}
+
+
+# --------------------------------------------------------------------------- distill
+
+
+def student_overrides(cell: Cell) -> list[str]:
+    """Dotted overrides of the student's config (``training.distill.student_config``): the
+    variant's ``distill.train`` settings, the cell's seed, no sample grids, no TensorBoard."""
+    import json
+
+    s = cell.config["settings"]
+    train = {**s.get("train", {}), "seed": int(cell.config["seed"]), "sample_every": 0}
+    return ([f"train.{k}={json.dumps(v)}" for k, v in train.items()]
+            + ["run.tensorboard=false", f"run.name={json.dumps(cell.id.replace('/', '-'))}"])  # fmt: skip
+
+
+def run_distill(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
+    """Latent consistency distillation of the parent's model into a few-step student (Luo et
+    al. 2023; paper Sec. 4, Table 1), through ``condnoise distill lcm``'s trainer; the
+    student's CEP (``settings.perturbation``) acts on its condition only, never on the
+    target network. Resumable and multi-task like :func:`run_train`."""
+    from condnoise.training.distill import distill, student_config
+
+    s, teacher = cell.config["settings"], model_run_dir(deps)
+
+    def build() -> Any:
+        return student_config(teacher, perturbation=s["perturbation"], lcm=s["lcm"],
+                              distill=s["distill"], overrides=student_overrides(cell),
+                              run_dir=cell_dir / "run")  # fmt: skip
+
+    fit_in_cell(cell_dir, ctx, build, distill)
+    return {}
+
+
+def run_pretrained(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
+    """A model trained outside the study: check that ``settings.path`` is a condnoise run
+    with a checkpoint; its cells use that folder (``run_dir`` of the done marker)."""
+    from condnoise.training.checkpoint import list_checkpoints
+    from condnoise.training.rundir import read_run_config
+
+    path = Path(cell.config["settings"]["path"]).resolve()
+    where = f"study cell {cell.id}: pretrained.path {path}"
+    if (path / "model_index.json").is_file():
+        raise UserError(f"{where} is a diffusers pipeline folder; a study's pretrained model must be "
+                        "a condnoise run (config.yaml, checkpoints/): condnoise does not import "
+                        "Stable Diffusion pipelines as runs")  # fmt: skip
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{where} is not a condnoise run folder (no config.yaml)")
+    read_run_config(path)
+    if not list_checkpoints(path):
+        raise UserError(f"{where} has no checkpoint")
+    return {"run_dir": str(path)}
+
+
+def model_run_dir(deps: dict[str, Path]) -> Path:
+    """The run folder of the model a cell depends on (a train or derived cell's ``run/``, a
+    pretrained cell's given folder)."""
+    from condnoise.study.cache import read_done
+    from condnoise.study.grid import MODEL_STAGES
+
+    found = [(s, deps[s]) for s in MODEL_STAGES if s in deps]
+    if len(found) != 1:
+        raise UserError(f"a sample / walk / derived cell depends on one model cell, got {sorted(deps)}")
+    stage, folder = found[0]
+    return Path(read_done(folder)["run_dir"]) if stage == "pretrained" else folder / "run"
 
 
 # --------------------------------------------------------------------------- sample
@@ -129,8 +213,8 @@ def run_sample(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContex
     from condnoise.training.runtime import load_run
 
     s = cell.config["sample"]
-    run_dir = deps["train"] / "run"
-    run = load_run(run_dir, device=_runtime(ctx))
+    run_dir = model_run_dir(deps)
+    run = load_run(run_dir, device=cell_device(ctx))
     cfg = SweepConfig(
         guidances=[float(cell.config["scale"])],
         num=int(s["num_samples"]),
@@ -166,7 +250,7 @@ def run_evaluate(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunCont
     from condnoise.io import atomic_open, write_json
 
     scale = float(ctx.cells[cell.deps[0]].config["scale"])
-    _runtime(ctx)
+    cell_device(ctx)
     samples, cfg = load_samples(samples_path(deps["sample"], scale).parent), eval_config(cell.config)
     autoencoder = None
     if "entropy" in cfg.metrics:  # over the run's VQ codebook (paper Sec. 5)
@@ -194,6 +278,8 @@ def eval_config(config: dict[str, Any]) -> Any:
         max_ref=e.get("reference_samples"),
         max_train=e.get("train_samples"),
         shrinkage=float(e.get("shrinkage", 0.0)),
+        entropy_tau=float(e.get("entropy_tau", 1.0)),  # sample entropy (VQ latents, Sec. 5)
+        entropy_pool=int(e.get("entropy_pool", 32768)),
     )
 
 
@@ -209,7 +295,7 @@ def run_walk(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext)
     from condnoise.training.runtime import load_run
 
     c = cell.config
-    run = load_run(deps["train"] / "run", device=_runtime(ctx))
+    run = load_run(model_run_dir(deps), device=cell_device(ctx))
     if c["sample"].get("captions_from"):  # a text model: one row per caption, no walks
         from condnoise.study.text import run_text_grid
 
@@ -266,8 +352,11 @@ def read_metrics(eval_dir: Path) -> dict[str, Any]:
 
 
 STAGE_FUNCTIONS = {
+    "autoencoder": run_autoencoder,
     "corrupt": run_corrupt,
     "train": run_train,
+    "pretrained": run_pretrained,
+    "distill": run_distill,
     "sample": run_sample,
     "evaluate": run_evaluate,
     "walk": run_walk,

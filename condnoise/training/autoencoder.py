@@ -38,7 +38,7 @@ from torch import nn
 from condnoise import rng
 from condnoise.errors import UserError
 from condnoise.training import checkpoint as ckpt
-from condnoise.training.autoencoder_config import AutoencoderConfig
+from condnoise.training.autoencoder_config import AutoencoderTrainConfig
 from condnoise.training.data import Position
 from condnoise.training.rundir import MetricsLog, is_started, truncate_metrics, write_run_files
 from condnoise.training.trainer import lr_lambda
@@ -60,7 +60,7 @@ class AETrainResult:
     cpu_seconds: float = 0.0  # time.process_time of this process during the run
 
 
-def default_run_dir(cfg: AutoencoderConfig) -> Path:
+def default_run_dir(cfg: AutoencoderTrainConfig) -> Path:
     return Path("runs") / f"ae-{cfg.run.name}-s{cfg.train.seed}"
 
 
@@ -75,7 +75,7 @@ def batch_psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class AutoencoderTrainer:
     """Builds data, autoencoder, discriminator, losses and optimizers; ``run()`` trains."""
 
-    def __init__(self, cfg: AutoencoderConfig, *, run_dir: str | Path | None = None,
+    def __init__(self, cfg: AutoencoderTrainConfig, *, run_dir: str | Path | None = None,
                  resume: bool = False, device: str | None = None,
                  progress: Callable[[dict[str, Any]], None] | None = None,
                  classifier: nn.Module | Callable[[], nn.Module] | None = None) -> None:
@@ -378,7 +378,7 @@ class AutoencoderTrainer:
         return result
 
 
-def train_autoencoder(cfg: AutoencoderConfig, *, run_dir: str | Path | None = None,
+def train_autoencoder(cfg: AutoencoderTrainConfig, *, run_dir: str | Path | None = None,
                       resume: bool = False, device: str | None = None,
                       max_steps: int | None = None,
                       progress: Callable[[dict[str, Any]], None] | None = None,

@@ -99,7 +99,7 @@ class AETrainConfig:
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderTrainConfig:
     """The resolved config of an autoencoder run (its ``config.yaml``)."""
 
     data: AEDataConfig = field(default_factory=AEDataConfig)
@@ -115,10 +115,10 @@ class AutoencoderConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], *, origin: str = "config") -> AutoencoderConfig:
+    def from_dict(cls, raw: dict[str, Any], *, origin: str = "config") -> AutoencoderTrainConfig:
         return schema.build(cls, raw, origin, "")
 
-    def validate(self, origin: str = "config") -> AutoencoderConfig:
+    def validate(self, origin: str = "config") -> AutoencoderTrainConfig:
         """Ranges and cross-field rules; one-line UserError naming the key."""
         from condnoise.models.first_stage import block_channels
 
@@ -193,19 +193,19 @@ def _resolve(preset_or_yaml: str) -> tuple[dict[str, Any], str, str]:
 
 
 def load_autoencoder_config(preset_or_yaml: str, overrides: list[str] | None = None
-                            ) -> AutoencoderConfig:
+                            ) -> AutoencoderTrainConfig:
     """A preset name or YAML file, with dotted overrides applied, validated."""
     raw, origin, name = _resolve(preset_or_yaml)
-    cfg = AutoencoderConfig.from_dict(apply_overrides(raw, overrides), origin=origin)
+    cfg = AutoencoderTrainConfig.from_dict(apply_overrides(raw, overrides), origin=origin)
     if cfg.run.name is None:
         cfg.run.name = name
     return cfg.validate(origin)
 
 
-def autoencoder_config_from_yaml(text: str, origin: str) -> AutoencoderConfig:
+def autoencoder_config_from_yaml(text: str, origin: str) -> AutoencoderTrainConfig:
     """A run's saved ``config.yaml`` (already resolved)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"invalid YAML in {origin}: {e}") from None
-    return AutoencoderConfig.from_dict(raw, origin=origin)
+    return AutoencoderTrainConfig.from_dict(raw, origin=origin)

@@ -1,7 +1,8 @@
 """Training configuration: presets, YAML files, dotted ``key=value`` overrides, validation.
 
 A config has five sections (``data``, ``model``, ``diffusion``, ``train``, ``run``), plus
-``distill`` in a distilled student's run (``condnoise distill lcm``; null otherwise), each a
+``distill`` in a distilled student's run (``condnoise distill lcm``) and ``finetune`` in a
+ControlNet / T2I-Adapter run (``condnoise finetune``; null otherwise), each a
 typed dataclass with defaults built by :func:`condnoise.schema.build`; the ``model``
 section's classes belong to :mod:`condnoise.models.config` (one per denoiser family).
 Every error is a one-line :class:`~condnoise.errors.UserError` naming the field and the
@@ -113,6 +114,20 @@ class DistillConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Spatial-control fine-tuning of a frozen base run (``condnoise finetune``;
+    ``training/finetune.py``): which base checkpoint and which control. The adapter's
+    architecture is ``model.adapter``; CEP during fine-tuning is ``model.perturbation``."""
+
+    base: str = ""  # the base run directory (absolute)
+    base_step: int | None = None  # the base checkpoint (resolved when the run starts)
+    base_weights: Literal["ema", "model"] = "ema"
+    control: Literal["canny", "mask"] = "canny"
+    canny_low: float = 100.0  # OpenCV Canny thresholds (the paper: 100 / 200)
+    canny_high: float = 200.0
+
+
+@dataclass
 class Config:
     """The resolved training config (what ``config.yaml`` in a run directory holds)."""
 
@@ -122,6 +137,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     distill: DistillConfig | None = None  # a distilled student's run (condnoise distill)
+    finetune: FinetuneConfig | None = None  # a ControlNet / T2I-Adapter run (condnoise finetune)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,7 +217,16 @@ def _check_ranges(cfg: Config, origin: str) -> None:
         raise UserError(f"{origin}: model.lcm.solver_steps must be <= diffusion.num_steps "
                         f"{cfg.diffusion.num_steps}, got {cfg.model.lcm.solver_steps}")  # fmt: skip
     if cfg.distill is not None:
-        _check_distill(cfg.distill, origin)
+        check_distill(cfg.distill, origin)
+    if cfg.finetune is not None:
+        f = cfg.finetune
+        if not 0 <= f.canny_low <= f.canny_high:
+            raise UserError(f"{origin}: finetune.canny_low / canny_high must satisfy 0 <= low <= high, "
+                            f"got {f.canny_low:g} and {f.canny_high:g}")  # fmt: skip
+        if f.base_step is not None and f.base_step < 0:
+            raise UserError(f"{origin}: finetune.base_step must be >= 0, got {f.base_step}")
+        if cfg.model.adapter is None:
+            raise UserError(f"{origin}: a finetune section needs model.adapter (the adapter's architecture)")
     from condnoise.diffusion.schedule import SCHEDULES
 
     if cfg.diffusion.schedule not in SCHEDULES:
@@ -211,7 +236,8 @@ def _check_ranges(cfg: Config, origin: str) -> None:
         )
 
 
-def _check_distill(d: DistillConfig, origin: str) -> None:
+def check_distill(d: DistillConfig, origin: str) -> None:
+    """Ranges of a distill section (guidance range, Huber c, teacher step)."""
     if not 0.0 <= d.guidance_min <= d.guidance_max <= 100.0:
         raise UserError(f"{origin}: distill.guidance_min / guidance_max must satisfy 0 <= min <= max "
                         f"<= 100, got {d.guidance_min:g} and {d.guidance_max:g}")  # fmt: skip

@@ -183,10 +183,45 @@ class TrainData:
         no_images = self.streaming or self.latents is not None
         self._tensors = None if no_images else _fast_tensors(source)
         self.cond_table: torch.Tensor | None = None
+        self.control: Any = None  # a condnoise.data.controls.Control (attach_control)
+
+    @property
+    def extra_fields(self) -> tuple[str, ...]:
+        """Names of the fields each micro-batch carries after ``(images, conditions,
+        sample_index)``: ``("control",)`` once :meth:`attach_control` was called."""
+        return ("control",) if self.control is not None else ()
+
+    def attach_control(self, control: Any) -> None:
+        """Give every micro-batch a ``control`` field, float ``[B, C, H, W]``
+        (``control.batch(images, index)``, computed on the fly from the images or, for exact
+        scenes masks, looked up by index). Pixel controls need the images: UserError with
+        ``data.latents``."""
+        if self.latents is not None and control.needs_images:
+            raise UserError(f"control {control.name} is computed from the images, but data.latents "
+                            "replaces them with cached latents; drop data.latents")  # fmt: skip
+        self.control = control
+
+    def _with_control(self, images: torch.Tensor, cond: torch.Tensor, idx: torch.Tensor,
+                      pixels: bool = True) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """A micro-batch, plus its control field when one is attached (``pixels``: whether
+        ``images`` are images, not cached latents)."""
+        if self.control is None:
+            return images, cond, idx
+        return images, cond, idx, self.control.batch(images if pixels else None, idx)
 
     @property
     def in_memory(self) -> bool:
         return self._tensors is not None
+
+    def first_items(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images float ``[n, C, H, W]`` and condition tensors of the first ``n`` samples in
+        dataset order (indexable sources; after :meth:`attach_encoder`)."""
+        if self.cond_table is None or self.streaming or self.latents is not None:
+            raise UserError("first_items needs an indexable image source and attach_encoder")
+        n = min(n, self.num_samples)
+        if self._tensors is not None:
+            return self._tensors[0][:n], self.cond_table[:n]
+        return torch.stack([self.dataset[i][0] for i in range(n)]), self.cond_table[:n]
 
     def attach_encoder(self, encoder: Any) -> torch.Tensor:
         """The training conditions as the model's condition tensors (UserError when the
@@ -196,22 +231,22 @@ class TrainData:
         return self.cond_table
 
     def micro_batches(self, start: Position, batch: int, accum: int, world: int, rank: int,
-                      num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Endless ``(images, conditions, sample_index)`` micro-batches for this rank (with
-        ``data.latents``: the cached latents in place of the images)."""
+                      num_workers: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Endless ``(images, conditions, sample_index, *extra_fields)`` micro-batches for
+        this rank (with ``data.latents``: the cached latents in place of the images)."""
         if self.cond_table is None:
             raise UserError("TrainData.attach_encoder must be called before reading batches")
         table = self.cond_table
         if self.latents is not None:
             for part in _PlanSampler(self.order, start, batch, accum, world, rank):
                 idx = torch.as_tensor(part, dtype=torch.long)
-                yield self.latents.gather(idx), table[idx], idx
+                yield self._with_control(self.latents.gather(idx), table[idx], idx, pixels=False)
             return
         if self._tensors is not None:
             images = self._tensors[0]
             for part in _PlanSampler(self.order, start, batch, accum, world, rank):
                 idx = torch.as_tensor(part, dtype=torch.long)
-                yield images[idx], table[idx], idx
+                yield self._with_control(images[idx], table[idx], idx)
             return
         micro = batch // (accum * world)
         if self.streaming:
@@ -228,7 +263,7 @@ class TrainData:
         loader = DataLoader(data, num_workers=num_workers, persistent_workers=num_workers > 0,
                             pin_memory=torch.cuda.is_available(), generator=gen, **kwargs)  # fmt: skip
         for images, idx in loader:
-            yield images, table[idx.long()], idx.long()
+            yield self._with_control(images, table[idx.long()], idx.long())
 
 
 def _open_latents(cfg: DataConfig, source: Any) -> Any:

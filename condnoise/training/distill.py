@@ -194,10 +194,13 @@ def distill(
     sample_hook: SampleHook | None = write_sample_grid,
     force: bool = False,
     status: Callable[[str], None] | None = None,
+    lock_timeout: float | None = None,
 ) -> TrainResult:
     """Distil the teacher of ``cfg.distill`` into the student of ``cfg`` (:func:`student_config`)
-    in ``run_dir``, under its lock (rank 0); resumable like :func:`~condnoise.training.train`."""
+    in ``run_dir``, under its lock (rank 0; stale after ``lock_timeout`` seconds of silence);
+    resumable like :func:`~condnoise.training.train`."""
     if cfg.distill is None:
         raise UserError("distill: the config has no distill section (build it with student_config)")
     return run_locked(Distiller, "distill", copy.deepcopy(cfg), run_dir=run_dir, resume=resume,
-                      device=device, sample_hook=sample_hook, force=force, status=status)  # fmt: skip
+                      device=device, sample_hook=sample_hook, force=force, status=status,
+                      lock_timeout=lock_timeout)  # fmt: skip

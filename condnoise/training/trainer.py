@@ -101,7 +101,8 @@ class Trainer:
     ``TrainData`` built from ``cfg.data`` (benchmarks feed synthetic latents this way).
     ``force`` lets a new run start in a non-empty folder that holds no run; ``status``
     receives one-line messages on what the trainer is doing (e.g. its final sample grid).
-    Subclasses (the LCM distiller) replace :meth:`_build_model`, :meth:`_step_draws`,
+    Subclasses (the LCM distiller, the adapter fine-tuner) replace :meth:`_build_data`,
+    :meth:`_build_model`, :meth:`_trainable_parameters`, :meth:`_step_draws`,
     :meth:`_micro_loss` and :meth:`_run_info`.
     """
 
@@ -214,12 +215,16 @@ class Trainer:
         """AdamW (fused on CUDA) with linear warm-up, then a constant or cosine LR."""
         t = self.cfg.train
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=t.lr, betas=tuple(t.betas),  # type: ignore[arg-type]
+            self._trainable_parameters(), lr=t.lr, betas=tuple(t.betas),  # type: ignore[arg-type]
             weight_decay=t.weight_decay, fused=self.device.type == "cuda",
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup, t.steps, t.lr_schedule)
         )
+
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: every model parameter (a fine-tuner: its adapter's)."""
+        return list(self.model.parameters())
 
     def _forward_module(self) -> nn.Module:
         """The module the loss calls: the model, compiled and / or wrapped in DDP."""
@@ -352,8 +357,10 @@ class Trainer:
         return {"t": t_all, "noise": noise_all}
 
     def _micro_loss(self, x0: torch.Tensor, cond: torch.Tensor, index: torch.Tensor, step: int,
-                    draws: Any, rows: slice) -> torch.Tensor:  # fmt: skip
-        """The loss of one micro-batch (``rows`` of the global batch's ``draws``)."""
+                    draws: Any, rows: slice, **extra: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The loss of one micro-batch (``rows`` of the global batch's ``draws``); ``extra``:
+        the batch's extra fields (``TrainData.extra_fields``, e.g. an adapter's ``control``),
+        passed to the model."""
         from condnoise.diffusion.loss import diffusion_loss
 
         return diffusion_loss(
@@ -362,7 +369,7 @@ class Trainer:
             ip_xi=self.model.input_perturbation,  # type: ignore[arg-type]
             weighting=self.cfg.diffusion.loss_weighting,
             min_snr_gamma=self.cfg.diffusion.min_snr_gamma,
-            sample_index=index, step=step,
+            sample_index=index, step=step, **extra,
         ).loss  # fmt: skip
 
     def train_step(self, micro_batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,11 +380,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for m in range(t_cfg.grad_accum):
-            images, cond, index = next(micro_batches)
+            images, cond, index, *fields = next(micro_batches)
             rows = global_slice(self.micro, m, self.dist.world_size, self.dist.rank)
             images = images.to(self.device, non_blocking=True)
             cond = cond.to(self.device, non_blocking=True)
             index = index.to(self.device, non_blocking=True)
+            extra = {k: v.to(self.device, non_blocking=True) for k, v in zip(self.data.extra_fields, fields)}
             if self.data.latents is not None:  # pre-extracted (data.latents)
                 x0 = images
             else:
@@ -387,7 +395,7 @@ class Trainer:
             ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()  # type: ignore[operator]
             with ctx:
                 with self._autocast():
-                    loss = self._micro_loss(x0, cond, index, step, draws, rows)
+                    loss = self._micro_loss(x0, cond, index, step, draws, rows, **extra)
                 (loss / t_cfg.grad_accum).backward()
             total += loss.detach()
         clip = t_cfg.grad_clip if t_cfg.grad_clip is not None else float("inf")
@@ -534,6 +542,9 @@ def train(
     if cfg.distill is not None:
         raise UserError(f"config of run {cfg.run.name or '(unnamed)'} has a distill section: it is a "
                         "distilled student's; continue it with `condnoise distill`")  # fmt: skip
+    if cfg.finetune is not None:
+        raise UserError(f"config of run {cfg.run.name or '(unnamed)'} has a finetune section: it is an "
+                        "adapter's run; continue it with `condnoise finetune`")  # fmt: skip
     return run_locked(Trainer, "train", cfg, run_dir=run_dir, resume=resume, device=device,
                       sample_hook=sample_hook, force=force, status=status,
                       lock_timeout=lock_timeout)  # fmt: skip

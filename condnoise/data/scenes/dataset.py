@@ -247,12 +247,12 @@ class Scenes(ConditionalDataset):
         return self._pixels().masks  # type: ignore[return-value]
 
     def canny(self, indices: Any, low: float = 100, high: float = 200) -> np.ndarray:
-        """OpenCV Canny edges (0 / 255) of the uint8 RGB renders: uint8 ``[n, H, W]``."""
-        import cv2
+        """OpenCV Canny edges (0 / 255) of the uint8 RGB renders: uint8 ``[n, H, W]``
+        (:func:`condnoise.data.controls.canny`)."""
+        from condnoise.data.controls import canny
 
-        imgs = self.images_uint8()
         idx = np.atleast_1d(np.asarray(indices, dtype=np.int64))
-        return np.stack([cv2.Canny(np.ascontiguousarray(imgs[i]), low, high) for i in idx])
+        return canny(self.images_uint8()[idx], low, high)
 
     # -- conditions and records ------------------------------------------------------------
     def conditions(self) -> list[str]:
