@@ -293,6 +293,7 @@ CASES = [
     ("study-device", "study micro --device tpu --out {root}/st", ["--device", "'tpu'"], None),
     ("study-only", "study micro --only zzz-no-cell --out {root}/st", ["zzz-no-cell"], None),
     ("demo-preset", "demo --preset no-such-study --out {root}/st", ["no-such-study"], None),
+    ("demo-text-preset", "demo --text --preset micro --out {root}/st", ["--text", "scenes-quick", "micro"], None),
 ]
 
 

@@ -15,6 +15,7 @@ from condnoise.app.common import (
 )
 
 DEMO_PRESET = "fmnist-quick"
+TEXT_DEMO_PRESET = "scenes-quick"  # `condnoise demo --text`
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -52,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("study", metavar="PRESET_OR_YAML",
                    help="a preset (micro, fmnist-quick, fmnist-medium, fmnist-full, fmnist-lcm, "
-                        "fmnist-ldm, in1k-dit-xl2, in1k-ldm4, cc3m-lcm) or a study YAML file")  # fmt: skip
+                        "fmnist-ldm, scenes-quick, cc3m-ldm4, in1k-dit-xl2, in1k-ldm4, cc3m-lcm) or a study YAML file")  # fmt: skip
     _add_common(p)
     p.add_argument("--submit", choices=("slurm", "local"), default=None, metavar="ENGINE",
                    help="hand the cells to a job engine through submitit instead of running "
@@ -74,7 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"run the {DEMO_PRESET} study (about 23 minutes on 2 idle CPU cores) and print the report path",
         description=f"`make demo`: the {DEMO_PRESET} study end to end, then where its report is.",
     )
-    d.add_argument("--preset", default=DEMO_PRESET, help="study preset or YAML file to run")
+    d.add_argument("--preset", default=None,
+                   help=f"study preset or YAML file to run (None: {DEMO_PRESET}, with --text "
+                        f"{TEXT_DEMO_PRESET})")
+    d.add_argument("--text", action="store_true",
+                   help=f"the text-to-image demo: the {TEXT_DEMO_PRESET} study (captions on "
+                        "scenes, scenes-clip / recognizer metrics)")
     _add_common(d)
     d.set_defaults(func=run_demo_command)
 
@@ -130,5 +136,10 @@ def _submit_command(args: argparse.Namespace, spec, study_dir: Path) -> int:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    args.study = args.preset
+    if args.text and args.preset:
+        from condnoise.errors import UserError
+
+        raise UserError(f"demo: --text runs {TEXT_DEMO_PRESET}; give --preset {args.preset} "
+                        "without --text")
+    args.study = args.preset or (TEXT_DEMO_PRESET if args.text else DEMO_PRESET)
     return run_study_command(args)
