@@ -44,7 +44,7 @@ def load_network(build: Callable[[], nn.Module], folder: str | Path | None, name
                  train: Callable[..., object], *, train_if_missing: bool = True,
                  cost: str = "about 1-2 minutes on 2 CPU cores") -> tuple[nn.Module, dict]:  # fmt: skip
     """The cached network ``name`` in eval mode and its card; trained first with ``train``
-    (with a message saying so) when missing, or a UserError when ``train_if_missing`` is off."""
+    (with a warning saying so) when missing, or a UserError when ``train_if_missing`` is off."""
     from safetensors.torch import load_file
 
     folder = network_dir(folder)
@@ -52,7 +52,12 @@ def load_network(build: Callable[[], nn.Module], folder: str | Path | None, name
     if not (weights.is_file() and card_path.is_file()):
         if not train_if_missing:
             raise UserError(f"no trained {name} in {folder}; run `condnoise features train {name}`")
-        print(f"condnoise: {name} not found in {folder}; training it now ({cost})", flush=True)
+        import warnings  # a library does not print (the CLI shows this as one line)
+
+        from condnoise.errors import CondnoiseWarning
+
+        warnings.warn(f"{name} not found in {folder}; training it now ({cost})",
+                      CondnoiseWarning, stacklevel=2)  # fmt: skip
         train(folder, progress=False)  # no bars: the app decides about them, not a library
     try:
         card = json.loads(card_path.read_text())
