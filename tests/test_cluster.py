@@ -332,7 +332,7 @@ def test_submit_slurm_chains_afterok_and_a_second_submission_skips_queued_jobs(
     ({"bake": {"nodes": 1}}, "slurm.bake: unknown stage"),
     ({"train": {"time": "soon"}}, "slurm.train.time 'soon' is not a SLURM time"),
     ({"train": {"nodes": 0}}, "slurm.train.nodes 0 must be an integer >= 1"),
-    ({"sample": {"nodes": 2}}, "only train / distill cells run over several nodes"),
+    ({"sample": {"nodes": 2}}, "only train / distill / finetune cells run over several nodes"),
 ])  # fmt: skip
 def test_bad_slurm_sections(tmp_path, slurm, needle):
     with pytest.raises(UserError, match=__import__("re").escape(needle)):

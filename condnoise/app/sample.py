@@ -156,13 +156,12 @@ def _prompts(args: argparse.Namespace, data: Any) -> Any:
     if args.prompts is not None:
         return read_prompt_file(args.prompts)
     if args.captions_from:
-        from condnoise.training.data import split_prompts
+        from condnoise.training.splits import split_prompts
 
-        d = data
-        spec = args.data or (d.source if d is not None else None)
+        spec = args.data or (data.source if data is not None else None)
         if spec is None:
             raise UserError("--captions-from needs --data SPEC (the data source of the captions)")
-        return split_prompts(spec, args.captions_from, getattr(d, "data_dir", None))
+        return split_prompts(spec, args.captions_from, getattr(data, "data_dir", None))
     return None
 
 
@@ -181,35 +180,10 @@ def _controls(args: argparse.Namespace, config: Any) -> Any:
     if args.prompt or args.prompts or args.captions_from or args.classes != "balanced":
         raise UserError("--controls-from pairs each sample with its split item's condition: drop "
                         "--classes / --prompt / --prompts / --captions-from")  # fmt: skip
-    import numpy as np
-    import torch
+    from condnoise.training.splits import split_controls
 
-    from condnoise.data import open_source
-    from condnoise.data.controls import Control
-    from condnoise.diffusion.sampling import ControlSet, Prompts
-
-    f, d = config.finetune, config.data
-    if f is None and args.control is None:
-        raise UserError("--controls-from on a base run (no adapter) records the controls only: name "
-                        "their kind with --control canny|mask")  # fmt: skip
-    if f is not None and args.control not in (None, f.control):
-        raise UserError(f"--control {args.control}: this adapter was fine-tuned on {f.control} controls")
-    spec = args.data or d.source
-    source = open_source(spec, args.controls_from, data_dir=d.data_dir, image_size=d.image_size)
-    low, high = (f.canny_low, f.canny_high) if f is not None else (100.0, 200.0)
-    control = Control.for_source(f.control if f is not None else args.control, source, low=low, high=high)
-    n = min(args.num, len(source))
-    if hasattr(source, "tensors"):
-        images = source.tensors()[0][:n]
-    else:
-        images = torch.stack([source[i][0] for i in range(n)])
-    ctl = ControlSet(control.native(images, np.arange(n)), control,
-                     f"split:{source.meta.name}:{args.controls_from}", applied=f is not None,
-                     scale=args.control_scale)  # fmt: skip
-    conds = source.conditions()[:n]
-    if source.meta.condition_kind == "caption":
-        return ctl, None, Prompts([str(c) for c in conds], ctl.source, list(range(n)))
-    return ctl, [int(c) for c in conds], None
+    return split_controls(config, args.controls_from, args.num, kind=args.control,
+                          scale=args.control_scale, data=args.data)
 
 
 def _load(args: argparse.Namespace, device: Any) -> Any:

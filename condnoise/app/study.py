@@ -24,7 +24,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (cells, status, estimated cost) and exit")
     p.add_argument("--stage", action="append", default=None, metavar="STAGE",
-                   help="run only this stage (autoencoder, corrupt, train, pretrained, distill, "
+                   help="run only this stage (autoencoder, corrupt, train, pretrained, distill, finetune, "
                         "sample, evaluate, walk, theory, report); repeatable")  # fmt: skip
     p.add_argument("--only", action="append", default=None, metavar="TEXT",
                    help="run only cells whose id contains TEXT (e.g. cep-u, seed0, s3) plus "

@@ -33,6 +33,14 @@ OVERHEAD = {"train": 4.0, "sample": 1.5, "evaluate": 2.0, "walk": 1.5}  # load /
 #: an LCD step per image: the student's forward + backward (~3 forwards, as training), the
 #: teacher's guided forward on a doubled batch (2) and the target's forward (1): ~2x training
 DISTILL_FACTOR = 2.0
+#: a fine-tuning step per image relative to a training step of the base: ControlNet on the
+#: tiny U-Net at 16 px took 81 CPU-seconds for 300 x 32 against the base's 100 (BENCHMARKS.md,
+#: "ControlNet fine-tuning": the frozen base needs no weight gradients); a T2I-Adapter, a
+#: small convolutional net beside the frozen base, assumed a little cheaper (unmeasured)
+FINETUNE_FACTOR = {"controlnet": 0.8, "t2i-adapter": 0.7}
+#: training-split sizes for epoch-based fine-tuning costs (``finetune.epochs``) when the
+#: study's data section has no max_samples; other sources: ``cost.train_images``
+TRAIN_IMAGES = {"fashion-mnist": 60000, "digits": 60000}
 #: fmnist-vq-f4 (0.68M parameters, 32 px): 2000 x 32 images in 1,364 CPU-seconds on one loaded
 #: thread (README, "Latent autoencoders") = 47 img per CPU-second; scaled to an idle core as
 #: fmnist-quick does (x1.9) and assumed no faster on two (small convolutions): ~90 img/s
@@ -112,6 +120,26 @@ class CostModel:
         c = self.train(model, steps, batch)
         return Cost(DISTILL_FACTOR * (c.cpu - OVERHEAD["train"]) + OVERHEAD["train"],
                     DISTILL_FACTOR * (c.gpu - OVERHEAD["train"]) + OVERHEAD["train"])  # fmt: skip
+
+    def finetune(self, model: dict[str, Any], steps: int, batch: int, adapter: str) -> Cost:
+        """An adapter (``controlnet`` / ``t2i-adapter``) fine-tuned on a frozen base
+        ``model`` (:data:`FINETUNE_FACTOR`)."""
+        c, f = self.train(model, steps, batch), FINETUNE_FACTOR[adapter]
+        return Cost(f * (c.cpu - OVERHEAD["train"]) + OVERHEAD["train"],
+                    f * (c.gpu - OVERHEAD["train"]) + OVERHEAD["train"])  # fmt: skip
+
+    def epoch_steps(self, data: dict[str, Any], epochs: float, batch: int) -> int:
+        """Steps of ``epochs`` over the training split (as ``finetune_config`` counts them)."""
+        import math
+
+        from condnoise.errors import UserError
+
+        src = str(data.get("source", "fashion-mnist"))
+        n = data.get("max_samples") or self.overrides.get("train_images") or TRAIN_IMAGES.get(src)
+        if not n:
+            raise UserError(f"study: finetune.epochs on data.source {src!r}: the plan needs the "
+                            "training split's size: give cost.train_images (or data.max_samples)")
+        return max(1, math.ceil(epochs * int(n) / batch))
 
     @staticmethod
     def autoencoder(steps: int, batch: int) -> Cost:

@@ -17,6 +17,16 @@ and how its models are sampled; ``distill`` (latent consistency distillation, Lu
 2023; paper Sec. 4, Table 1) is the first. Few-step methods (``Method.sampler`` set) are
 sampled over the study's ``step_sweep`` (sampler steps x guidance) instead of the guidance
 sweep, and so are their parents, with the study's sampler, for the comparison.
+
+``finetune`` (paper Sec. 5, downstream personalization: ControlNet / T2I-Adapter on a
+frozen base, with or without CEP during fine-tuning)::
+
+      - {name: cn-clean, finetune: {base: clean, adapter: controlnet, control: canny}}
+
+is a controlled method (``Method.controlled``): its models are sampled over the guidance
+sweep with the controls (and conditions) of the evaluation's reference split, and evaluated
+for control fidelity (edge F1 / mask IoU) too; each parent is also sampled once with the
+same controls recorded but not applied (the "base without control" reference).
 """
 
 from __future__ import annotations
@@ -46,6 +56,34 @@ class Method:
     parent_methods: tuple[str, ...] = (TRAINED,)  # what the parent's model may be made by
     sampler: str | None = None  # few-step models: their sampler over the step sweep
     per_seed: bool = True  # one model per seed (False: one for every seed, e.g. a given run)
+    controlled: bool = False  # sampled with spatial controls (``settings['control']``)
+
+
+def _method_perturbation(raw: dict[str, Any], allowed: tuple[str, ...], where: str, method: str,
+                         what: str) -> dict[str, Any]:  # fmt: skip
+    """``raw['perturbation']`` (a name or mapping, default none) among ``allowed``, checked by
+    the study's perturbation check."""
+    pert = raw.get("perturbation") or {"name": "none"}
+    pert = {"name": pert} if isinstance(pert, str) else dict(pert)
+    if pert.get("name") not in allowed:
+        raise UserError(f"{where}: {method}.perturbation {pert!r} must name one of {allowed} ({what})")
+    from condnoise.study.spec import _check_perturbation
+
+    return _check_perturbation(pert, where)
+
+
+def _method_train(raw: dict[str, Any], where: str, method: str) -> dict[str, Any]:
+    """``raw['train']``: train settings without ``seed`` (the study's seeds), checked by the
+    training stage's TrainConfig."""
+    from condnoise import schema
+    from condnoise.training.config import TrainConfig
+
+    train = raw.get("train") or {}
+    if not isinstance(train, dict) or "seed" in train:
+        raise UserError(f"{where}: {method}.train must be a mapping of train settings without "
+                        "'seed' (the study's seeds)")  # fmt: skip
+    schema.build(TrainConfig, train, where, f"{method}.train.")
+    return copy.deepcopy(train)
 
 
 def _check_distill(raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -53,30 +91,50 @@ def _check_distill(raw: dict[str, Any], where: str) -> dict[str, Any]:
     options of ``condnoise distill lcm``), checked by the training stage's typed configs."""
     from condnoise import schema
     from condnoise.models.config import LCMConfig
-    from condnoise.training.config import DistillConfig, TrainConfig, check_distill
+    from condnoise.training.config import DistillConfig, check_distill
     from condnoise.training.distill import PERTURBATIONS
 
-    pert = raw.get("perturbation") or {"name": "none"}
-    pert = {"name": pert} if isinstance(pert, str) else dict(pert)
-    if pert.get("name") not in PERTURBATIONS:
-        raise UserError(f"{where}: distill.perturbation {pert!r} must name one of {PERTURBATIONS} "
-                        "(CEP on the student's condition)")  # fmt: skip
-    from condnoise.study.spec import _check_perturbation
-
-    pert = _check_perturbation(pert, where)
+    pert = _method_perturbation(raw, PERTURBATIONS, where, "distill", "CEP on the student's condition")
     lcm = dataclasses.asdict(LCMConfig.from_dict(
         {k: raw[k] for k in ("w_embed_dim", "solver_steps") if k in raw}, origin=where,
         prefix="distill."))  # fmt: skip
     keys = ("guidance_min", "guidance_max", "loss", "huber_c", "teacher_weights")
     d = schema.build(DistillConfig, {k: raw[k] for k in keys if k in raw}, where, "distill.")
     check_distill(d, where)
-    train = raw.get("train") or {}
-    if not isinstance(train, dict) or "seed" in train:
-        raise UserError(f"{where}: distill.train must be a mapping of train settings without "
-                        "'seed' (the study's seeds)")  # fmt: skip
-    schema.build(TrainConfig, train, where, "distill.train.")
     return {"perturbation": pert, "lcm": lcm, "distill": {k: getattr(d, k) for k in keys},
-            "train": copy.deepcopy(train)}  # fmt: skip
+            "train": _method_train(raw, where, "distill")}  # fmt: skip
+
+
+def _check_finetune(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The adapter settings of a ``finetune`` variant (the options of ``condnoise finetune``),
+    checked by the model and training stages' typed configs: ``adapter`` (controlnet /
+    t2i-adapter; ``t2i_type``, ``num_res_blocks``), ``control`` (canny / mask),
+    ``canny_low`` / ``canny_high``, ``base_weights``, ``perturbation`` (none / cep-u /
+    cep-g), ``epochs`` (sets train.steps from the data size) and ``train``."""
+    from condnoise import schema
+    from condnoise.models.config import AdapterConfig
+    from condnoise.training.config import FinetuneConfig
+    from condnoise.training.finetune import PERTURBATIONS
+
+    pert = _method_perturbation(raw, PERTURBATIONS, where, "finetune",
+                                "CEP on the condition embedding during fine-tuning")  # fmt: skip
+    kind = raw.get("adapter", "controlnet")
+    a = {"kind": kind, **{k: raw[k] for k in ("t2i_type", "num_res_blocks") if k in raw}}
+    cfg = AdapterConfig.from_dict(a, origin=where, prefix="finetune.")
+    adapter = {"kind": cfg.kind}
+    if cfg.kind == "t2i-adapter":  # as `condnoise finetune t2i-adapter` writes it
+        adapter |= {"t2i_type": cfg.t2i_type, "num_res_blocks": cfg.num_res_blocks}
+    keys = ("control", "canny_low", "canny_high", "base_weights")
+    f = schema.build(FinetuneConfig, {k: raw[k] for k in keys if k in raw}, where, "finetune.")
+    epochs = raw.get("epochs")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int | float) or epochs <= 0):
+        raise UserError(f"{where}: finetune.epochs {epochs!r} must be a number > 0 (the paper: 10)")
+    train = _method_train(raw, where, "finetune")
+    if epochs is not None and "steps" in train:
+        raise UserError(f"{where}: finetune has both epochs and train.steps; give one")
+    return {"adapter": adapter, "control": f.control, "perturbation": pert,
+            "finetune": {k: getattr(f, k) for k in keys[1:]},
+            "epochs": None if epochs is None else float(epochs), "train": train}  # fmt: skip
 
 
 def _check_pretrained(raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -97,8 +155,14 @@ DISTILL = Method(
 #: a model from outside the study (no parent): e.g. the teacher of a distillation recipe
 PRETRAINED = Method(name="pretrained", parent_field=None, fields=("path",), check=_check_pretrained,
                     per_seed=False)  # fmt: skip
+FINETUNE = Method(
+    name="finetune", parent_field="base", check=_check_finetune, controlled=True,
+    fields=("adapter", "control", "perturbation", "t2i_type", "num_res_blocks", "canny_low",
+            "canny_high", "base_weights", "epochs", "train"),
+    parent_methods=(TRAINED, "pretrained"),
+)  # fmt: skip
 #: in cell-stage order (a method's parents before it)
-METHODS: dict[str, Method] = {PRETRAINED.name: PRETRAINED, DISTILL.name: DISTILL}
+METHODS: dict[str, Method] = {PRETRAINED.name: PRETRAINED, DISTILL.name: DISTILL, FINETUNE.name: FINETUNE}
 
 
 def method_of(v: dict[str, Any], where: str) -> Method | None:
@@ -189,6 +253,11 @@ def _resolved_archs(placed: list[Variant], name: str, archs: list[str]) -> tuple
 def few_step(v: Variant) -> bool:
     """Whether ``v``'s models are sampled over the step sweep with their own sampler."""
     return v.method in METHODS and METHODS[v.method].sampler is not None
+
+
+def controlled(v: Variant) -> bool:
+    """Whether ``v``'s models are sampled with spatial controls (a ``finetune`` variant)."""
+    return v.method in METHODS and METHODS[v.method].controlled
 
 
 def check_step_sweep(raw: Any, variants: list[Variant], sample: dict[str, Any], where: str

@@ -1,11 +1,14 @@
-"""The study's cell graph: [autoencoder] -> corrupt -> train -> [distill] -> sample ->
-evaluate (+ walk, theory) -> report.
+"""The study's cell graph: [autoencoder] -> corrupt -> train -> [distill | finetune] ->
+sample -> evaluate (+ walk, theory) -> report.
 
 Every cell carries its fully resolved config; its cache key hashes that config, which
 includes the keys of the cells it depends on. A derived variant's model cell (``distill``,
 :mod:`condnoise.study.derived`) depends on its parent's model cell; few-step models and their
 parents are sampled over the study's step sweep (ids ``sample/ARCH/VARIANT/seedS/n{steps}/
-s{scale}``). Cost estimates come from :mod:`condnoise.study.cost` and are replaced by
+s{scale}``); controlled models (``finetune``) are sampled with the reference split's
+controls, and their parents once more with those controls recorded only (ids ``sample/
+ARCH/PARENT/seedS/{control}-recorded/s{scale}``, the "base without control" reference).
+Cost estimates come from :mod:`condnoise.study.cost` and are replaced by
 measured durations where the cell log has them.
 """
 
@@ -19,7 +22,7 @@ from condnoise import rng
 from condnoise.errors import UserError
 from condnoise.study.cache import config_key
 from condnoise.study.cost import Cost, CostModel
-from condnoise.study.derived import METHODS, few_step
+from condnoise.study.derived import METHODS, controlled, few_step
 from condnoise.study.spec import StudySpec, Variant, deep_merge
 
 STAGES = ("autoencoder", "corrupt", "train", *METHODS, "sample", "evaluate", "walk", "theory",
@@ -109,7 +112,9 @@ def build_cells(spec: StudySpec) -> list[Cell]:
                 else:
                     model = cells.add(_derived_cell(spec, cost, v, models[(v.parent, arch, seed)], meta))
                 models[(v.name, arch, seed)] = model
-                if not few_step(v):
+                if controlled(v):
+                    _controlled_cells(spec, cost, cells, v, model, models[(v.parent, arch, seed)], arch, meta)
+                elif not few_step(v):
                     _sweep_cells(spec, cost, cells, model, arch, meta)
                 if v.name in swept:
                     _step_sweep_cells(spec, cost, cells, model, v, arch, meta)
@@ -133,14 +138,34 @@ def _trained_cells(spec: StudySpec, cost: CostModel, cells: _Cells, v: Variant, 
 
 
 def _sweep_cells(spec: StudySpec, cost: CostModel, cells: _Cells, model: Cell, arch: str,
-                 meta: dict[str, Any]) -> None:  # fmt: skip
+                 meta: dict[str, Any], controls: dict[str, Any] | None = None) -> None:  # fmt: skip
     """The guidance sweep of one model (a sample and an evaluate cell per scale) and, for
-    the first seed, its walk."""
+    the first seed, its walk (not for a model sampled with ``controls``)."""
     for scale in spec.sample["guidance"]:
-        sample = cells.add(_sample_cell(spec, cost, model, arch, scale, meta))
+        sample = cells.add(_sample_cell(spec, cost, model, arch, scale, meta, controls=controls))
         _evaluate_cell(spec, cost, cells, sample, arch, dict(meta, scale=scale))
-    if spec.report.get("walks") and meta["seed"] == spec.seeds[0]:
+    if spec.report.get("walks") and meta["seed"] == spec.seeds[0] and controls is None:
         cells.add(_walk_cell(spec, cost, model, arch, meta))
+
+
+def control_settings(spec: StudySpec, kind: str) -> dict[str, Any]:
+    """Where a controlled sample cell's controls come from: the evaluation's reference split
+    (``condnoise sample --controls-from SPLIT``) and the control kind."""
+    return {"split": str(spec.evaluate.get("reference_split", "test")), "kind": kind}
+
+
+def _controlled_cells(spec: StudySpec, cost: CostModel, cells: _Cells, v: Variant, model: Cell,
+                      parent: Cell, arch: str, meta: dict[str, Any]) -> None:  # fmt: skip
+    """An adapter's guidance sweep with its controls, and its parent's reference: one scale
+    (the middle of the sweep) sampled with the same controls recorded but not applied."""
+    kind = str(v.settings["control"])
+    controls = control_settings(spec, kind)
+    _sweep_cells(spec, cost, cells, model, arch, dict(meta, control=kind, applied=True), controls)
+    scale = _walk_scale(spec)
+    ref = dict(meta, variant=v.parent, control=kind, applied=False)
+    sample = cells.add(_sample_cell(spec, cost, parent, arch, scale, ref, controls=controls,
+                                    tag=f"/{kind}-recorded"))  # fmt: skip
+    _evaluate_cell(spec, cost, cells, sample, arch, dict(ref, scale=scale))
 
 
 def _step_sweep_cells(spec: StudySpec, cost: CostModel, cells: _Cells, model: Cell, v: Variant,
@@ -158,21 +183,27 @@ def _step_sweep_cells(spec: StudySpec, cost: CostModel, cells: _Cells, model: Ce
 
 def _evaluate_cell(spec: StudySpec, cost: CostModel, cells: _Cells, sample: Cell, arch: str,
                    meta: dict[str, Any]) -> Cell:  # fmt: skip
-    config = {"stage": "evaluate", "sample_key": sample.key, "evaluate": evaluate_settings(spec, arch),
-              "data": spec.data}  # fmt: skip
+    control = (sample.config.get("controls") or {}).get("kind")
+    config = {"stage": "evaluate", "sample_key": sample.key, "data": spec.data,
+              "evaluate": evaluate_settings(spec, arch, control)}  # fmt: skip
     return cells.add(_cell(sample.id.replace("sample/", "evaluate/", 1), config,
                            cost.evaluate(int(spec.sample["num_samples"])), meta, [sample.id]))  # fmt: skip
 
 
-def evaluate_settings(spec: StudySpec, arch: str) -> dict[str, Any]:
+def evaluate_settings(spec: StudySpec, arch: str, control: str | None = None) -> dict[str, Any]:
     """The study's ``evaluate`` section; models on a VQ autoencoder add sample entropy over
-    its codebook (paper Sec. 5) to the default metrics."""
+    its codebook (paper Sec. 5) to the default metrics, samples made with ``control``
+    (canny / mask) its fidelity metric (edge F1 / mask IoU)."""
+    from condnoise.evaluation.control_metrics import CONTROL_METRICS
     from condnoise.study.stages import STUDY_METRICS
 
     e = dict(spec.evaluate)
     ae = spec.architectures[arch].get("autoencoder") or {}
     if ae.get("kind") == "vq" and not e.get("metrics"):
         e["metrics"] = [*STUDY_METRICS, "entropy"]
+    if control is not None:
+        metric = next(m for m, k in CONTROL_METRICS.items() if k == control)
+        e["metrics"] = [*(e.get("metrics") or STUDY_METRICS), metric]
     return e
 
 
@@ -199,11 +230,24 @@ def _derived_cell(spec: StudySpec, cost: CostModel, v: Variant, parent: Cell,
     """The model cell of a derived variant (stage = its method), after its parent's."""
     config = {"stage": v.method, "parent_key": parent.key, "settings": v.settings,
               "seed": meta["seed"], "rng_version": rng.VERSION}  # fmt: skip
+    if v.method == "finetune":  # the adapter learns from the study's data (clean conditions)
+        config["data"] = spec.data
     arch, teacher = meta["arch"], next(p for p in spec.variants if p.name == v.parent)
-    # the student starts from its parent's train settings (training.distill.student_config)
-    t = deep_merge(trainer_sections(spec, teacher, arch).get("train", {}), v.settings.get("train", {}))
-    estimate = cost.distill(spec.architectures[arch], int(t.get("steps", 1000)),
-                            int(t.get("batch_size", 128)))  # fmt: skip
+    model = spec.architectures[arch]
+    # the student / adapter starts from its parent's train settings (training.distill.
+    # student_config; training.finetune.finetune_config with FINETUNE_TRAIN)
+    t = trainer_sections(spec, teacher, arch).get("train", {})
+    if v.method == "finetune":
+        from condnoise.training.finetune import FINETUNE_TRAIN
+
+        t = deep_merge({**t, **FINETUNE_TRAIN}, v.settings.get("train", {}))
+        batch = int(t.get("batch_size", 128))
+        steps = (cost.epoch_steps(spec.data, v.settings["epochs"], batch) if v.settings.get("epochs")
+                 else int(t["steps"]))  # fmt: skip
+        estimate = cost.finetune(model, steps, batch, str(v.settings["adapter"]["kind"]))
+    else:
+        t = deep_merge(t, v.settings.get("train", {}))
+        estimate = cost.distill(model, int(t.get("steps", 1000)), int(t.get("batch_size", 128)))
     return _cell(f"{v.method}/{arch}/{v.name}/seed{meta['seed']}", config, estimate, meta, [parent.id])
 
 
@@ -218,19 +262,22 @@ def _source_cell(v: Variant, meta: dict[str, Any]) -> Cell:
 
 
 def _sample_cell(spec: StudySpec, cost: CostModel, model: Cell, arch: str, scale: float,
-                 meta: dict[str, Any], *, sampler: str | None = None, steps: int | None = None
-                 ) -> Cell:  # fmt: skip
+                 meta: dict[str, Any], *, sampler: str | None = None, steps: int | None = None,
+                 controls: dict[str, Any] | None = None, tag: str = "") -> Cell:  # fmt: skip
     """One scale of a model's samples; ``sampler`` / ``steps`` (the step sweep) replace the
-    study's, and the id gets ``/n{steps}``. ``train_key`` is the model cell's key (a train
-    or derived cell)."""
+    study's, and the id gets ``/n{steps}``; ``controls`` (:func:`control_settings`) pair each
+    sample with a split item's control and condition, ``tag`` marks the id. ``train_key`` is
+    the model cell's key (a train or derived cell)."""
     settings = _sample_settings(spec)
     if sampler is not None:
         settings.update(sampler=sampler, steps=int(steps))  # type: ignore[arg-type]
     config = {"stage": "sample", "train_key": model.key, "sample": settings,
               "scale": scale, "seed": meta["seed"], "rng_version": rng.VERSION}  # fmt: skip
+    if controls is not None:
+        config["controls"] = dict(controls)
     estimate = cost.sample(spec.architectures[arch], int(spec.sample["num_samples"]),
                            int(settings["steps"]), scale, sampler=str(settings["sampler"]))  # fmt: skip
-    n = "" if sampler is None else f"/n{steps}"
+    n = tag + ("" if sampler is None else f"/n{steps}")
     return _cell(f"sample/{arch}/{meta['variant']}/seed{meta['seed']}{n}/s{scale:g}", config, estimate, dict(meta, scale=scale), [model.id])
 
 

@@ -3,7 +3,8 @@
 Written to ``STUDY_DIR/report/``: ``report.html`` (figures embedded as base64 PNG),
 ``report.md`` (figures beside it in ``figures/``), ``results.csv`` (every seed and scale,
 every metric; ``results_steps.csv`` the same for the step sweep of few-step students and
-their teachers), ``summary.csv`` (mean, 95% CI half-width and n per model and scale),
+their teachers, ``results_downstream.csv`` for the adapters and their bases sampled with
+controls), ``summary.csv`` (mean, 95% CI half-width and n per model and scale),
 ``report.json`` (each section's status). A section whose inputs the preset does not
 produce says so (``not in this preset's grid`` / ``not applicable``); a section whose
 cells are not finished yet is marked ``incomplete``.
@@ -20,7 +21,7 @@ from typing import Any
 
 from condnoise import stats
 from condnoise.io import write_json, write_text
-from condnoise.study import accuracy, fewstep, figures
+from condnoise.study import accuracy, downstream, fewstep, figures
 from condnoise.study.aggregate import Estimate, Verdict, compare, estimate
 from condnoise.study.blocks import (
     HtmlRenderer,
@@ -395,6 +396,7 @@ def build_sections(res: StudyResults) -> list[Section]:
         lambda: fid_vs_guidance_eta(res),
         lambda: fid_vs_guidance_pert(res),
         lambda: fewstep.steps_section(res),
+        lambda: downstream.downstream_section(res),
         lambda: trade_off_section(res, "fid-is", "FID vs IS-style score (paper Fig. 3)", "is", "fid"),
         lambda: trade_off_section(res, "precision-recall", "Precision vs recall (paper Fig. 3)",
                                   "recall", "precision"),
@@ -462,6 +464,14 @@ def write_csvs(res: StudyResults, out: Path) -> None:
                                                                  r["scale"], r["seed"]))]  # fmt: skip
         write_text(out / "results_steps.csv",
                    _csv_text(["arch", "variant", "sampler", "steps", "seed", "guidance"] + keys, rows))
+    if res.downstream_records:  # adapters and their bases' without-control references
+        keys = sorted({k for r in res.downstream_records for k in r["metrics"]})
+        rows = [[r["arch"], r["variant"], r["control"], r["applied"], r["seed"], r["scale"]]
+                + [r["metrics"].get(k, "") for k in keys]
+                for r in sorted(res.downstream_records, key=lambda r: (r["arch"], r["variant"], r["control"],
+                                                                       r["applied"], r["scale"], r["seed"]))]  # fmt: skip
+        write_text(out / "results_downstream.csv",
+                   _csv_text(["arch", "variant", "control", "control_applied", "seed", "guidance"] + keys, rows))
 
 
 def write_report(spec: StudySpec, study_dir: Path, *, log_fn: Callable[[str], None] = print) -> Path:

@@ -3,7 +3,9 @@
 A record is one evaluated sample set: ``{arch, variant, seed, scale, metrics}`` with
 ``metrics`` the flattened ``metrics.json`` (``"extractor/metric": value``); records of the
 step sweep (few-step students and their teachers) are kept apart in ``step_records``, with
-``steps`` and ``sampler`` too. Metric names are looked up through :data:`METRICS` (canonical name -> accepted keys), preferring
+``steps`` and ``sampler`` too, and so are those of samples made with spatial controls
+(adapters and their bases' without-control references) in ``downstream_records``, with
+``control`` and ``applied``. Metric names are looked up through :data:`METRICS` (canonical name -> accepted keys), preferring
 the study's first feature extractor, so the report follows the evaluation stage's schema
 (``docs/architecture.md``, evaluation/).
 """
@@ -48,6 +50,8 @@ METRICS: dict[str, tuple[tuple[str, ...], str, bool]] = {
     **{f"caption_{a}": ((f"caption_{a}",), f"caption accuracy ({a})", False)
        for a in ("all", "class", "colour", "size", "position", "background", "count",
                  "all_seen", "all_novel")},
+    "edge_f1": (("edge_f1",), "edge F1", False),  # control fidelity (control_metrics.py)
+    "mask_iou": (("mask_iou",), "mask IoU", False),
 }  # fmt: skip
 
 
@@ -76,6 +80,9 @@ class StudyResults:
     cells: list[Cell] = field(default_factory=list)
     #: the step sweep's records (``steps``, ``sampler`` besides the record's fields)
     step_records: list[dict[str, Any]] = field(default_factory=list)
+    #: controlled samples' records (``control``: canny / mask, ``applied``: False for a base
+    #: sampled with the controls recorded only)
+    downstream_records: list[dict[str, Any]] = field(default_factory=list)
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.spec.variants if v.name == name)
@@ -112,6 +119,15 @@ class StudyResults:
             if r["arch"] == arch and r["variant"] == variant and r["scale"] == scale:
                 out.setdefault(r["steps"], []).append(self.value(r, name))
         return {n: estimate(v) for n, v in sorted(out.items()) if estimate(v).n}
+
+    def per_scale_downstream(self, arch: str, variant: str, name: str, *, applied: bool,
+                             control: str) -> dict[float, Estimate]:  # fmt: skip
+        """Seed estimate of metric ``name`` at each scale of a model's controlled samples."""
+        out: dict[float, list[float]] = {}
+        for r in self.downstream_records:
+            if (r["arch"], r["variant"], r["applied"], r["control"]) == (arch, variant, applied, control):
+                out.setdefault(r["scale"], []).append(self.value(r, name))
+        return {s: estimate(v) for s, v in sorted(out.items()) if estimate(v).n}
 
     def reference_accuracy(self, arch: str) -> tuple[float, float] | None:
         """The classifier's accuracy on the real reference images, (through the samples'
@@ -152,6 +168,9 @@ def collect(spec: StudySpec, study_dir: Path) -> StudyResults:
                    "scale": float(m["scale"]), "metrics": flatten(raw)}  # fmt: skip
             if "steps" in m:  # the step sweep (few-step students and their teachers)
                 res.step_records.append({**rec, "steps": int(m["steps"]), "sampler": m["sampler"]})
+                continue
+            if "control" in m:  # adapters and their bases' references (downstream.py)
+                res.downstream_records.append({**rec, "control": m["control"], "applied": bool(m["applied"])})
                 continue
             res.records.append(rec)
             res.eval_dirs[(m["arch"], m["variant"], m["seed"], float(m["scale"]))] = d

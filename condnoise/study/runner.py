@@ -35,7 +35,7 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR
             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
 POLL_SECONDS = 5.0
 #: stages that continue from their own checkpoints / shards
-RESUMABLE = ("autoencoder", "train", "distill", "sample")
+RESUMABLE = ("autoencoder", "train", "distill", "finetune", "sample")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """SLURM resources per stage: the study file's ``slurm`` section, checked and resolved.
 
-The section maps a stage (``autoencoder``, ``corrupt``, ``train``, ``distill``, ``sample``,
+The section maps a stage (``autoencoder``, ``corrupt``, ``train``, ``distill``, ``finetune``, ``sample``,
 ``evaluate``, ``walk``, ``theory``, ``report``) or ``default`` to sbatch resources; a stage takes the built-in
 defaults, then ``default``, then its own entry::
 
@@ -12,7 +12,7 @@ defaults, then ``default``, then its own entry::
 ``time`` takes SLURM's formats (minutes, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
 ``D-HH:MM:SS``); ``mem`` an sbatch ``--mem`` value (``64G``; ``0`` is the whole node). A
 training cell runs ``gpus_per_node`` tasks per node over ``nodes`` nodes, one process
-group (see :mod:`condnoise.study.submit`), and so does a distillation cell; other cells
+group (see :mod:`condnoise.study.submit`), and so does a distillation or fine-tuning cell; other cells
 run one task. The section never
 enters a cell's config, so changing resources never invalidates a finished cell.
 """
@@ -30,7 +30,7 @@ TEXT_KEYS = ("partition", "account", "qos", "constraint")
 INT_KEYS = ("nodes", "gpus_per_node", "cpus_per_task")
 SLURM_KEYS = (*TEXT_KEYS, *INT_KEYS, "mem", "time")
 BUILTIN = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "time": "1-00:00:00"}
-MULTI_TASK = ("train", "distill")  # trainers: one process group over the allocation
+MULTI_TASK = ("train", "distill", "finetune")  # trainers: one process group over the allocation
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _MEM = re.compile(r"^\d+[KMGT]?B?$", re.IGNORECASE)
 

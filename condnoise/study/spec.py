@@ -378,7 +378,8 @@ def _check_evaluate_report_cost(raw: dict[str, Any], where: str) -> tuple[dict, 
     for key, default in (("walks", True), ("theory", True), ("grid_per_class", 8),
                          ("walk_frames", 16)):  # fmt: skip
         report.setdefault(key, default)
-    cost = _mapping(raw, "cost", where, {"train_img_per_s", "forward_img_per_s", "eval_img_per_s"})
+    cost = _mapping(raw, "cost", where, {"train_img_per_s", "forward_img_per_s", "eval_img_per_s",
+                                         "train_images"})
     for k, val in cost.items():
         _need(isinstance(val, int | float) and val > 0, where, f"cost.{k} {val!r} must be > 0")
     return evaluate, report, {k: float(v) for k, v in cost.items()}

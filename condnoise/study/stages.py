@@ -8,6 +8,7 @@ Each function takes ``(cell, cell_dir, dep_dirs, ctx)``, writes its outputs unde
     cells/train/KEY/run/                 a training run directory (config.yaml, checkpoints/)
     cells/train/KEY/shift.json           mean L2 embedding shift (paper Fig. 8a x-axis)
     cells/distill/KEY/run/               an LCM student's run (condnoise distill lcm's trainer)
+    cells/finetune/KEY/run/              an adapter's run (condnoise finetune's trainer)
     cells/sample/KEY/s{scale}/samples.npz  images uint8 [N,H,W,C], labels int64 [N]
     cells/evaluate/KEY/metrics.json      the evaluation stage's metrics for that sample set
     cells/evaluate/KEY/per_sample.npz    its per-sample scores (RMD, training-set distances)
@@ -142,8 +143,9 @@ def run_train(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext
 
 
 def student_overrides(cell: Cell) -> list[str]:
-    """Dotted overrides of the student's config (``training.distill.student_config``): the
-    variant's ``distill.train`` settings, the cell's seed, no sample grids, no TensorBoard."""
+    """Dotted overrides of a derived model's config (``training.distill.student_config``,
+    ``training.finetune.finetune_config``): the variant's ``train`` settings, the cell's
+    seed, no sample grids, no TensorBoard."""
     import json
 
     s = cell.config["settings"]
@@ -167,6 +169,33 @@ def run_distill(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunConte
                               run_dir=cell_dir / "run")  # fmt: skip
 
     fit_in_cell(cell_dir, ctx, build, distill)
+    return {}
+
+
+def run_finetune(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
+    """A ControlNet / T2I-Adapter on the parent's frozen model (paper Sec. 5, downstream
+    personalization), through ``condnoise finetune``'s trainer, with the variant's CEP
+    during fine-tuning (``settings.perturbation``). The adapter learns from the study's
+    data section with its clean conditions (``data.corruption`` dropped: a corrupted base's
+    corruption is its pre-training's, not the downstream data's; a ``pretrained`` base may
+    come from other data, e.g. ImageNet-1K for ImageNet-100). Resumable and multi-task like
+    :func:`run_train`."""
+    import json
+
+    from condnoise.training.finetune import finetune, finetune_config
+
+    s, base = cell.config["settings"], model_run_dir(deps)
+    data = {k: v for k, v in cell.config["data"].items() if k in ("source", "image_size", "data_dir",
+                                                                   "max_samples")}  # fmt: skip
+    overrides = [f"data.{k}={json.dumps(v)}" for k, v in data.items()] + ["data.corruption=null"]
+
+    def build() -> Any:
+        return finetune_config(base, adapter=s["adapter"], control=s["control"],
+                               perturbation=s["perturbation"], finetune=s["finetune"],
+                               epochs=s.get("epochs"), run_dir=cell_dir / "run",
+                               overrides=[*overrides, *student_overrides(cell)])  # fmt: skip
+
+    fit_in_cell(cell_dir, ctx, build, finetune)  # no sample grids: train.sample_every 0
     return {}
 
 
@@ -207,13 +236,25 @@ def model_run_dir(deps: dict[str, Path]) -> Path:
 
 
 def run_sample(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContext) -> dict:
-    """One guidance scale of the sweep (section 5): ``s{scale}/samples.npz``."""
+    """One guidance scale of the sweep (section 5): ``s{scale}/samples.npz``; with
+    ``controls`` (a controlled model or its reference), sample i gets the control and the
+    condition of the split's item ``i % P`` (``condnoise sample --controls-from``); with
+    ``prompts`` (a text model), caption ``i % P`` of the split (``--captions-from``)."""
     from condnoise.diffusion.sampling import SweepConfig, run_sweep
     from condnoise.study.text import sample_prompts
+    from condnoise.training.rundir import read_run_config
     from condnoise.training.runtime import load_run
+    from condnoise.training.splits import split_controls
 
-    s = cell.config["sample"]
+    s, c = cell.config["sample"], cell.config.get("controls")
     run_dir = model_run_dir(deps)
+    ctl, classes, prompts = None, "balanced", None
+    if c is not None:
+        ctl, labels, prompts = split_controls(read_run_config(run_dir), c["split"], int(s["num_samples"]),
+                                              kind=c["kind"])  # fmt: skip
+        classes = labels if labels is not None else "balanced"
+    else:  # text studies: paired captions (study/text.py)
+        prompts = sample_prompts(cell, ctx)
     run = load_run(run_dir, device=cell_device(ctx))
     cfg = SweepConfig(
         guidances=[float(cell.config["scale"])],
@@ -225,7 +266,9 @@ def run_sample(cell: Cell, cell_dir: Path, deps: dict[str, Path], ctx: RunContex
         shard_size=max(int(s.get("batch_size", 256)), 1000),
         grid_per_class=8,
         clip_x0=bool(s.get("clip_x0", False)),
-        prompts=sample_prompts(cell, ctx),  # text studies: paired captions (study/text.py)
+        classes=classes,
+        prompts=prompts,
+        controls=ctl,
     )
     (folder,) = run_sweep(run, run_dir, cell_dir, cfg, progress=ctx.progress)
     return {"samples": str(folder.relative_to(cell_dir) / "samples.npz")}
@@ -357,6 +400,7 @@ STAGE_FUNCTIONS = {
     "train": run_train,
     "pretrained": run_pretrained,
     "distill": run_distill,
+    "finetune": run_finetune,
     "sample": run_sample,
     "evaluate": run_evaluate,
     "walk": run_walk,

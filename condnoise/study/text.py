@@ -93,7 +93,7 @@ def sample_prompts(cell: Cell, ctx: RunContext) -> Any:
     s = cell.config["sample"]
     if not s.get("captions_from"):
         return None
-    from condnoise.training.data import split_prompts
+    from condnoise.training.splits import split_prompts
 
     data = ctx.cells[cell.deps[0]].config["data"]
     return split_prompts(str(s.get("captions_data") or data["source"]), str(s["captions_from"]),
@@ -105,7 +105,7 @@ def run_text_grid(cell: Cell, cell_dir: Path, run: Any, data: dict[str, Any]) ->
     sample split), ``grid_per_class`` samples each, the caption printed above its row."""
     from condnoise.diffusion.sampling import sample_grid
     from condnoise.io import write_json
-    from condnoise.training.data import split_prompts
+    from condnoise.training.splits import split_prompts
 
     c, s = cell.config, cell.config["sample"]
     prompts = split_prompts(str(s.get("captions_data") or data["source"]), str(s["captions_from"]),

@@ -295,17 +295,3 @@ def apply_corruption(source: Any, manifest_dir: str) -> Any:
         raise UserError(f"data.corruption: manifest folder not found: {manifest_dir}")
     manifest = Manifest.load(folder)
     return CorruptedView(source, manifest)
-
-
-def split_prompts(spec: str, split: str, data_dir: str | None = None) -> Any:
-    """The captions of ``spec``'s ``split`` as paired ``Prompts`` (sample i gets caption i,
-    the source index kept): what ``condnoise sample --captions-from`` and the study's text
-    sample cells generate from. UserError for a class-labelled source."""
-    from condnoise.data import open_source
-    from condnoise.diffusion.sampling import Prompts
-
-    source = open_source(spec, split, data_dir=data_dir)
-    if source.meta.condition_kind != "caption":
-        raise UserError(f"--captions-from: {spec}:{split} has class labels, not captions")
-    texts = [str(c) for c in source.conditions()]
-    return Prompts(texts, f"split:{source.meta.name}:{split}", list(range(len(texts))))
