@@ -315,9 +315,12 @@ def test_distill_cells_follow_their_teacher():
     assert ids.count("pretrained/dit/sd") == 1 and "distill/dit/lcm/seed2" in ids
 
 
-def test_steps_section_compares_students_with_welch_intervals(tmp_path):
+def test_steps_section_compares_students_paired_by_seed(tmp_path):
     """The report's few-step section on per-seed records: each student against its teacher at
-    the same steps, each CEP student against the clean student, by condnoise.stats."""
+    the same steps, each CEP student against the clean student: the verdict from the paired
+    t-interval (scipy's ttest_rel), the Welch interval (condnoise.stats) beside it."""
+    from scipy import stats as sstats
+
     from condnoise import stats as cstats
     from condnoise.study.fewstep import steps_section
     from condnoise.study.results import StudyResults
@@ -336,9 +339,19 @@ def test_steps_section_compares_students_with_welch_intervals(tmp_path):
     versus = {(r[1], r[2].split()[0], r[4]): r for r in tables[1].rows}
     d, lo, hi = cstats.welch_interval(np.array(fids["lcm"]) + 4, np.array(fids["clean"]) + 4)
     row = versus[("lcm", "clean", "4")]
-    assert row[7] == f"{d:+.3g} [{lo:+.3g}, {hi:+.3g}]" and row[8] == "better"
-    assert versus[("lcm-cepu", "lcm", "4")][8] == "indistinguishable"
-    assert versus[("lcm-cept", "cep-u", "2")][8] == "better"
+    assert row[7] == f"{d:+.3g} [{lo:+.3g}, {hi:+.3g}]" and row[9] == "better"
+    pd_ = np.mean(np.array(fids["lcm"]) - fids["clean"])
+    plo, phi = sstats.ttest_rel(np.array(fids["lcm"]) + 4, np.array(fids["clean"]) + 4).confidence_interval()
+    assert row[8] == f"{pd_:+.3g} [{plo:+.3g}, {phi:+.3g}]"
+    assert versus[("lcm-cepu", "lcm", "4")][9] == "indistinguishable"
+    assert versus[("lcm-cept", "cep-u", "2")][9] == "better"
+    # pairing resolves what Welch cannot: a constant per-seed gain over widely spread seeds
+    from condnoise.study.aggregate import Verdict, compare, compare_paired, estimate
+
+    a, b = {0: 20.0, 1: 30.0, 2: 40.0}, {0: 21.0, 1: 31.5, 2: 41.0}
+    assert compare(estimate(a.values()), estimate(b.values()), lower_is_better=True).verdict == Verdict.INDISTINGUISHABLE
+    assert compare_paired(a, b, lower_is_better=True).verdict == Verdict.BETTER
+    assert compare_paired(a, {0: 1.0}, lower_is_better=True).verdict == Verdict.NO_INTERVAL
     assert ("lcm", "lcm", "4") not in versus  # the reference student is not compared with itself
 
 

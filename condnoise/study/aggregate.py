@@ -3,7 +3,9 @@
 Every number in the report is a mean over the study's seeds with the two-sided 95%
 Student-t interval of :func:`condnoise.stats.t_interval`; with one seed the interval is
 undefined (NaN, rendered ``n/a``). Two models are compared by the Welch interval of
-:func:`condnoise.stats.welch_interval`. Best guidance scales are chosen on the mean over
+:func:`condnoise.stats.welch_interval`, or, when each seed of one model was made from the
+same seed of the other (a distilled student and its teacher), by the t-interval of the
+per-seed differences (:func:`compare_paired`). Best guidance scales are chosen on the mean over
 seeds, never per seed, so no seed or scale is cherry-picked.
 """
 
@@ -62,7 +64,7 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True)
 class Difference:
-    """Welch 95% interval for mean(a) - mean(b) and what it says for the metric."""
+    """A 95% interval (Welch or paired) for mean(a) - mean(b) and what it says for the metric."""
 
     diff: float
     low: float
@@ -76,6 +78,23 @@ def compare(a: Estimate, b: Estimate, *, lower_is_better: bool) -> Difference:
     if a.n < 2 or b.n < 2:
         return Difference(a.mean - b.mean, math.nan, math.nan, Verdict.NO_INTERVAL)
     d, low, high = stats.welch_interval(np.array(a.values), np.array(b.values))
+    return _difference(d, low, high, lower_is_better)
+
+
+def compare_paired(a: dict[int, float], b: dict[int, float], *, lower_is_better: bool) -> Difference:
+    """Paired 95% t-interval of ``a[seed] - b[seed]`` over the seeds both have (Student 1908;
+    for models made seed by seed from each other, e.g. a student from its teacher)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        d = a[seeds[0]] - b[seeds[0]] if seeds else math.nan
+        return Difference(d, math.nan, math.nan, Verdict.NO_INTERVAL)
+    mean, half = stats.t_interval(np.array([a[s] - b[s] for s in seeds]))
+    d, half = float(mean), float(half)
+    return _difference(d, d - half, d + half, lower_is_better)
+
+
+def _difference(d: float, low: float, high: float, lower_is_better: bool) -> Difference:
+    """The verdict of an interval ``[low, high]`` on a difference ``d``."""
     if low > 0:
         verdict = Verdict.WORSE if lower_is_better else Verdict.BETTER
     elif high < 0:

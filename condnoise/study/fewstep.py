@@ -6,8 +6,12 @@ few steps. For every step count and scale of the study's ``step_sweep``, each te
 study's sampler, DPM-Solver++ in the presets) and each student (LCM) is the mean FID over
 seeds with its 95% t-interval; each student is compared with its teacher at the same step
 count, and every student with a CEP placement (on the student, a CEP-pretrained teacher,
-or both) with the clean student (clean teacher, no CEP) by the Welch 95% interval on the
-difference of seed means (:func:`condnoise.study.aggregate.compare`).
+or both) with the clean student (clean teacher, no CEP). Both comparisons are paired by
+seed: the student of seed s is distilled from the teacher of seed s and every model is
+sampled with the same seeds, so the verdict comes from the t-interval of the per-seed
+differences (:func:`condnoise.study.aggregate.compare_paired`); the Welch interval on the
+seed means (:func:`condnoise.study.aggregate.compare`), which ignores the pairing, is shown
+beside it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import math
 
 from condnoise.study import figures
-from condnoise.study.aggregate import Estimate, compare
+from condnoise.study.aggregate import Estimate, compare, compare_paired
 from condnoise.study.blocks import Section, Status
 from condnoise.study.derived import METHODS, few_step
 from condnoise.study.results import CEP_NAMES, StudyResults
@@ -45,10 +49,15 @@ def _clean_student(res: StudyResults, arch: str) -> Variant | None:
     return None
 
 
-def _fmt_diff(a: Estimate, b: Estimate) -> tuple[str, str]:
-    d = compare(a, b, lower_is_better=True)
-    ci = "" if math.isnan(d.low) else f" [{d.low:+.3g}, {d.high:+.3g}]"
-    return f"{d.diff:+.3g}{ci}", str(d.verdict)
+def _fmt_diff(a: Estimate, b: Estimate, a_seeds: dict[int, float],
+              b_seeds: dict[int, float]) -> tuple[str, str, str]:  # fmt: skip
+    """Welch interval, paired interval, and the paired verdict of FID ``a - b``."""
+    welch, paired = compare(a, b, lower_is_better=True), compare_paired(a_seeds, b_seeds, lower_is_better=True)
+
+    def fmt(d) -> str:
+        return f"{d.diff:+.3g}" + ("" if math.isnan(d.low) else f" [{d.low:+.3g}, {d.high:+.3g}]")
+
+    return fmt(welch), fmt(paired), str(paired.verdict)
 
 
 def steps_section(res: StudyResults) -> Section:
@@ -65,9 +74,12 @@ def steps_section(res: StudyResults) -> Section:
              f"(guidance through its guidance embedding), at {', '.join(map(str, sweep['steps']))} "
              f"steps and guidance {', '.join(f'{s:g}' for s in sweep['guidance'])}; "
              f"{res.spec.sample['num_samples']} samples per point; mean ± 95% t-interval over "
-             f"{len(res.spec.seeds)} seed(s). Differences (student - reference) are Welch 95% "
-             "intervals on seed means: negative = lower FID; 'better' / 'worse' only when the "
-             "whole interval lies on one side of zero.")  # fmt: skip
+             f"{len(res.spec.seeds)} seed(s). Differences (student - reference): negative = lower "
+             "FID. The student of seed s is distilled from the teacher of seed s and all models "
+             "are sampled with the same seeds, so the verdict comes from the paired 95% "
+             "t-interval of the per-seed differences; the Welch 95% interval on the seed means "
+             "(which ignores the pairing) is shown beside it. 'better' / 'worse' only when the "
+             "whole paired interval lies on one side of zero.")  # fmt: skip
     rows, versus = [], []
     for arch in res.spec.architectures:
         ref = _clean_student(res, arch)
@@ -97,7 +109,7 @@ def steps_section(res: StudyResults) -> Section:
                  "distillation), and each student with CEP against the clean student (clean teacher, "
                  "no CEP) of the same architecture:")  # fmt: skip
         sec.table(["arch", "student", "against", "s", "steps", "student FID", "their FID",
-                   "diff (95% CI)", "verdict"], versus)  # fmt: skip
+                   "diff, Welch 95%", "diff, paired by seed 95%", "verdict (paired)"], versus)  # fmt: skip
     todo = [m for m in res.missing if m.startswith("evaluate/") and "/n" in m]
     if todo:
         sec.note = f"{len(todo)} step-sweep evaluate cell(s) not finished yet; the numbers cover the finished ones"
@@ -121,14 +133,15 @@ def _versus(res: StudyResults, arch: str, scale: float, students: list[Variant],
             ref: Variant | None, steps: list[int]) -> list[list[str]]:  # fmt: skip
     out = []
     for v in students:
-        mine = res.per_steps(arch, v.name, scale)
-        against = [(f"{v.parent} (teacher, {res.spec.sample['sampler']})", res.per_steps(arch, v.parent or "", scale))]
+        mine, my_seeds = res.per_steps(arch, v.name, scale), res.per_steps_by_seed(arch, v.name, scale)
+        against = [(f"{v.parent} (teacher, {res.spec.sample['sampler']})", v.parent or "")]
         if ref is not None and v.name != ref.name:
-            against.append((f"{ref.name} (clean student)", res.per_steps(arch, ref.name, scale)))
-        for label, theirs in against:
+            against.append((f"{ref.name} (clean student)", ref.name))
+        for label, other in against:
+            theirs, their_seeds = res.per_steps(arch, other, scale), res.per_steps_by_seed(arch, other, scale)
             for n in steps:
                 if n in mine and n in theirs:
-                    diff, verdict = _fmt_diff(mine[n], theirs[n])
+                    welch, paired, verdict = _fmt_diff(mine[n], theirs[n], my_seeds[n], their_seeds[n])
                     out.append([arch, v.name, label, f"{scale:g}", str(n), mine[n].fmt(), theirs[n].fmt(),
-                                diff, verdict])  # fmt: skip
+                                welch, paired, verdict])  # fmt: skip
     return out

@@ -44,7 +44,7 @@ def metric_vs_guidance(series: Series, ylabel: str, title: str, *, xlabel: str =
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: never on the data
     return png_bytes(fig)
 
 

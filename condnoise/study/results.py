@@ -129,6 +129,17 @@ class StudyResults:
                 out.setdefault(r["scale"], []).append(self.value(r, name))
         return {s: estimate(v) for s, v in sorted(out.items()) if estimate(v).n}
 
+    def per_steps_by_seed(self, arch: str, variant: str, scale: float,
+                          name: str = "fid") -> dict[int, dict[int, float]]:  # fmt: skip
+        """``{steps: {seed: value}}`` of metric ``name`` over the step sweep (for paired
+        comparisons)."""
+        out: dict[int, dict[int, float]] = {}
+        for r in self.step_records:
+            v = self.value(r, name)
+            if r["arch"] == arch and r["variant"] == variant and r["scale"] == scale and v == v:
+                out.setdefault(r["steps"], {})[int(r["seed"])] = v
+        return out
+
     def reference_accuracy(self, arch: str) -> tuple[float, float] | None:
         """The classifier's accuracy on the real reference images, (through the samples'
         resolution pipeline, as they are), from ``arch``'s evaluated records; None if absent."""
