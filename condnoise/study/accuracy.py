@@ -100,5 +100,4 @@ def accuracy_difference(res: StudyResults, arch: str, variant: str, s: float, s0
     if a is None or b is None:
         return "n/a", "n/a", "n/a", "n/a"
     d = compare(a, b, lower_is_better=False)
-    ci = "" if math.isnan(d.low) else f" [{d.low:+.3f}, {d.high:+.3f}]"
-    return a.fmt(), b.fmt(), f"{d.diff:+.3f}{ci}", str(d.verdict.value)
+    return a.fmt(), b.fmt(), d.fmt(".3f"), str(d.verdict.value)

@@ -71,6 +71,13 @@ class Difference:
     high: float
     verdict: Verdict
 
+    def fmt(self, spec: str = ".3g") -> str:
+        """``+diff [+low, +high]``; without an interval ``+diff``; ``n/a`` without a value."""
+        if math.isnan(self.diff):
+            return "n/a"
+        ci = "" if math.isnan(self.low) else f" [{self.low:+{spec}}, {self.high:+{spec}}]"
+        return f"{self.diff:+{spec}}{ci}"
+
 
 def compare(a: Estimate, b: Estimate, *, lower_is_better: bool) -> Difference:
     """Welch t-interval on the difference of two seed means (a - b); ``better`` / ``worse``

@@ -15,8 +15,6 @@ by the Welch 95% interval on the difference of seed means
 
 from __future__ import annotations
 
-import math
-
 from condnoise.study.aggregate import Estimate, compare, estimate
 from condnoise.study.blocks import Section, Status
 from condnoise.study.derived import controlled
@@ -131,12 +129,5 @@ def _versus(res: StudyResults, adapters: list[Variant],
         for w in against:
             (f1, q1), (f2, q2) = best[(arch, v.name)], best[(arch, w.name)]
             d_fid, d_q = compare(f1, f2, lower_is_better=True), compare(q1, q2, lower_is_better=False)
-            out.append([arch, v.name, w.name, _fmt(d_fid.diff, d_fid.low, d_fid.high), str(d_fid.verdict),
-                        _fmt(d_q.diff, d_q.low, d_q.high), str(d_q.verdict)])  # fmt: skip
+            out.append([arch, v.name, w.name, d_fid.fmt(), str(d_fid.verdict), d_q.fmt(), str(d_q.verdict)])  # fmt: skip
     return out
-
-
-def _fmt(d: float, lo: float, hi: float) -> str:
-    if math.isnan(d):
-        return "n/a"
-    return f"{d:+.3g}" + ("" if math.isnan(lo) else f" [{lo:+.3g}, {hi:+.3g}]")

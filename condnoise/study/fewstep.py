@@ -16,8 +16,6 @@ beside it.
 
 from __future__ import annotations
 
-import math
-
 from condnoise.study import figures
 from condnoise.study.aggregate import Estimate, compare, compare_paired
 from condnoise.study.blocks import Section, Status
@@ -53,11 +51,7 @@ def _fmt_diff(a: Estimate, b: Estimate, a_seeds: dict[int, float],
               b_seeds: dict[int, float]) -> tuple[str, str, str]:  # fmt: skip
     """Welch interval, paired interval, and the paired verdict of FID ``a - b``."""
     welch, paired = compare(a, b, lower_is_better=True), compare_paired(a_seeds, b_seeds, lower_is_better=True)
-
-    def fmt(d) -> str:
-        return f"{d.diff:+.3g}" + ("" if math.isnan(d.low) else f" [{d.low:+.3g}, {d.high:+.3g}]")
-
-    return fmt(welch), fmt(paired), str(paired.verdict)
+    return welch.fmt(), paired.fmt(), str(paired.verdict)
 
 
 def steps_section(res: StudyResults) -> Section:

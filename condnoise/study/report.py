@@ -110,9 +110,8 @@ def _verdict_row(res: StudyResults, arch: str, v: Variant, tally: dict[str, dict
     per_scale = [compare(e, clean_scales[s], lower_is_better=True).verdict
                  for s, e in res.per_scale(arch, v.name, "fid").items() if s in clean_scales]
     better, worse = per_scale.count(Verdict.BETTER), per_scale.count(Verdict.WORSE)
-    ci = "" if math.isnan(d.low) else f" [{d.low:+.3g}, {d.high:+.3g}]"
     return [arch, v.name, _group(v), f"{s1:g}", est.fmt(), f"{s0:g}", clean.fmt(),
-            f"{d.diff:+.3g}{ci}", word,
+            d.fmt(), word,
             f"{better} better / {worse} worse / {len(per_scale) - better - worse} indistinguishable",
             *accuracy.accuracy_difference(res, arch, v.name, s1, s0)]
 

@@ -114,11 +114,8 @@ class StudyResults:
 
     def per_steps(self, arch: str, variant: str, scale: float, name: str = "fid") -> dict[int, Estimate]:
         """Seed estimate of metric ``name`` at each sampler step count of the step sweep."""
-        out: dict[int, list[float]] = {}
-        for r in self.step_records:
-            if r["arch"] == arch and r["variant"] == variant and r["scale"] == scale:
-                out.setdefault(r["steps"], []).append(self.value(r, name))
-        return {n: estimate(v) for n, v in sorted(out.items()) if estimate(v).n}
+        by_seed = self.per_steps_by_seed(arch, variant, scale, name)
+        return {n: e for n, v in sorted(by_seed.items()) if (e := estimate(v.values())).n}
 
     def per_scale_downstream(self, arch: str, variant: str, name: str, *, applied: bool,
                              control: str) -> dict[float, Estimate]:  # fmt: skip

@@ -23,9 +23,10 @@ from condnoise.errors import UserError
 from condnoise.locks import DEFAULT_STALE_AFTER
 from condnoise.study import derived
 from condnoise.study.derived import METHODS, TRAINED
+from condnoise.study.text import CAPTION_KINDS, CLASS_KINDS
 from condnoise.training.config import apply_overrides
 
-CORRUPTION_KINDS = ("symmetric", "asymmetric", "swap", "rewrite")  # the last two: captions
+CORRUPTION_KINDS = (*CLASS_KINDS, *CAPTION_KINDS)
 TOP_LEVEL = {
     "name", "description", "data", "seeds", "architectures", "variants", "corruption_grid",
     "ablation", "train", "sample", "evaluate", "report", "cost", "out_dir", "slurm",
@@ -301,7 +302,7 @@ def _grid_variants(raw: dict[str, Any], where: str) -> list[Variant]:
         for eta in grid["etas"]:
             c = _check_corruption({"kind": kind, "eta": eta, **extra}, w)
             if eta != 0:  # the clean model is its own variant
-                short = kind if kind in ("swap", "rewrite") else kind[:4]  # caption kinds in full
+                short = kind if kind in CAPTION_KINDS else kind[:4]  # caption kinds in full
                 out.append(Variant(name=f"{short}-{_fmt_pct(eta)}", corruption=c))
     return out
 

@@ -93,10 +93,14 @@ def sample_prompts(cell: Cell, ctx: RunContext) -> Any:
     s = cell.config["sample"]
     if not s.get("captions_from"):
         return None
+    return _split_prompts(s, ctx.cells[cell.deps[0]].config["data"])
+
+
+def _split_prompts(sample: dict[str, Any], data: dict[str, Any]) -> Any:
+    """``sample.captions_from`` of ``sample.captions_data`` (default: the ``data`` source)."""
     from condnoise.training.splits import split_prompts
 
-    data = ctx.cells[cell.deps[0]].config["data"]
-    return split_prompts(str(s.get("captions_data") or data["source"]), str(s["captions_from"]),
+    return split_prompts(str(sample.get("captions_data") or data["source"]), str(sample["captions_from"]),
                          data.get("data_dir"))  # fmt: skip
 
 
@@ -105,11 +109,9 @@ def run_text_grid(cell: Cell, cell_dir: Path, run: Any, data: dict[str, Any]) ->
     sample split), ``grid_per_class`` samples each, the caption printed above its row."""
     from condnoise.diffusion.sampling import sample_grid
     from condnoise.io import write_json
-    from condnoise.training.splits import split_prompts
 
     c, s = cell.config, cell.config["sample"]
-    prompts = split_prompts(str(s.get("captions_data") or data["source"]), str(s["captions_from"]),
-                            data.get("data_dir"))  # fmt: skip
+    prompts = _split_prompts(s, data)
     texts = prompts.texts[:GRID_PROMPTS]
     sample_grid(
         run.model, run.schedule, run.model.encoder.tokenize(texts), int(c["grid_per_class"]),

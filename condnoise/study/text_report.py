@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import math
-
 from condnoise.study.aggregate import compare
 from condnoise.study.blocks import Section, Status
 from condnoise.study.results import METRICS, StudyResults
@@ -162,9 +160,8 @@ def _pair_row(res: StudyResults, arch: str, eta: float, swap: str, rewrite: str,
             return None
         ests.append(e)
     d = compare(ests[1], ests[0], lower_is_better=METRICS[metric][2])
-    ci = "" if math.isnan(d.low) else f" [{d.low:+.3g}, {d.high:+.3g}]"
     return [arch, f"{eta * 100:g}%", METRICS[metric][1], ests[0].fmt(), ests[1].fmt(),
-            f"{d.diff:+.3g}{ci}", WORDS.get(d.verdict.value, "no CI (one seed)")]
+            d.fmt(), WORDS.get(d.verdict.value, "no CI (one seed)")]
 
 
 def samples_section(res: StudyResults) -> Section:
