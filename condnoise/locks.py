@@ -210,9 +210,16 @@ class Lock:
         """Take the lock if it is free or stale (with a warning); False if a live process holds it."""
         return self._acquire() is None
 
-    def acquire(self) -> Lock:
-        """Take the lock or raise :class:`LockHeld` naming the holder."""
+    def acquire(self, wait: float = 0.0) -> Lock:
+        """Take the lock or raise :class:`LockHeld` naming the holder. ``wait``: seconds to
+        keep retrying while a live holder has it (one that goes stale or releases it
+        meanwhile is taken over), e.g. the run folder of a study cell just taken over from
+        a stopped worker, whose own run lock goes stale a moment after the cell's."""
+        deadline = time.monotonic() + wait
         holder = self._acquire()
+        while holder is not None and time.monotonic() < deadline:
+            time.sleep(min(1.0, self.stale_after / 10, max(0.0, deadline - time.monotonic())))
+            holder = self._acquire()
         if holder is not None:
             raise LockHeld(f"{self.path.parent} is in use by {holder.describe()}; wait for it to "
                            f"finish, or delete {self.path} if that process is gone")  # fmt: skip
@@ -336,9 +343,9 @@ def _missing_parents(folder: Path) -> list[Path]:
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str, *,
                 heartbeat: float | None = DEFAULT_HEARTBEAT,
-                stale_after: float = DEFAULT_STALE_AFTER) -> Iterator[Lock]:  # fmt: skip
+                stale_after: float = DEFAULT_STALE_AFTER, wait: float = 0.0) -> Iterator[Lock]:  # fmt: skip
     """Hold ``folder/.condnoise.lock`` for the block (raises :class:`LockHeld` when a live
-    process holds it). The folder is created if missing; folders this call created and
+    process still holds it after ``wait`` seconds, :meth:`Lock.acquire`). The folder is created if missing; folders this call created and
     that are still empty at the end are removed again, so a command that fails before
     writing anything leaves nothing behind."""
     folder = Path(folder)
@@ -352,8 +359,12 @@ def folder_lock(folder: str | os.PathLike, what: str, *,
 
         raise UserError(f"cannot create folder {folder}: {unwritable_reason(folder, e)}") from None
     try:
-        with Lock(folder / LOCK_NAME, what, heartbeat=heartbeat, stale_after=stale_after) as lock:
+        lock = Lock(folder / LOCK_NAME, what, heartbeat=heartbeat, stale_after=stale_after)
+        lock.acquire(wait)
+        try:
             yield lock
+        finally:
+            lock.release()
     finally:
         for p in created:  # innermost first; stops at the first non-empty one
             try:

@@ -143,6 +143,39 @@ def test_heartbeat_keeps_a_slow_live_holder_and_frees_a_stopped_one(tmp_path):
         proc.wait()
 
 
+def test_acquire_waits_for_a_holder_that_goes_silent_or_finishes(tmp_path):
+    """``acquire(wait)`` retries: a holder stopped just before the call is taken over once
+    its beat is older than the timeout; one that releases meanwhile hands the lock on; a
+    live one past the wait is named in LockHeld."""
+    path = tmp_path / LOCK_NAME
+    proc = _holder(path, heartbeat=0.2, stale_after=1.0)
+    try:
+        with pytest.raises(LockHeld, match="holder"):
+            Lock(path, "other", heartbeat=0.2, stale_after=1.0).acquire(wait=0.5)
+        proc.send_signal(signal.SIGSTOP)
+        taker = Lock(path, "other", heartbeat=0.2, stale_after=1.0)
+        with pytest.raises(LockHeld):
+            Lock(path, "other", heartbeat=0.2, stale_after=1.0).acquire()  # no wait: at once
+        with pytest.warns(LockTakeoverWarning, match="no heartbeat for"):
+            taker.acquire(wait=10.0)
+        assert read_lock(path).token == taker.info.token
+        taker.release()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+    proc = _holder(path, heartbeat=0.2, stale_after=60.0, hold=1.0)  # releases after 1 s
+    try:
+        started = time.monotonic()
+        with folder_lock(tmp_path, "next", heartbeat=1.0, stale_after=60.0, wait=30.0) as lock:
+            assert read_lock(path).token == lock.info.token
+        assert 0.5 < time.monotonic() - started < 30.0
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_only_one_of_many_processes_takes_over_a_stale_lock(tmp_path):
     path = tmp_path / LOCK_NAME
     path.write_text(json.dumps(dict(what="dead", host=socket.gethostname(), pid=_dead_pid(),

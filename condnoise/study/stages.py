@@ -114,7 +114,10 @@ def fit_in_cell(cell_dir: Path, ctx: RunContext, build: Callable[[], Any],
     barrier(dist)
     cfg = build()
     cfg.run.progress = ctx.progress
-    fit(cfg, run_dir=run_dir, resume=resume, device=device, lock_timeout=ctx.lock_timeout)
+    # a cell just taken over from a stopped worker: that worker's run lock goes stale a
+    # moment after its cell lock did, so wait for it rather than fail
+    fit(cfg, run_dir=run_dir, resume=resume, device=device, lock_timeout=ctx.lock_timeout,
+        lock_wait=ctx.lock_timeout)
     return bool(dist.is_main)
 
 

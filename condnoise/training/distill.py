@@ -195,12 +195,13 @@ def distill(
     force: bool = False,
     status: Callable[[str], None] | None = None,
     lock_timeout: float | None = None,
+    lock_wait: float = 0.0,
 ) -> TrainResult:
     """Distil the teacher of ``cfg.distill`` into the student of ``cfg`` (:func:`student_config`)
-    in ``run_dir``, under its lock (rank 0; stale after ``lock_timeout`` seconds of silence);
+    in ``run_dir``, under its lock (rank 0; stale after ``lock_timeout`` seconds of silence, a live holder waited for up to ``lock_wait``);
     resumable like :func:`~condnoise.training.train`."""
     if cfg.distill is None:
         raise UserError("distill: the config has no distill section (build it with student_config)")
     return run_locked(Distiller, "distill", copy.deepcopy(cfg), run_dir=run_dir, resume=resume,
                       device=device, sample_hook=sample_hook, force=force, status=status,
-                      lock_timeout=lock_timeout)  # fmt: skip
+                      lock_timeout=lock_timeout, lock_wait=lock_wait)  # fmt: skip

@@ -238,13 +238,14 @@ def finetune(
     force: bool = False,
     status: Callable[[str], None] | None = None,
     lock_timeout: float | None = None,
+    lock_wait: float = 0.0,
 ) -> TrainResult:
     """Fine-tune the adapter of ``cfg`` (:func:`finetune_config`) in ``run_dir``, under its
-    lock (rank 0; stale after ``lock_timeout`` seconds of silence); resumable like
+    lock (rank 0; stale after ``lock_timeout`` seconds of silence, a live holder waited for up to ``lock_wait``); resumable like
     :func:`~condnoise.training.train`."""
     if cfg.finetune is None:
         raise UserError("finetune: the config has no finetune section (build it with finetune_config)")
     return run_locked(Finetuner, "finetune", copy.deepcopy(cfg), run_dir=run_dir, resume=resume,
                       device=device, sample_hook=sample_hook, force=force, status=status,
-                      lock_timeout=lock_timeout)  # fmt: skip
+                      lock_timeout=lock_timeout, lock_wait=lock_wait)  # fmt: skip
 

@@ -530,12 +530,14 @@ def train(
     force: bool = False,
     status: Callable[[str], None] | None = None,
     lock_timeout: float | None = None,
+    lock_wait: float = 0.0,
 ) -> TrainResult:
     """Validate ``cfg`` and train (joins a torchrun process group when one is set up).
 
     Rank 0 holds the run folder's lock (:func:`condnoise.locks.folder_lock`) for the whole
     run, taken over from a holder silent for ``lock_timeout`` seconds (default: the locks'
-    10 minutes); before each checkpoint it checks the lock is still its own (else
+    10 minutes); a live holder makes it fail at once, or after ``lock_wait`` seconds of
+    waiting for the holder to finish or go silent. Before each checkpoint it checks the lock is still its own (else
     :class:`condnoise.locks.LockLost`). A run that fails before its first step leaves no
     run files behind.
     """
@@ -547,17 +549,19 @@ def train(
                         "adapter's run; continue it with `condnoise finetune`")  # fmt: skip
     return run_locked(Trainer, "train", cfg, run_dir=run_dir, resume=resume, device=device,
                       sample_hook=sample_hook, force=force, status=status,
-                      lock_timeout=lock_timeout)  # fmt: skip
+                      lock_timeout=lock_timeout, lock_wait=lock_wait)  # fmt: skip
 
 
 def run_locked(
     cls: type[Trainer], what: str, cfg: Config, *, run_dir: str | Path | None, resume: bool,
     device: str | None, sample_hook: SampleHook | None, force: bool,
     status: Callable[[str], None] | None, lock_timeout: float | None = None,
+    lock_wait: float = 0.0,
 ) -> TrainResult:  # fmt: skip
     """Validate ``cfg``, build ``cls`` (the trainer or a subclass) and run it under the run
     folder's heartbeat lock (rank 0, ``what`` names the holder; stale after ``lock_timeout``
-    seconds of silence, default the locks' 10 minutes); a fresh run that fails before step 1
+    seconds of silence, default the locks' 10 minutes; a live holder waited for up to
+    ``lock_wait`` seconds); a fresh run that fails before step 1
     leaves no run files."""
     from condnoise.locks import DEFAULT_STALE_AFTER, folder_lock, heartbeat_for
     from condnoise.training.rundir import discard_unstarted
@@ -566,7 +570,8 @@ def run_locked(
     dist = init_distributed(device)
     path = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
     timeout = lock_timeout or DEFAULT_STALE_AFTER
-    lock = (folder_lock(path, what, heartbeat=heartbeat_for(timeout), stale_after=timeout)
+    lock = (folder_lock(path, what, heartbeat=heartbeat_for(timeout), stale_after=timeout,
+                        wait=lock_wait)
             if dist.is_main else contextlib.nullcontext())  # fmt: skip
     with lock as held:
         trainer = cls(cfg, run_dir=path, resume=resume, dist=dist, sample_hook=sample_hook,
