@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d = add_parser(
         subparsers,
         "demo",
-        help=f"run the {DEMO_PRESET} study (about 25 minutes on 2 idle CPU cores, set-up included) and print the report path",
+        help=f"run the {DEMO_PRESET} study (about 24 minutes on 2 idle CPU cores) and print the report path",
         description=f"`make demo`: the {DEMO_PRESET} study end to end, then where its report is.",
     )
     d.add_argument("--preset", default=None,
